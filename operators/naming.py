@@ -1,0 +1,103 @@
+"""Names and tags of everything amibake creates.
+
+This module is the one place for these rules: operators, teardowns, the sweeper and AMI
+rotation all import them, so a resource made by one is always found by the others.
+Pure Python, no Airflow import, so the rules can be tested (and used by tools) on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from enum import StrEnum
+
+TAG_PREFIX = "amibake:"
+TAG_BUILD_ID = "amibake:build-id"
+TAG_DAG_ID = "amibake:dag-id"
+TAG_RUN_ID = "amibake:run-id"
+TAG_RECIPE = "amibake:recipe"
+TAG_ROLE = "amibake:role"
+TAG_CREATED_AT = "amibake:created-at"
+TAG_SNAPSHOT_ID = "amibake:snapshot-id"
+
+#: AWS allows these characters in an AMI name, 3 to 128 of them.
+AMI_NAME_RE = re.compile(r"^[A-Za-z0-9()\[\] ./'@_-]{3,128}$")
+#: Longest prefix we accept, so prefix + "-YYYYMMDD-HHMM-" + build id stays within 128.
+AMI_PREFIX_MAX = 96
+BUILD_ID_LEN = 12
+
+
+class Role(StrEnum):
+    """What a tagged resource is for; the value of the ``amibake:role`` tag."""
+
+    BUILD_BOX = "build-box"
+    BUILD_SG = "build-sg"
+    CANVAS = "canvas"
+    SNAPSHOT = "snapshot"
+    AMI = "ami"
+
+
+def build_id(dag_id: str, run_id: str) -> str:
+    """Stable id of one build: every try of every task of a run computes the same one."""
+    return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:BUILD_ID_LEN]
+
+
+def utc_now_iso() -> str:
+    """Creation time as written into the ``amibake:created-at`` tag."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def resource_tags(
+    *, build: str, dag_id: str, run_id: str, recipe: str, role: Role, created_at: str | None = None
+) -> list[dict[str, str]]:
+    """The tags every resource of a build carries, in EC2's ``[{"Key", "Value"}]`` form."""
+    return [
+        {"Key": "Name", "Value": resource_name(build, role)},
+        {"Key": TAG_BUILD_ID, "Value": build},
+        {"Key": TAG_DAG_ID, "Value": dag_id},
+        {"Key": TAG_RUN_ID, "Value": run_id},
+        {"Key": TAG_RECIPE, "Value": recipe},
+        {"Key": TAG_ROLE, "Value": str(role)},
+        {"Key": TAG_CREATED_AT, "Value": created_at or utc_now_iso()},
+    ]
+
+
+def tag_specification(resource_type: str, tags: list[dict[str, str]]) -> dict:
+    """One ``TagSpecifications`` entry, so tags are set atomically at creation."""
+    return {"ResourceType": resource_type, "Tags": tags}
+
+
+def build_filters(build: str, role: Role) -> list[dict]:
+    """EC2 ``Filters`` that find the resources of one role of one build."""
+    return [
+        {"Name": f"tag:{TAG_BUILD_ID}", "Values": [build]},
+        {"Name": f"tag:{TAG_ROLE}", "Values": [str(role)]},
+    ]
+
+
+def project_filters(role: Role) -> list[dict]:
+    """EC2 ``Filters`` that find every resource of one role made by amibake (any build)."""
+    return [
+        {"Name": "tag-key", "Values": [TAG_BUILD_ID]},
+        {"Name": f"tag:{TAG_ROLE}", "Values": [str(role)]},
+    ]
+
+
+def tags_to_dict(tags: list[dict[str, str]] | None) -> dict[str, str]:
+    """EC2's tag list as a plain dict."""
+    return {t["Key"]: t["Value"] for t in tags or []}
+
+
+def resource_name(build: str, role: Role) -> str:
+    """The ``Name`` tag (and, for the security group, the group name) of a build's resource."""
+    return f"amibake-{build}-{role}"
+
+
+def ami_name(prefix: str, run_after: datetime, build: str) -> str:
+    """AMI name: prefix + UTC date and time of the run + build id, unique per run."""
+    when = run_after.astimezone(timezone.utc).strftime("%Y%m%d-%H%M")
+    name = f"{prefix}-{when}-{build}"
+    if not AMI_NAME_RE.match(name):
+        raise ValueError(f"ami name {name!r} is not a valid AMI name")
+    return name
