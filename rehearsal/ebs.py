@@ -1,0 +1,284 @@
+"""An EBS emulator for the offline rehearsal: moto volumes become real loop devices.
+
+moto only stores volumes. The build script needs a real block device under the volume id, as a
+Nitro instance shows it (``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_<volid without dash>``).
+``LoopEbs`` polls the local EC2 API and, for every attached volume, makes a sparse file of the
+volume's size, a loop device on it and that link. When the volume is detached or deleted (or the
+emulator stops) it does what a forced detach does to the box: everything mounted from the device
+is thawed and unmounted, then the link, the loop device and the file are removed.
+Needs root (losetup, mount).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import boto3
+from botocore.config import Config
+
+log = logging.getLogger(__name__)
+
+BY_ID_DIR = Path("/dev/disk/by-id")
+#: Link prefix udev gives an EBS volume on a Nitro instance; the build script looks for it.
+NVME_LINK_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
+VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8,32}$")
+GIB = 1024**3
+
+
+def link_path(volume_id: str) -> Path:
+    """The ``/dev/disk/by-id`` link a Nitro instance would show for this volume."""
+    if not VOLUME_ID_RE.match(volume_id):
+        raise ValueError(f"volume_id {volume_id!r} is not an EBS volume id (vol-<hex>)")
+    return BY_ID_DIR / (NVME_LINK_PREFIX + volume_id.replace("-", ""))
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a system tool, capturing its output so failures can be reported."""
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def _unescape_mount_field(field: str) -> str:
+    """Undo the octal escapes (``\\040`` for a space) of /proc/self/mountinfo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _device_numbers(loop_dev: str) -> set[str]:
+    """``major:minor`` of a loop device and of each of its partitions, from sysfs."""
+    name = Path(loop_dev).name
+    sys_dir = Path("/sys/block") / name
+    numbers: set[str] = set()
+    if not sys_dir.is_dir():
+        return numbers
+    numbers.add((sys_dir / "dev").read_text().strip())
+    for part in sys_dir.glob(f"{name}p*"):
+        dev_file = part / "dev"
+        if dev_file.exists():
+            numbers.add(dev_file.read_text().strip())
+    return numbers
+
+
+def mounts_of(loop_dev: str) -> list[str]:
+    """Mount points that use the device or a partition of it, plus every mount beneath them.
+
+    Deepest first, so they can be unmounted in this order (bind mounts of a chroot sit below
+    the root filesystem and must go first).
+    """
+    numbers = _device_numbers(loop_dev)
+    name = Path(loop_dev).name
+    source_re = re.compile(rf"^/dev/{re.escape(name)}(p\d+)?$")
+    entries: list[tuple[str, str, str]] = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            source = right.split()[1] if len(right.split()) > 1 else ""
+            entries.append((fields[2], _unescape_mount_field(fields[4]), source))
+    roots = {target for devno, target, source in entries if devno in numbers or source_re.match(source)}
+    found = {
+        target
+        for _, target, _ in entries
+        if any(target == root or target.startswith(root.rstrip("/") + "/") for root in roots)
+    }
+    return sorted(found, key=lambda t: (t.count("/"), t), reverse=True)
+
+
+def release_device(loop_dev: str) -> None:
+    """Thaw and unmount everything from a loop device, then detach it (a forced EBS detach)."""
+    for target in mounts_of(loop_dev):
+        # A frozen filesystem blocks umount's sync; "not frozen" errors are expected and ignored.
+        _run("xfs_freeze", "-u", target, check=False)
+        if _run("umount", target, check=False).returncode != 0:
+            log.warning("umount %s failed (busy?): detaching it lazily", target)
+            _run("umount", "-l", target)
+    if Path(loop_dev).exists():
+        _run("losetup", "-d", loop_dev, check=False)
+
+
+def loops_backed_by(path: Path) -> list[str]:
+    """Loop devices whose backing file is ``path`` (``losetup -j``)."""
+    out = _run("losetup", "-j", str(path), check=False).stdout
+    return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
+
+
+@dataclass
+class _Backing:
+    """What one attached volume is backed by on this machine."""
+
+    volume_id: str
+    image: Path
+    loop_dev: str
+    link: Path
+
+
+class LoopEbs:
+    """Context manager that backs every attached moto volume with a real loop device.
+
+    ``state_dir`` holds the sparse image files (``<volume-id>.img``); whatever a killed earlier run
+    left there (loop devices, mounts, links) is cleaned up on entry.
+    """
+
+    def __init__(
+        self, endpoint_url: str, region: str, state_dir: str | os.PathLike[str], poll_interval: float = 0.5
+    ) -> None:
+        if not endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url {endpoint_url!r} must be an http(s) URL")
+        if not region:
+            raise ValueError("region must not be empty")
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval {poll_interval!r} must be positive")
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.state_dir = Path(state_dir)
+        self.poll_interval = poll_interval
+        self.errors: list[str] = []
+        self._backings: dict[str, _Backing] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client = boto3.client(
+            "ec2",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30),
+        )
+
+    @property
+    def devices(self) -> dict[str, str]:
+        """Volume id → loop device, for the volumes currently attached."""
+        with self._changed:
+            return {vid: b.loop_dev for vid, b in self._backings.items()}
+
+    def __enter__(self) -> LoopEbs:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Clean up what a killed run left in ``state_dir``, then start polling."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.cleanup_stale(self.state_dir)
+        BY_ID_DIR.mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="loop-ebs", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling and release every volume, as if all were detached."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failures = []
+        for volume_id in list(self._backings):
+            try:
+                self._release(volume_id)
+            except Exception as exc:  # release the others, then report
+                failures.append(f"{volume_id}: {exc}")
+        if failures:
+            raise RuntimeError(f"LoopEbs could not release: {'; '.join(failures)}")
+
+    def wait_for(self, volume_id: str, attached: bool = True, timeout: float = 60.0) -> str | None:
+        """Block until the volume is backed (returns its loop device) or released (returns None)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while (volume_id in self._backings) != attached:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    state = "attached" if attached else "released"
+                    raise TimeoutError(f"volume {volume_id} not {state} within {timeout} s: {self.errors}")
+                self._changed.wait(remaining)
+            backing = self._backings.get(volume_id)
+            return backing.loop_dev if backing else None
+
+    @staticmethod
+    def cleanup_stale(state_dir: Path) -> list[str]:
+        """Release loop devices, mounts, links and images left in ``state_dir``; returns volume ids."""
+        cleaned = []
+        for image in sorted(Path(state_dir).glob("vol-*.img")):
+            volume_id = image.stem
+            for loop_dev in loops_backed_by(image):
+                release_device(loop_dev)
+            link = link_path(volume_id)
+            if link.is_symlink():
+                link.unlink()
+            image.unlink()
+            cleaned.append(volume_id)
+        if cleaned:
+            log.info("cleaned stale EBS backings: %s", ", ".join(cleaned))
+        return cleaned
+
+    def sync_once(self) -> None:
+        """One poll: back newly attached volumes, release detached or deleted ones."""
+        attached: dict[str, int] = {}
+        paginator = self._client.get_paginator("describe_volumes")
+        for page in paginator.paginate():
+            for vol in page["Volumes"]:
+                if any(a.get("State") in ("attaching", "attached") for a in vol.get("Attachments", [])):
+                    attached[vol["VolumeId"]] = vol["Size"]
+        for volume_id in [v for v in self._backings if v not in attached]:
+            self._release(volume_id)
+        for volume_id, size_gib in attached.items():
+            if volume_id not in self._backings and VOLUME_ID_RE.match(volume_id):
+                self._back(volume_id, size_gib)
+
+    def _loop(self) -> None:
+        """Poll until stopped; an error is recorded and the next poll tries again."""
+        while not self._stop.is_set():
+            try:
+                self.sync_once()
+            except Exception as exc:  # keep polling: moto restarts, a transient losetup failure
+                message = f"{type(exc).__name__}: {exc}"
+                if not self.errors or self.errors[-1] != message:
+                    self.errors.append(message)
+                    log.warning("LoopEbs poll failed: %s", message)
+            self._stop.wait(self.poll_interval)
+
+    def _back(self, volume_id: str, size_gib: int) -> None:
+        """Sparse file + loop device + by-id link for one attached volume."""
+        image = self.state_dir / f"{volume_id}.img"
+        with open(image, "wb") as fh:
+            fh.truncate(size_gib * GIB)
+        try:
+            loop_dev = _run("losetup", "-f", "--show", "-P", str(image)).stdout.strip()
+        except Exception:
+            image.unlink()
+            raise
+        link = link_path(volume_id)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(loop_dev)
+        with self._changed:
+            self._backings[volume_id] = _Backing(volume_id, image, loop_dev, link)
+            self._changed.notify_all()
+        log.info("volume %s attached: %s (%d GiB) at %s", volume_id, loop_dev, size_gib, link)
+
+    def _release(self, volume_id: str) -> None:
+        """Undo ``_back``: thaw, unmount, remove link, detach loop, delete file."""
+        backing = self._backings[volume_id]
+        release_device(backing.loop_dev)
+        if backing.link.is_symlink() and os.readlink(backing.link) == backing.loop_dev:
+            backing.link.unlink()
+        for loop_dev in loops_backed_by(backing.image):  # losetup -d is asynchronous when busy
+            release_device(loop_dev)
+        backing.image.unlink(missing_ok=True)
+        with self._changed:
+            del self._backings[volume_id]
+            self._changed.notify_all()
+        log.info("volume %s released (%s)", volume_id, backing.loop_dev)
