@@ -1,0 +1,1 @@
+"""Local stand-ins for AWS and the build box, so the whole pipeline runs offline on one machine."""

@@ -1,0 +1,412 @@
+"""A local EC2 API: moto's server on 127.0.0.1 behind a recording, fault-injecting proxy.
+
+moto accepts almost anything and reports little back (it drops most RegisterImage and
+RunInstances parameters), so tests must check what our code SENDS. The proxy records every
+EC2 query-protocol call (``{"action": ..., "params": {flattened query params}}``) before
+forwarding it to moto, and can answer chosen actions with an AWS error or a delay instead.
+
+In-process use (tests)::
+
+    with LocalEc2() as ec2:
+        conn_extra = {"endpoint_url": ec2.endpoint_url, "region_name": ec2.region}
+        ...
+        assert ec2.calls("RunInstances")[0]["MetadataOptions.HttpTokens"] == "required"
+
+Standalone (other processes: the rehearsal, benchmarks)::
+
+    python -m rehearsal.ec2_local --port 5055
+
+prints one JSON line ``{"endpoint_url": ..., "moto_url": ..., "region": ...}`` and serves the
+control API under ``/_amibake/``: ``GET requests`` (JSON list), ``DELETE requests``,
+``POST faults`` / ``POST latency`` (JSON bodies as :meth:`LocalEc2.add_fault` /
+:meth:`LocalEc2.add_latency`), ``POST reset``, ``GET info``, ``POST base-images`` (``{"name"}``
+→ ``{"image_id"}``). :class:`Ec2Control` is a small client for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+# moto preloads ~1,300 AMIs (each with a snapshot) unless told not to; that confuses clean-up
+# checks, so base images are registered explicitly (register_base_image). Must be set before
+# moto's EC2 backend is first built in this process.
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+DEFAULT_REGION = "us-east-1"
+#: Dummy credentials moto accepts; no real account is ever reached through this endpoint.
+FAKE_ACCESS_KEY = "testing"
+FAKE_SECRET_KEY = "testing"
+CONTROL_PREFIX = "/_amibake/"
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+
+
+@dataclass
+class _Rule:
+    """A fault or a delay for one action, applied ``times`` more times (None = always)."""
+
+    action: str
+    times: int | None
+    error_code: str | None = None
+    http_status: int = 400
+    message: str = ""
+    seconds: float = 0.0
+
+
+def _error_xml(code: str, message: str) -> bytes:
+    """An EC2 error response body, as botocore parses it."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+    ).encode()
+
+
+class LocalEc2:
+    """moto ``ThreadedMotoServer`` + recording proxy, both threads bound to 127.0.0.1."""
+
+    def __init__(self, *, region: str = DEFAULT_REGION, port: int = 0, moto_port: int = 0) -> None:
+        self.region = region
+        self._port = port
+        self._moto_port = moto_port
+        self._lock = threading.Lock()
+        self._requests: list[dict[str, Any]] = []
+        self._rules: list[_Rule] = []
+        self._moto: Any = None
+        self._proxy: ThreadingHTTPServer | None = None
+        self._proxy_thread: threading.Thread | None = None
+        self.moto_url = ""
+        self.endpoint_url = ""
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> LocalEc2:
+        """Start moto, then the proxy in front of it."""
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self._moto_port, verbose=False)
+        self._moto.start()
+        host, port = self._moto.get_host_and_port()
+        self.moto_url = f"http://{host}:{port}"
+        try:
+            self._proxy = ThreadingHTTPServer(("127.0.0.1", self._port), _make_handler(self))
+        except BaseException:
+            self._moto.stop()
+            raise
+        self._proxy.daemon_threads = True
+        self.endpoint_url = f"http://127.0.0.1:{self._proxy.server_address[1]}"
+        self._proxy_thread = threading.Thread(target=self._proxy.serve_forever, daemon=True)
+        self._proxy_thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the proxy and moto; safe to call twice."""
+        if self._proxy is not None:
+            self._proxy.shutdown()
+            self._proxy.server_close()
+            self._proxy = None
+        if self._moto is not None:
+            self._moto.stop()
+            self._moto = None
+
+    def __enter__(self) -> LocalEc2:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- recorded requests -------------------------------------------------------------------
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every EC2 call seen so far, oldest first (a copy)."""
+        with self._lock:
+            return [dict(r) for r in self._requests]
+
+    def calls(self, action: str) -> list[dict[str, str]]:
+        """The flattened parameters of every recorded call of one action."""
+        return [r["params"] for r in self.requests if r["action"] == action]
+
+    def clear_requests(self) -> None:
+        """Forget the recorded calls (faults and delays stay)."""
+        with self._lock:
+            self._requests.clear()
+
+    def _record(self, action: str, params: dict[str, str], fault: str | None) -> None:
+        entry: dict[str, Any] = {"action": action, "params": params, "time": time.time()}
+        if fault:
+            entry["fault"] = fault
+        with self._lock:
+            self._requests.append(entry)
+
+    # -- faults ------------------------------------------------------------------------------
+    def add_fault(
+        self,
+        action: str,
+        error_code: str = "RequestLimitExceeded",
+        http_status: int = 503,
+        times: int | None = 1,
+        message: str = "injected by amibake LocalEc2",
+    ) -> None:
+        """Answer the next ``times`` calls of ``action`` with this AWS error (None = every call)."""
+        with self._lock:
+            self._rules.append(_Rule(action, times, error_code, int(http_status), message))
+
+    def add_latency(self, action: str, seconds: float, times: int | None = None) -> None:
+        """Delay the next ``times`` calls of ``action`` (None = every call) by ``seconds``."""
+        with self._lock:
+            self._rules.append(_Rule(action, times, seconds=float(seconds)))
+
+    def clear_faults(self) -> None:
+        """Drop every fault and delay."""
+        with self._lock:
+            self._rules.clear()
+
+    def _take_rules(self, action: str) -> tuple[_Rule | None, float]:
+        """Consume the first matching fault and the total delay for one call."""
+        fault, delay = None, 0.0
+        with self._lock:
+            for rule in list(self._rules):
+                if rule.action != action:
+                    continue
+                if rule.error_code is not None and fault is not None:
+                    continue
+                if rule.error_code is not None:
+                    fault = rule
+                else:
+                    delay += rule.seconds
+                if rule.times is not None:
+                    rule.times -= 1
+                    if rule.times <= 0:
+                        self._rules.remove(rule)
+        return fault, delay
+
+    # -- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Wipe moto's state, the recorded calls, faults and delays."""
+        req = urllib.request.Request(f"{self.moto_url}/moto-api/reset", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+        with self._lock:
+            self._requests.clear()
+            self._rules.clear()
+
+    def boto3_client(self, service: str = "ec2", *, recorded: bool = False) -> Any:
+        """A boto3 client for assertions; straight to moto (not recorded) unless ``recorded``."""
+        import boto3
+
+        return boto3.client(
+            service,
+            region_name=self.region,
+            endpoint_url=self.endpoint_url if recorded else self.moto_url,
+            aws_access_key_id=FAKE_ACCESS_KEY,
+            aws_secret_access_key=FAKE_SECRET_KEY,
+        )
+
+    def register_base_image(self, name: str) -> str:
+        """Register an HVM base AMI (moto preloads none here) and return its id."""
+        ec2 = self.boto3_client()
+        image = ec2.register_image(
+            Name=name,
+            Description="amibake local base image",
+            Architecture="x86_64",
+            RootDeviceName="/dev/xvda",
+            VirtualizationType="hvm",
+            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
+        )
+        return image["ImageId"]
+
+    def connection_extra(self) -> dict[str, str]:
+        """The ``amibake_aws`` connection extra that points the Amazon provider here."""
+        return {"endpoint_url": self.endpoint_url, "region_name": self.region}
+
+    def info(self) -> dict[str, str]:
+        """Where this instance listens."""
+        return {"endpoint_url": self.endpoint_url, "moto_url": self.moto_url, "region": self.region}
+
+
+def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
+    """The proxy's request handler class, bound to one :class:`LocalEc2`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            """Silence the per-request access log."""
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            for key, value in (headers or {"Content-Type": "application/json"}).items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _body(self) -> bytes:
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+
+        def _handle(self) -> None:
+            body = self._body()
+            path = urlsplit(self.path)
+            if path.path.startswith(CONTROL_PREFIX):
+                self._control(path.path[len(CONTROL_PREFIX) :], body)
+                return
+            params = dict(parse_qsl(path.query, keep_blank_values=True))
+            content_type = self.headers.get("Content-Type", "")
+            if body and "x-www-form-urlencoded" in content_type:
+                params.update(parse_qsl(body.decode(), keep_blank_values=True))
+            action = params.pop("Action", None)
+            params.pop("Version", None)
+            fault, delay = ec2._take_rules(action) if action else (None, 0.0)
+            if action:
+                ec2._record(action, params, fault.error_code if fault else None)
+            if delay:
+                time.sleep(delay)
+            if fault is not None:
+                self._send(
+                    fault.http_status,
+                    _error_xml(fault.error_code or "", fault.message),
+                    {"Content-Type": "text/xml"},
+                )
+                return
+            self._forward(body)
+
+        def _forward(self, body: bytes) -> None:
+            target = urlsplit(ec2.moto_url)
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=300)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                out = {
+                    k: v for k, v in resp.getheaders() if k.lower() not in _HOP_HEADERS | {"content-length"}
+                }
+                self._send(resp.status, data, out)
+            finally:
+                conn.close()
+
+        def _control(self, what: str, body: bytes) -> None:
+            payload = json.loads(body) if body else {}
+            if what == "requests" and self.command == "GET":
+                self._send(200, json.dumps(ec2.requests).encode())
+            elif what == "requests" and self.command == "DELETE":
+                ec2.clear_requests()
+                self._send(200, b"{}")
+            elif what == "faults" and self.command == "POST":
+                ec2.add_fault(**payload)
+                self._send(200, b"{}")
+            elif what == "faults" and self.command == "DELETE":
+                ec2.clear_faults()
+                self._send(200, b"{}")
+            elif what == "latency" and self.command == "POST":
+                ec2.add_latency(**payload)
+                self._send(200, b"{}")
+            elif what == "reset" and self.command == "POST":
+                ec2.reset()
+                self._send(200, b"{}")
+            elif what == "info" and self.command == "GET":
+                self._send(200, json.dumps(ec2.info()).encode())
+            elif what == "base-images" and self.command == "POST":
+                self._send(200, json.dumps({"image_id": ec2.register_base_image(payload["name"])}).encode())
+            else:
+                self._send(404, json.dumps({"error": f"unknown control call {self.command} {what}"}).encode())
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle  # noqa: N815 - stdlib names
+
+    return Handler
+
+
+class Ec2Control:
+    """Client of a standalone proxy's control API (for other processes)."""
+
+    def __init__(self, endpoint_url: str) -> None:
+        self.endpoint_url = endpoint_url.rstrip("/")
+
+    def _call(self, method: str, what: str, payload: dict | None = None) -> Any:
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(
+            f"{self.endpoint_url}{CONTROL_PREFIX}{what}",
+            method=method,
+            data=data,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read() or b"null")
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every recorded EC2 call."""
+        return self._call("GET", "requests")
+
+    def calls(self, action: str) -> list[dict[str, str]]:
+        """The parameters of every recorded call of one action."""
+        return [r["params"] for r in self.requests if r["action"] == action]
+
+    def clear_requests(self) -> None:
+        """Forget the recorded calls."""
+        self._call("DELETE", "requests")
+
+    def add_fault(
+        self,
+        action: str,
+        error_code: str = "RequestLimitExceeded",
+        http_status: int = 503,
+        times: int | None = 1,
+    ) -> None:
+        """See :meth:`LocalEc2.add_fault`."""
+        self._call(
+            "POST",
+            "faults",
+            {"action": action, "error_code": error_code, "http_status": http_status, "times": times},
+        )
+
+    def add_latency(self, action: str, seconds: float, times: int | None = None) -> None:
+        """See :meth:`LocalEc2.add_latency`."""
+        self._call("POST", "latency", {"action": action, "seconds": seconds, "times": times})
+
+    def reset(self) -> None:
+        """Wipe moto's state, recorded calls and faults."""
+        self._call("POST", "reset")
+
+    def info(self) -> dict[str, str]:
+        """``endpoint_url``, ``moto_url``, ``region``."""
+        return self._call("GET", "info")
+
+    def register_base_image(self, name: str) -> str:
+        """See :meth:`LocalEc2.register_base_image`."""
+        return self._call("POST", "base-images", {"name": name})["image_id"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a :class:`LocalEc2` in the foreground until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m rehearsal.ec2_local", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=0, help="proxy port on 127.0.0.1 (0 = any free port)")
+    parser.add_argument("--moto-port", type=int, default=0, help="moto's own port (0 = any free port)")
+    parser.add_argument("--region", default=DEFAULT_REGION)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535 or not 0 <= args.moto_port <= 65535:
+        parser.error("--port and --moto-port must be between 0 and 65535")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with LocalEc2(region=args.region, port=args.port, moto_port=args.moto_port) as ec2:
+        print(json.dumps(ec2.info()), flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
