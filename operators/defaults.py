@@ -1,0 +1,108 @@
+"""Defaults of amibake: connection ids, recipes, sizes, timeouts, and the ``[amibake]`` settings.
+
+One place for every default value. Environment specifics (which connections, which SSH address,
+which CIDR may reach the box, the schedule) are read from Airflow configuration section
+``[amibake]`` (env ``AIRFLOW__AMIBAKE__<KEY>``) by :func:`setting`, so the same DAG runs against
+AWS and the offline rehearsal without code edits. Importing this module does no I/O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG_SECTION = "amibake"
+
+# -- connections ---------------------------------------------------------------------------------
+AWS_CONN_ID = "amibake_aws"
+SSH_CONN_ID = "amibake_ssh"
+
+# -- recipes and the build box -------------------------------------------------------------------
+RECIPES = ("centos7", "debian12")
+DEFAULT_RECIPE = "centos7"
+DEFAULT_INSTANCE_TYPE = "t3.medium"
+#: Newest AMI matching this owner + name is the default base of the build box: an EL7 box builds
+#: an EL7 image best (rpm database format, mkfs.xfs defaults). 125523088429 = the CentOS project.
+DEFAULT_BASE_AMI_OWNER = "125523088429"
+DEFAULT_BASE_AMI_NAME = "CentOS Linux 7 x86_64*"
+
+# -- the canvas volume ---------------------------------------------------------------------------
+DEFAULT_CANVAS_SIZE_GIB = 8
+CANVAS_SIZE_MIN_GIB = 2
+CANVAS_SIZE_MAX_GIB = 1024
+DEFAULT_CANVAS_DEVICE = "/dev/sdf"
+CANVAS_VOLUME_TYPE = "gp3"
+
+# -- the image -----------------------------------------------------------------------------------
+ROOT_DEVICE_NAME = "/dev/sda1"
+ROOT_VOLUME_TYPE = "gp3"
+BOOT_MODE = "legacy-bios"
+IMDS_SUPPORT = "v2.0"
+SRIOV_NET_SUPPORT = "simple"
+ARCHITECTURE = "x86_64"
+ASSET_ALIAS = "amibake-ami"
+
+
+def default_ami_prefix(recipe: str) -> str:
+    """AMI name prefix used when the user gives none."""
+    return f"amibake-{recipe}"
+
+
+def asset_uri(recipe: str) -> str:
+    """URI of the Airflow Asset announcing a new AMI of one recipe."""
+    return f"amibake://ami/{recipe}"
+
+
+# -- the box side --------------------------------------------------------------------------------
+#: Scripts shipped to the box; overridable with ``[amibake] scripts_dir``.
+PACKAGE_SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "include" / "scripts"
+REMOTE_BASE_DIR = "/var/tmp/amibake"
+BUILD_ENTRY_POINT = "build-image"
+#: The box thaws a frozen canvas by itself after this many seconds if nobody calls ``thaw``.
+FREEZE_TIMEOUT_S = 300
+
+# -- timeouts and waits --------------------------------------------------------------------------
+BUILD_TIMEOUT_S = 3 * 3600
+SSH_READY_TIMEOUT_S = 15 * 60
+SSH_CONNECT_TIMEOUT_S = 10
+SSH_POLL_INTERVAL_S = 10
+#: (delay seconds, max attempts) of each deferrable or blocking wait. Generous on purpose:
+#: snapshots and AMIs take 30+ minutes on AWS, and a too-short wait fails a build that succeeded.
+WAIT_INSTANCE_RUNNING = (15, 80)  # 20 min
+WAIT_INSTANCE_TERMINATED = (15, 80)  # 20 min
+WAIT_VOLUME_IN_USE = (5, 120)  # 10 min
+WAIT_VOLUME_AVAILABLE = (5, 120)  # 10 min
+WAIT_SNAPSHOT_COMPLETED = (30, 360)  # 3 h
+WAIT_IMAGE_AVAILABLE = (30, 360)  # 3 h
+SG_DELETE_ATTEMPTS = (10, 60)  # a terminated box's network interface lingers for a while
+
+# -- the ``[amibake]`` settings ------------------------------------------------------------------
+SSH_ADDRESSES = ("public_ip", "private_ip", "connection")
+SETTINGS: dict[str, str] = {
+    # how the worker reaches the box: its public or private IP, or the SSH connection's own
+    # host/port (an SSM/bastion tunnel on AWS; this machine in the offline rehearsal)
+    "ssh_address": "public_ip",
+    # CIDR admitted to tcp/22 of the build box; no default: never 0.0.0.0/0 unless set so
+    "ssh_cidr": "",
+    "schedule": "0 2 * * *",
+    "aws_conn_id": AWS_CONN_ID,
+    "ssh_conn_id": SSH_CONN_ID,
+    "subnet_id": "",
+    "instance_profile": "",
+    "kms_key_id": "",
+    "scripts_dir": "",
+}
+
+
+def setting(key: str) -> str:
+    """One ``[amibake]`` setting from Airflow configuration, or its default above."""
+    if key not in SETTINGS:
+        raise KeyError(f"unknown [amibake] setting {key!r}")
+    from airflow.sdk import conf
+
+    return conf.get(CONFIG_SECTION, key, fallback=SETTINGS[key]).strip()
+
+
+def scripts_dir() -> Path:
+    """The local ``include/scripts`` directory shipped to the box."""
+    configured = setting("scripts_dir")
+    return Path(configured) if configured else PACKAGE_SCRIPTS_DIR
