@@ -1,0 +1,167 @@
+"""``RegisterHVMAmi``: register the snapshot as an HVM AMI and announce it as an Airflow Asset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, AssetAlias
+from airflow.sdk.exceptions import AirflowException
+
+from operators import defaults, naming, validation
+from operators.common import AmibakeOperator
+from operators.links import AmiLink
+from operators.naming import Role, tag_specification
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+def register_image_args(
+    *, name: str, snapshot_id: str, size_gib: int, description: str, tags: list[dict[str, str]]
+) -> dict[str, Any]:
+    """The exact RegisterImage parameters of an amibake AMI."""
+    return {
+        "Name": name,
+        "Description": description,
+        "Architecture": defaults.ARCHITECTURE,
+        "VirtualizationType": "hvm",
+        "RootDeviceName": defaults.ROOT_DEVICE_NAME,
+        "BlockDeviceMappings": [
+            {
+                "DeviceName": defaults.ROOT_DEVICE_NAME,
+                "Ebs": {
+                    "SnapshotId": snapshot_id,
+                    "VolumeSize": size_gib,
+                    "VolumeType": defaults.ROOT_VOLUME_TYPE,
+                    "DeleteOnTermination": True,
+                },
+            }
+        ],
+        "EnaSupport": True,
+        "SriovNetSupport": defaults.SRIOV_NET_SUPPORT,
+        "BootMode": defaults.BOOT_MODE,
+        "ImdsSupport": defaults.IMDS_SUPPORT,
+        "TagSpecifications": [tag_specification("image", tags)],
+    }
+
+
+class RegisterHVMAmi(AmibakeOperator):
+    """RegisterImage from the snapshot (HVM, gp3 root, ENA, SR-IOV, BIOS, IMDSv2); wait until available.
+
+    The name is prefix + UTC date/time of the run + build id (:func:`operators.naming.ami_name`).
+    An AMI this build already registered (found by tag or by name) is reused. When available, an
+    asset event for ``amibake://ami/<recipe>`` is emitted through the ``amibake-ami`` alias, with
+    ``{"ami_id", "ami_name", "snapshot_id", "recipe", "region"}`` in its extra.
+    XCom: ``{"ami_id", "ami_name", "snapshot_id"}``.
+
+    :param snapshot: ``FrozenSnapshot``'s XCom.
+    :param size_gib: root volume size of the AMI (the canvas size).
+    :param ami_name_prefix: prefix of the AMI name ('' = ``amibake-<recipe>``).
+    """
+
+    template_fields: Sequence[str] = (
+        *AmibakeOperator.template_fields,
+        "snapshot",
+        "size_gib",
+        "ami_name_prefix",
+    )
+    operator_extra_links = (AmiLink(),)
+    ui_color = "#fbe7a1"
+
+    def __init__(
+        self,
+        *,
+        snapshot: Any,
+        size_gib: Any,
+        ami_name_prefix: str = "",
+        deferrable: bool = True,
+        waiter_delay: int = defaults.WAIT_IMAGE_AVAILABLE[0],
+        waiter_max_attempts: int = defaults.WAIT_IMAGE_AVAILABLE[1],
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("outlets", [AssetAlias(defaults.ASSET_ALIAS)])
+        super().__init__(**kwargs)
+        self.snapshot = snapshot
+        self.size_gib = size_gib
+        self.ami_name_prefix = ami_name_prefix
+        self.deferrable = deferrable
+        self.waiter_delay = waiter_delay
+        self.waiter_max_attempts = waiter_max_attempts
+
+    def execute(self, context: Context) -> dict[str, str]:
+        """Validate, reuse or register the AMI, then wait until available."""
+        if not isinstance(self.snapshot, dict):
+            raise validation.ParamError(
+                "snapshot", f"must be FrozenSnapshot's XCom (a dict), got {self.snapshot!r}"
+            )
+        snapshot_id = validation.require_id(
+            "snapshot.snapshot_id",
+            self.snapshot.get("snapshot_id"),
+            validation.SNAPSHOT_ID_RE,
+            "a snapshot id",
+        )
+        size = validation.validate_size(self.size_gib, "size_gib")
+        prefix = validation.validate_ami_prefix(self.ami_name_prefix or "", self.recipe)
+        build = self.build_of(context)
+        name = naming.ami_name(prefix, context["dag_run"].run_after, build)
+        hook = self.ec2()
+        existing = hook.find_images(build, name)
+        tags = [*self.tags(context, Role.AMI), {"Key": naming.TAG_SNAPSHOT_ID, "Value": snapshot_id}]
+        if existing:
+            image_id = existing[0]["ImageId"]
+            self.log.info("build %s: reusing AMI %s (%s) from an earlier try", build, image_id, name)
+        else:
+            args = register_image_args(
+                name=name,
+                snapshot_id=snapshot_id,
+                size_gib=size,
+                description=f"amibake {self.recipe} image, build {build}, run {context['run_id']}",
+                tags=tags,
+            )
+            image_id = hook.conn.register_image(**args)["ImageId"]
+            self.log.info("build %s: registered AMI %s (%s)", build, image_id, name)
+        self._ensure_tags(image_id, tags)
+        self.persist_link(AmiLink, context, image_id=image_id)
+        result = {"ami_id": image_id, "ami_name": name, "snapshot_id": snapshot_id}
+        if self.deferrable:
+            from operators.triggers import ImageAvailableTrigger
+
+            self.defer(
+                trigger=ImageAvailableTrigger(
+                    image_id=image_id,
+                    waiter_delay=self.waiter_delay,
+                    waiter_max_attempts=self.waiter_max_attempts,
+                    **self.trigger_kwargs(),
+                ),
+                method_name="execute_complete",
+                kwargs={"result": result},
+            )
+        try:
+            hook.wait("image_available", (self.waiter_delay, self.waiter_max_attempts), ImageIds=[image_id])
+        except Exception as exc:
+            return self.execute_complete(context, {"status": "error", "message": str(exc)}, result)
+        return self.execute_complete(context, {"status": "success"}, result)
+
+    def _ensure_tags(self, image_id: str, tags: list[dict[str, str]]) -> None:
+        """Tag the AMI if its tags are missing (an endpoint that ignores TagSpecifications, e.g. moto)."""
+        image = self.ec2().conn.describe_images(ImageIds=[image_id])["Images"][0]
+        if (
+            naming.tags_to_dict(image.get("Tags")).get(naming.TAG_BUILD_ID)
+            != naming.tags_to_dict(tags)[naming.TAG_BUILD_ID]
+        ):
+            self.ec2().conn.create_tags(Resources=[image_id], Tags=tags)
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], result: dict[str, str]
+    ) -> dict[str, str]:
+        """The AMI is available: emit the asset event and return its id (or fail with the reason)."""
+        if event.get("status") != "success":
+            raise AirflowException(f"AMI {result['ami_id']} did not become available: {event.get('message')}")
+        region = self.ec2().conn_region_name
+        context["outlet_events"][AssetAlias(defaults.ASSET_ALIAS)].add(
+            Asset(uri=defaults.asset_uri(self.recipe), name=f"amibake-ami-{self.recipe}"),
+            extra={**result, "recipe": self.recipe, "region": region or ""},
+        )
+        self.log.info("AMI %s (%s) is available", result["ami_id"], result["ami_name"])
+        return result

@@ -1,0 +1,349 @@
+"""``LaunchBuildBox`` starts the temporary build box; ``TerminateBuildBox`` is its teardown.
+
+The box gets the SSH connection's PUBLIC key through cloud-init user data (``ssh_authorized_keys``):
+no EC2 key pair resource exists to leak, and the private key stays in the Airflow connection (so a
+secrets backend can serve it), never in XCom or logs. When the box is reached on its own IP
+(``[amibake] ssh_address`` = ``public_ip`` / ``private_ip``) it also gets a per-build ed25519 HOST
+key through user data, whose public half goes to XCom, so every task verifies the box it talks to.
+(User data is readable by whoever may call DescribeInstanceAttribute on the box; the host key lives
+only as long as the box.) With ``ssh_address=connection`` the connection's pinned ``host_key`` is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from operators import defaults, validation
+from operators.common import AmibakeOperator, settings
+from operators.links import EC2InstanceLink, SecurityGroupLink
+from operators.naming import Role, tag_specification
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+def _public_key_of_connection(ssh_conn_id: str) -> str:
+    """``type base64`` public key derived from the SSH connection's private key."""
+    import paramiko
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    hook = SSHHook(ssh_conn_id=ssh_conn_id)
+    pkey = hook.pkey
+    if pkey is None and hook.key_file:
+        pkey = paramiko.PKey.from_path(hook.key_file)
+    if pkey is None:
+        raise ValueError(f"SSH connection {ssh_conn_id!r} has no private_key (or key_file) to log in with")
+    return f"{pkey.get_name()} {pkey.get_base64()} amibake"
+
+
+def _new_host_key() -> tuple[str, str]:
+    """A fresh ed25519 host key: (private key in OpenSSH PEM, ``ssh-ed25519 base64`` public key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode()
+
+
+def user_data(authorized_key: str, host_key: tuple[str, str] | None) -> str:
+    """cloud-init user data (JSON is valid YAML) giving the box our login key and host key."""
+    config: dict[str, Any] = {"ssh_authorized_keys": [authorized_key]}
+    if host_key is not None:
+        config["ssh_deletekeys"] = True
+        config["ssh_genkeytypes"] = []
+        config["ssh_keys"] = {"ed25519_private": host_key[0], "ed25519_public": host_key[1]}
+    return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
+
+
+def host_key_from_user_data(encoded: str) -> str:
+    """The public host key a box got through :func:`user_data` ('' if none)."""
+    text = base64.b64decode(encoded).decode()
+    body = text.split("\n", 1)[1] if text.startswith("#cloud-config") else text
+    return json.loads(body).get("ssh_keys", {}).get("ed25519_public", "")
+
+
+class LaunchBuildBox(AmibakeOperator):
+    """Start the temporary build box and wait until it runs AND answers on SSH.
+
+    Looks up this build's box first (by tags), so a retry never starts a second one. The box is
+    tagged at creation (instance, root volume, network interface), requires IMDSv2, and sits in a
+    temporary security group that admits tcp/22 only from ``[amibake] ssh_cidr``. If this task
+    fails for good after creating something, it terminates the box and deletes the group itself
+    (a teardown does not run when its setup failed).
+
+    XCom: ``{"build_id", "instance_id", "address", "port", "availability_zone",
+    "security_group_id", "ssh_address", "host_key"}`` (``host_key`` is a public key).
+
+    :param instance_type: EC2 instance type of the box.
+    :param subnet_id: subnet of the box (default ``[amibake] subnet_id``).
+    :param base_ami: AMI id of the box, or '' to pick the newest AMI of ``base_ami_owner`` whose
+        name matches ``base_ami_name``.
+    :param instance_profile: optional IAM instance profile name or ARN.
+    :param deferrable: wait in the triggerer (default) instead of a worker slot.
+    :param waiter_delay: seconds between instance-state polls.
+    :param waiter_max_attempts: polls before giving up.
+    :param ssh_ready_timeout: seconds to wait for the box to answer on SSH.
+    """
+
+    template_fields: Sequence[str] = (
+        *AmibakeOperator.template_fields,
+        "instance_type",
+        "subnet_id",
+        "base_ami",
+        "base_ami_owner",
+        "base_ami_name",
+        "instance_profile",
+    )
+    operator_extra_links = (EC2InstanceLink(), SecurityGroupLink())
+    ui_color = "#f3d9b1"
+
+    def __init__(
+        self,
+        *,
+        instance_type: str = defaults.DEFAULT_INSTANCE_TYPE,
+        subnet_id: str = "",
+        base_ami: str = "",
+        base_ami_owner: str = defaults.DEFAULT_BASE_AMI_OWNER,
+        base_ami_name: str = defaults.DEFAULT_BASE_AMI_NAME,
+        instance_profile: str = "",
+        deferrable: bool = True,
+        waiter_delay: int = defaults.WAIT_INSTANCE_RUNNING[0],
+        waiter_max_attempts: int = defaults.WAIT_INSTANCE_RUNNING[1],
+        ssh_ready_timeout: int = defaults.SSH_READY_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.instance_type = instance_type
+        self.subnet_id = subnet_id
+        self.base_ami = base_ami
+        self.base_ami_owner = base_ami_owner
+        self.base_ami_name = base_ami_name
+        self.instance_profile = instance_profile
+        self.deferrable = deferrable
+        self.waiter_delay = waiter_delay
+        self.waiter_max_attempts = waiter_max_attempts
+        self.ssh_ready_timeout = ssh_ready_timeout
+
+    # -- step 1: create (or find) the group and the box -----------------------------------------
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Validate, create or find the security group and the box, then wait for it."""
+        conf = settings()
+        params = validation.validate_build(
+            {
+                "recipe": self.recipe,
+                "instance_type": self.instance_type,
+                "subnet_id": self.subnet_id,
+                "base_ami": self.base_ami,
+                "base_ami_owner": self.base_ami_owner,
+                "base_ami_name": self.base_ami_name,
+                "instance_profile": self.instance_profile,
+            },
+            conf,
+        )
+        authorized_key = _public_key_of_connection(self.resolved_ssh_conn_id)
+        hook = self.ec2()
+        build = self.build_of(context)
+        base = hook.resolve_base_ami(params.base_ami, params.base_ami_owner, params.base_ami_name)
+        subnet = hook.subnet(params.subnet_id)
+        self.log.info(
+            "build %s: base AMI %s (%s), subnet %s in %s",
+            build,
+            base["ImageId"],
+            base.get("Name"),
+            subnet["SubnetId"],
+            subnet["AvailabilityZone"],
+        )
+        with self._cleanup_on_final_failure(context):
+            sg_id = hook.ensure_security_group(
+                build,
+                vpc_id=subnet["VpcId"],
+                ssh_cidr=params.ssh_cidr,
+                tags=self.tags(context, Role.BUILD_SG),
+            )
+            self.persist_link(SecurityGroupLink, context, security_group_id=sg_id)
+            host_key = _new_host_key() if params.ssh_address != "connection" else None
+            box_tags = self.tags(context, Role.BUILD_BOX)
+            run_args: dict[str, Any] = {
+                "ImageId": base["ImageId"],
+                "InstanceType": params.instance_type,
+                "SubnetId": params.subnet_id,
+                "SecurityGroupIds": [sg_id],
+                "UserData": user_data(authorized_key, host_key),
+                "MetadataOptions": {
+                    "HttpTokens": "required",
+                    "HttpEndpoint": "enabled",
+                    "HttpPutResponseHopLimit": 1,
+                },
+                "InstanceInitiatedShutdownBehavior": "terminate",
+                "TagSpecifications": [
+                    tag_specification("instance", box_tags),
+                    tag_specification("volume", box_tags),
+                    tag_specification("network-interface", box_tags),
+                ],
+            }
+            if params.instance_profile:
+                key = "Arn" if params.instance_profile.startswith("arn:") else "Name"
+                run_args["IamInstanceProfile"] = {key: params.instance_profile}
+            instance, created = hook.ensure_instance(build, run_args=run_args)
+            instance_id = instance["InstanceId"]
+            if created:
+                public_host_key = host_key[1] if host_key else ""
+                self.log.info("build %s: launched build box %s", build, instance_id)
+            else:
+                public_host_key = self._recover_host_key(instance_id, params.ssh_address)
+                self.log.info("build %s: reusing build box %s from an earlier try", build, instance_id)
+            self.persist_link(EC2InstanceLink, context, instance_id=instance_id)
+            state = {
+                "build_id": build,
+                "instance_id": instance_id,
+                "security_group_id": sg_id,
+                "availability_zone": subnet["AvailabilityZone"],
+                "ssh_address": params.ssh_address,
+                "host_key": public_host_key,
+            }
+            if self.deferrable:
+                from operators.triggers import InstanceRunningTrigger
+
+                self.defer(
+                    trigger=InstanceRunningTrigger(
+                        instance_id=instance_id,
+                        waiter_delay=self.waiter_delay,
+                        waiter_max_attempts=self.waiter_max_attempts,
+                        **self.trigger_kwargs(),
+                    ),
+                    method_name="execute_running",
+                    kwargs={"state": state},
+                )
+            hook.wait(
+                "instance_running", (self.waiter_delay, self.waiter_max_attempts), InstanceIds=[instance_id]
+            )
+            return self._after_running(context, state, wait_ssh=True)
+
+    def _recover_host_key(self, instance_id: str, ssh_address: str) -> str:
+        """The public host key of a box an earlier try launched (read back from its user data)."""
+        if ssh_address == "connection":
+            return ""
+        attr = self.ec2().conn.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        encoded = attr.get("UserData", {}).get("Value", "")
+        key = host_key_from_user_data(encoded) if encoded else ""
+        if not key:
+            raise RuntimeError(f"build box {instance_id} has no amibake host key in its user data")
+        return key
+
+    # -- step 2: running; find the address, wait for SSH -----------------------------------------
+    def execute_running(
+        self, context: Context, event: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Resumed when the instance runs (or the wait failed)."""
+        with self._cleanup_on_final_failure(context):
+            if event.get("status") != "success":
+                raise RuntimeError(f"build box {state['instance_id']}: {event.get('message')}")
+            return self._after_running(context, state, wait_ssh=False)
+
+    def _after_running(self, context: Context, state: dict[str, Any], *, wait_ssh: bool) -> dict[str, Any]:
+        instance = self.ec2().describe_instance(state["instance_id"])
+        host, port = self._ssh_endpoint(instance, state["ssh_address"])
+        state = {**state, "address": host, "port": port}
+        if self.deferrable:
+            from operators.triggers import SshReachableTrigger
+
+            self.defer(
+                trigger=SshReachableTrigger(host=host, port=port, timeout=self.ssh_ready_timeout),
+                method_name="execute_reachable",
+                kwargs={"state": state},
+            )
+        return self._verify_login(state, wait=wait_ssh)
+
+    def _ssh_endpoint(self, instance: dict[str, Any], ssh_address: str) -> tuple[str, int]:
+        """Where to reach the box: its IP on port 22, or the SSH connection's own host and port."""
+        if ssh_address == "connection":
+            from airflow.providers.ssh.hooks.ssh import SSHHook
+
+            hook = SSHHook(ssh_conn_id=self.resolved_ssh_conn_id)
+            return str(hook.remote_host), int(hook.port or 22)
+        key = "PublicIpAddress" if ssh_address == "public_ip" else "PrivateIpAddress"
+        address = instance.get(key)
+        if not address:
+            raise RuntimeError(f"build box {instance['InstanceId']} has no {key} (ssh_address={ssh_address})")
+        return address, 22
+
+    # -- step 3: answers on SSH; log in once ------------------------------------------------------
+    def execute_reachable(
+        self, context: Context, event: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Resumed when the box answers on SSH (or never did)."""
+        with self._cleanup_on_final_failure(context):
+            if event.get("status") != "success":
+                raise RuntimeError(f"build box {state['instance_id']}: {event.get('message')}")
+            return self._verify_login(state, wait=True)
+
+    def _verify_login(self, state: dict[str, Any], *, wait: bool) -> dict[str, Any]:
+        """Log in with the connection's key (cloud-init may still be installing it: retry a while)."""
+        from operators.hooks import box_ssh_hook
+
+        deadline = time.monotonic() + (self.ssh_ready_timeout if wait else defaults.SSH_CONNECT_TIMEOUT_S)
+        while True:
+            try:
+                hook = box_ssh_hook(
+                    state, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=state["ssh_address"]
+                )
+                hook.conn_timeout = defaults.SSH_CONNECT_TIMEOUT_S
+                with contextlib.closing(hook.get_conn()) as client:
+                    _, stdout, _ = client.exec_command("true", timeout=defaults.SSH_CONNECT_TIMEOUT_S)
+                    if stdout.channel.recv_exit_status() != 0:
+                        raise RuntimeError("`true` failed on the box")
+                break
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"cannot log in to build box {state['instance_id']}: {exc}") from exc
+                self.log.info("build box not ready for login yet (%s); retrying", exc)
+                time.sleep(defaults.SSH_POLL_INTERVAL_S)
+        self.log.info(
+            "build box %s answers on SSH at %s:%s", state["instance_id"], state["address"], state["port"]
+        )
+        return state
+
+    # -- failure handling ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _cleanup_on_final_failure(self, context: Context) -> Iterator[None]:
+        """On a final failure, terminate what this build launched (its teardown will not run)."""
+        try:
+            yield
+        except Exception:  # TaskDeferred is a BaseException and passes through
+            if self.is_last_try(context):
+                build = self.build_of(context)
+                self.log.error("build %s: launch failed for good; removing its box and security group", build)
+                try:
+                    self.ec2().terminate_build_boxes(build)
+                    self.ec2().delete_security_groups(build)
+                except Exception:
+                    self.log.exception("clean-up of build %s failed; the sweeper will find it by tags", build)
+            raise
+
+
+class TerminateBuildBox(AmibakeOperator):
+    """Teardown: terminate this build's box(es), wait until terminated, delete the security group.
+
+    Finds everything by the build's tags (not XCom), so it also cleans up after a partial failure.
+    XCom: ``{"terminated": [...], "security_groups": [...]}``.
+    """
+
+    ui_color = "#e8b3b3"
+
+    def execute(self, context: Context) -> dict[str, list[str]]:
+        """Terminate, wait, delete the group."""
+        hook = self.ec2()
+        build = self.build_of(context)
+        terminated = hook.terminate_build_boxes(build)
+        groups = hook.delete_security_groups(build)
+        self.log.info("build %s: terminated %s, deleted security groups %s", build, terminated, groups)
+        return {"terminated": terminated, "security_groups": groups}

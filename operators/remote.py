@@ -1,0 +1,141 @@
+"""Command lines run on the build box, and parsing of its ``AMIBAKE {json}`` progress lines.
+
+Pure Python, no Airflow import. Every value that reaches the remote shell goes through
+``shlex.join`` as its own argument: nothing is interpolated into a shell string.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from operators import defaults
+from operators.validation import DEVICE_NAME_RE, VOLUME_ID_RE, ParamError, validate_mirror_url, validate_size
+
+PROGRESS_PREFIX = "AMIBAKE "
+ACTIONS = ("all", "freeze", "thaw", "umount", "abort")
+
+
+def remote_dir(build: str) -> str:
+    """Per-build directory on the box."""
+    return f"{defaults.REMOTE_BASE_DIR}/{build}"
+
+
+def remote_scripts_dir(build: str) -> str:
+    """Where ``include/scripts`` is shipped on the box."""
+    return f"{remote_dir(build)}/scripts"
+
+
+def build_image_argv(
+    *,
+    build: str,
+    action: str,
+    volume_id: str,
+    recipe: str,
+    device_name: str,
+    size_gib: int,
+    mirror_url: str = "",
+    boot_check: bool = False,
+    freeze_timeout: int | None = None,
+    sudo: bool = False,
+) -> list[str]:
+    """argv of one ``build-image`` call (validated again here: this is the last stop before a shell)."""
+    if action not in ACTIONS:
+        raise ParamError("action", f"must be one of {', '.join(ACTIONS)}, got {action!r}")
+    if not VOLUME_ID_RE.match(volume_id):
+        raise ParamError("volume_id", f"must be a volume id like vol-0123456789abcdef0, got {volume_id!r}")
+    if recipe not in defaults.RECIPES:
+        raise ParamError("recipe", f"must be one of {', '.join(defaults.RECIPES)}, got {recipe!r}")
+    if not DEVICE_NAME_RE.match(device_name):
+        raise ParamError(
+            "device_name", f"must be /dev/sdf../dev/sdp or /dev/xvdf../dev/xvdp, got {device_name!r}"
+        )
+    argv = ["sudo", "-n"] if sudo else []
+    argv += [
+        "bash",
+        f"{remote_scripts_dir(build)}/{defaults.BUILD_ENTRY_POINT}",
+        "--recipe",
+        recipe,
+        "--volume-id",
+        volume_id,
+        "--device-name",
+        device_name,
+        "--size-gib",
+        str(validate_size(size_gib)),
+    ]
+    if mirror_url:
+        argv += ["--mirror", validate_mirror_url(mirror_url)]
+    if action == "all":
+        argv.append("--boot-check" if boot_check else "--no-boot-check")
+    if freeze_timeout is not None:
+        argv += ["--freeze-timeout", str(int(freeze_timeout))]
+    argv.append(action)
+    return argv
+
+
+def build_image_command(**kwargs: Any) -> str:
+    """The same as :func:`build_image_argv`, quoted into one shell command line."""
+    return shlex.join(build_image_argv(**kwargs))
+
+
+def parse_progress(line: str) -> dict[str, Any] | None:
+    """The event of an ``AMIBAKE {json}`` line, or None for any other line (or malformed JSON)."""
+    text = line.strip()
+    if not text.startswith(PROGRESS_PREFIX):
+        return None
+    try:
+        event = json.loads(text[len(PROGRESS_PREFIX) :])
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+@dataclass
+class BuildProgress:
+    """What the progress lines of one ``build-image`` run said so far."""
+
+    current_phase: str | None = None
+    finished: dict[str, float] = field(default_factory=dict)
+    failed_phase: str | None = None
+    failed_rc: int | None = None
+    failed_log: str | None = None
+    result: dict[str, Any] | None = None
+    frozen: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """Take one output line; return its event if it was a progress line."""
+        event = parse_progress(line)
+        if event is None:
+            return None
+        kind = event.get("event")
+        phase = event.get("phase")
+        if kind == "phase-start":
+            self.current_phase = phase
+        elif kind == "phase-end":
+            self.finished[str(phase)] = float(event.get("seconds", 0.0))
+            self.current_phase = None
+        elif kind == "phase-fail":
+            self.failed_phase, self.failed_rc, self.failed_log = phase, event.get("rc"), event.get("log")
+            self.current_phase = None
+        elif kind == "frozen":
+            self.frozen = list(event.get("mountpoints", []))
+        elif kind == "result":
+            self.result = event
+            if event.get("status") == "fail":
+                self.failed_phase = event.get("phase", self.failed_phase)
+                self.failed_rc = event.get("rc", self.failed_rc)
+        return event
+
+    @property
+    def ok(self) -> bool:
+        """True once the run reported ``result: ok``."""
+        return bool(self.result and self.result.get("status") == "ok")
+
+    def failure(self, exit_code: int) -> str:
+        """A one-line explanation of a failed run, naming the phase and the exit code."""
+        phase = self.failed_phase or self.current_phase or "unknown (no phase reported)"
+        rc = self.failed_rc if self.failed_rc is not None else exit_code
+        where = f"; full log on the box: {self.failed_log}" if self.failed_log else ""
+        return f"build-image failed in phase {phase!r} with exit code {rc}{where}"

@@ -1,0 +1,167 @@
+"""``RemoteChrootBuild`` ships ``include/scripts`` to the box and runs the recipe's build there."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowException
+
+from operators import defaults, remote, validation
+from operators.common import AmibakeOperator
+
+if TYPE_CHECKING:
+    import paramiko
+    from airflow.sdk import Context
+
+
+def check_box_and_canvas(box: Any, canvas: Any) -> tuple[str, str, str, int]:
+    """(instance id, volume id, device name, size GiB) from the upstream XComs, or a ParamError."""
+    if not isinstance(box, dict):
+        raise validation.ParamError("box", f"must be LaunchBuildBox's XCom (a dict), got {box!r}")
+    if not isinstance(canvas, dict):
+        raise validation.ParamError("canvas", f"must be AttachCanvas's XCom (a dict), got {canvas!r}")
+    instance_id = validation.require_id(
+        "box.instance_id", box.get("instance_id"), validation.INSTANCE_ID_RE, "an instance id"
+    )
+    volume_id = validation.require_id(
+        "canvas.volume_id", canvas.get("volume_id"), validation.VOLUME_ID_RE, "a volume id"
+    )
+    device = validation.match_field(
+        "canvas.device_name", str(canvas.get("device_name")), validation.DEVICE_NAME_RE, "/dev/sdf../dev/sdp"
+    )
+    return instance_id, volume_id, device, validation.validate_size(canvas.get("size_gib"), "canvas.size_gib")
+
+
+class RemoteChrootBuild(AmibakeOperator):
+    """Run ``build-image ... all`` on the box against the canvas (identified by its VOLUME ID).
+
+    Ships the scripts over SFTP to ``/var/tmp/amibake/<build>/scripts``, aborts what an earlier try
+    left running, then runs the build with a pty, logging every output line as it arrives (phase
+    start / end with durations at INFO). No silence timeout; ``build_timeout`` is a hard limit.
+    Every value reaches the remote shell as its own quoted argument. A failure names the phase
+    and the exit code. XCom: ``{"volume_id", "phases": {phase: seconds}}``.
+
+    :param box: ``LaunchBuildBox``'s XCom.
+    :param canvas: ``AttachCanvas``'s XCom.
+    :param mirror_url: package mirror for the recipe ('' = the recipe's default).
+    :param boot_check: boot the finished image under qemu on the box before it counts as built.
+    :param build_timeout: hard limit in seconds for the whole build.
+    :param scripts_dir: local scripts directory (default ``[amibake] scripts_dir`` or the package's).
+    """
+
+    template_fields: Sequence[str] = (
+        *AmibakeOperator.template_fields,
+        "box",
+        "canvas",
+        "mirror_url",
+        "boot_check",
+    )
+    ui_color = "#d5f0c8"
+
+    def __init__(
+        self,
+        *,
+        box: Any,
+        canvas: Any,
+        mirror_url: str = "",
+        boot_check: Any = False,
+        build_timeout: int = defaults.BUILD_TIMEOUT_S,
+        scripts_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.box = box
+        self.canvas = canvas
+        self.mirror_url = mirror_url
+        self.boot_check = boot_check
+        self.build_timeout = build_timeout
+        self.scripts_dir = scripts_dir
+        self._channel: paramiko.Channel | None = None
+        self._abort_argv: dict[str, Any] | None = None
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Ship the scripts, abort a previous try, run the build, report the phase that failed."""
+        from operators.hooks import box_ssh_hook
+        from operators.session import run_streaming, ship_directory
+
+        _, volume_id, device, size = check_box_and_canvas(self.box, self.canvas)
+        mirror = validation.validate_mirror_url(self.mirror_url or "")
+        boot_check = validation.as_bool({"boot_check": self.boot_check}, "boot_check", False)
+        local_scripts = Path(self.scripts_dir) if self.scripts_dir else defaults.scripts_dir()
+        build = self.build_of(context)
+        ssh = box_ssh_hook(
+            self.box, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=self.box["ssh_address"]
+        )
+        common = {
+            "build": build,
+            "volume_id": volume_id,
+            "recipe": self.recipe,
+            "device_name": device,
+            "size_gib": size,
+            "mirror_url": mirror,
+            "sudo": ssh.username != "root",
+        }
+        command = remote.build_image_command(action="all", boot_check=boot_check, **common)
+        self._abort_argv = common
+        with contextlib.closing(ssh.get_conn()) as client:
+            count = ship_directory(client, local_scripts, remote.remote_scripts_dir(build))
+            self.log.info(
+                "shipped %d files from %s to %s", count, local_scripts, remote.remote_scripts_dir(build)
+            )
+            if context["ti"].try_number > 1:
+                self._abort(client, "an earlier try may have left a build behind")
+            self.log.info("running on the box: %s", command)
+            result = run_streaming(
+                client, command, timeout_s=self.build_timeout, log=self.log, on_channel=self._set_channel
+            )
+            if result.timed_out:
+                phase = result.progress.current_phase or "unknown"
+                self._abort(client, "build_timeout passed")
+                raise AirflowException(
+                    f"build-image exceeded build_timeout of {self.build_timeout} s in phase {phase!r}"
+                )
+        if result.exit_code != 0 or not result.progress.ok:
+            raise AirflowException(
+                result.progress.failure(result.exit_code if result.exit_code is not None else -1)
+            )
+        total = sum(result.progress.finished.values())
+        self.log.info("build %s: image built on %s in %.1f s of phases", build, volume_id, total)
+        return {"volume_id": volume_id, "phases": result.progress.finished}
+
+    def _set_channel(self, channel: paramiko.Channel | None) -> None:
+        self._channel = channel
+
+    def _abort(self, client: paramiko.SSHClient, why: str) -> None:
+        """Run ``build-image abort`` (stop a running build, undo its mounts); log, never raise."""
+        from operators.session import run_streaming
+
+        if self._abort_argv is None:
+            return
+        command = remote.build_image_command(action="abort", **self._abort_argv)
+        self.log.warning("%s: running %s", why, command)
+        try:
+            result = run_streaming(client, command, timeout_s=600, log=self.log)
+            if result.exit_code != 0:
+                self.log.warning("abort exited with %s", result.exit_code)
+        except Exception:
+            self.log.exception("abort failed")
+
+    def on_kill(self) -> None:
+        """Hang up the running build and abort it on the box, so nothing keeps running there."""
+        if self._channel is not None:
+            self._channel.close()
+        if self._abort_argv is None:
+            return
+        from operators.hooks import box_ssh_hook
+
+        try:
+            ssh = box_ssh_hook(
+                self.box, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=self.box["ssh_address"]
+            )
+            with contextlib.closing(ssh.get_conn()) as client:
+                self._abort(client, "task killed")
+        except Exception:
+            self.log.exception("could not abort the build on the box")

@@ -1,0 +1,142 @@
+"""SSH work on the build box over the SSH provider's paramiko client: ship files, stream commands.
+
+Imported by tasks at run time only (it imports paramiko).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from operators.remote import BuildProgress
+
+#: How long one read may block before the loop checks the deadline again (not a silence timeout).
+READ_SLICE_S = 1.0
+
+
+@dataclass
+class CommandResult:
+    """Outcome of one remote command."""
+
+    exit_code: int | None
+    progress: BuildProgress = field(default_factory=BuildProgress)
+    timed_out: bool = False
+    lines: list[str] = field(default_factory=list)
+
+
+def ship_directory(client: paramiko.SSHClient, local_dir: Path, remote_dir: str) -> int:
+    """Copy a local directory tree to the box over SFTP, keeping file modes; returns the file count."""
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"scripts directory {local_dir} does not exist")
+    count = 0
+    with client.open_sftp() as sftp:
+        _sftp_makedirs(sftp, remote_dir)
+        for root, dirs, files in os.walk(local_dir):
+            dirs.sort()
+            rel = Path(root).relative_to(local_dir)
+            target_dir = posixpath.join(remote_dir, *rel.parts)
+            _sftp_makedirs(sftp, target_dir)
+            for name in sorted(files):
+                local = Path(root) / name
+                target = posixpath.join(target_dir, name)
+                sftp.put(str(local), target)
+                sftp.chmod(target, stat.S_IMODE(local.stat().st_mode))
+                count += 1
+    return count
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    """``mkdir -p`` over SFTP (mode 0700: only the login user may change what root will run)."""
+    current = "/"
+    for part in [p for p in path.split("/") if p]:
+        current = posixpath.join(current, part)
+        try:
+            sftp.stat(current)
+        except FileNotFoundError:
+            sftp.mkdir(current, mode=0o700)
+
+
+def run_streaming(
+    client: paramiko.SSHClient,
+    command: str,
+    *,
+    timeout_s: float,
+    log: logging.Logger,
+    on_channel: Callable[[paramiko.Channel | None], None] | None = None,
+) -> CommandResult:
+    """Run one command with a pty, logging each output line as it arrives.
+
+    There is no silence timeout: a quiet phase may run as long as it needs. ``timeout_s`` is a hard
+    limit on the whole command; when it passes the channel is closed (the pty hangs up the remote
+    process group) and ``timed_out`` is set. Progress lines are parsed into ``progress`` and logged
+    as phase start / end lines instead of raw JSON. ``on_channel`` is told the open channel (and
+    None at the end) so ``on_kill`` can close it.
+    """
+    result = CommandResult(exit_code=None)
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise ConnectionError("SSH transport to the build box is not active")
+    channel = transport.open_session()
+    if on_channel:
+        on_channel(channel)
+    try:
+        channel.get_pty(term="dumb", width=200, height=50)
+        channel.settimeout(READ_SLICE_S)
+        channel.exec_command(command)
+        deadline = time.monotonic() + timeout_s
+        pending = b""
+        while True:
+            if time.monotonic() > deadline:
+                result.timed_out = True
+                break
+            try:
+                data = channel.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            pending += data
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                _emit(raw.decode(errors="replace").rstrip("\r"), result, log)
+        if pending:
+            _emit(pending.decode(errors="replace").rstrip("\r"), result, log)
+        if not result.timed_out:
+            result.exit_code = channel.recv_exit_status()
+    finally:
+        channel.close()
+        if on_channel:
+            on_channel(None)
+    return result
+
+
+def _emit(line: str, result: CommandResult, log: logging.Logger) -> None:
+    """Log one output line; progress lines become readable phase messages."""
+    result.lines.append(line)
+    event = result.progress.feed(line)
+    if event is None:
+        log.info("box | %s", line)
+        return
+    kind, phase = event.get("event"), event.get("phase")
+    if kind == "phase-start":
+        log.info("phase %s started", phase)
+    elif kind == "phase-end":
+        log.info("phase %s finished in %.1f s", phase, float(event.get("seconds", 0.0)))
+    elif kind == "phase-fail":
+        log.error(
+            "phase %s FAILED with exit code %s after %s s (log: %s)",
+            phase,
+            event.get("rc"),
+            event.get("seconds"),
+            event.get("log"),
+        )
+    else:
+        log.info("build-image: %s", {k: v for k, v in event.items() if k != "event"} | {"event": kind})

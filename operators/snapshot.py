@@ -1,0 +1,156 @@
+"""``FrozenSnapshot``: a consistent EBS snapshot of the canvas, taken with its filesystems frozen."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowException
+
+from operators import defaults, remote
+from operators.common import AmibakeOperator
+from operators.links import SnapshotLink
+from operators.naming import Role, tag_specification
+from operators.remote_build import check_box_and_canvas
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class FrozenSnapshot(AmibakeOperator):
+    """Freeze the canvas's filesystems on the box, CreateSnapshot, thaw at once, wait until completed.
+
+    AWS fixes a snapshot's content when CreateSnapshot returns, so the filesystems are thawed right
+    after the call, in a ``finally``: a failed call never leaves the box frozen (and the box thaws by
+    itself after ``freeze_timeout`` seconds if this worker dies). The wait for ``completed`` is
+    deferred. A snapshot this build already took is reused; one in ``error`` fails the task and is
+    deleted, so the retry takes a new one. XCom: ``{"snapshot_id", "volume_id"}``.
+
+    :param box: ``LaunchBuildBox``'s XCom.
+    :param canvas: ``AttachCanvas``'s XCom.
+    :param freeze_timeout: seconds after which the box thaws by itself.
+    :param deferrable: wait in the triggerer (default).
+    :param waiter_delay: seconds between snapshot polls.
+    :param waiter_max_attempts: polls before giving up.
+    """
+
+    template_fields: Sequence[str] = (*AmibakeOperator.template_fields, "box", "canvas")
+    operator_extra_links = (SnapshotLink(),)
+    ui_color = "#e6d5f5"
+
+    def __init__(
+        self,
+        *,
+        box: Any,
+        canvas: Any,
+        freeze_timeout: int = defaults.FREEZE_TIMEOUT_S,
+        deferrable: bool = True,
+        waiter_delay: int = defaults.WAIT_SNAPSHOT_COMPLETED[0],
+        waiter_max_attempts: int = defaults.WAIT_SNAPSHOT_COMPLETED[1],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.box = box
+        self.canvas = canvas
+        self.freeze_timeout = freeze_timeout
+        self.deferrable = deferrable
+        self.waiter_delay = waiter_delay
+        self.waiter_max_attempts = waiter_max_attempts
+
+    def execute(self, context: Context) -> dict[str, str]:
+        """Reuse or take the snapshot, then wait for it."""
+        from operators.hooks import LIVE_SNAPSHOT_STATES
+
+        _, volume_id, device, size = check_box_and_canvas(self.box, self.canvas)
+        hook = self.ec2()
+        build = self.build_of(context)
+        snapshot_id = ""
+        for snap in hook.find_snapshots(build):
+            if snap["State"] == "error":
+                self.log.warning("deleting failed snapshot %s of an earlier try", snap["SnapshotId"])
+                hook.delete_snapshot(snap["SnapshotId"])
+            elif snap["State"] in LIVE_SNAPSHOT_STATES and not snapshot_id:
+                snapshot_id = snap["SnapshotId"]
+                self.log.info("build %s: reusing snapshot %s (%s)", build, snapshot_id, snap["State"])
+        if not snapshot_id:
+            snapshot_id = self._freeze_and_snapshot(context, build, volume_id, device, size)
+        self.persist_link(SnapshotLink, context, snapshot_id=snapshot_id)
+        if self.deferrable:
+            from operators.triggers import SnapshotCompletedTrigger
+
+            self.defer(
+                trigger=SnapshotCompletedTrigger(
+                    snapshot_id=snapshot_id,
+                    waiter_delay=self.waiter_delay,
+                    waiter_max_attempts=self.waiter_max_attempts,
+                    **self.trigger_kwargs(),
+                ),
+                method_name="execute_complete",
+            )
+        try:
+            hook.wait(
+                "snapshot_completed", (self.waiter_delay, self.waiter_max_attempts), SnapshotIds=[snapshot_id]
+            )
+        except Exception as exc:
+            return self.execute_complete(
+                context, {"status": "error", "message": str(exc), "snapshot_id": snapshot_id}
+            )
+        return self.execute_complete(context, {"status": "success", "snapshot_id": snapshot_id})
+
+    def _freeze_and_snapshot(
+        self, context: Context, build: str, volume_id: str, device: str, size: int
+    ) -> str:
+        """freeze on the box → CreateSnapshot → thaw (always)."""
+        from operators.hooks import box_ssh_hook
+        from operators.session import run_streaming
+
+        ssh = box_ssh_hook(
+            self.box, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=self.box["ssh_address"]
+        )
+        common = {
+            "build": build,
+            "volume_id": volume_id,
+            "recipe": self.recipe,
+            "device_name": device,
+            "size_gib": size,
+            "sudo": ssh.username != "root",
+        }
+        freeze = remote.build_image_command(action="freeze", freeze_timeout=self.freeze_timeout, **common)
+        thaw = remote.build_image_command(action="thaw", **common)
+        with contextlib.closing(ssh.get_conn()) as client:
+            try:
+                self.log.info("freezing: %s", freeze)
+                frozen = run_streaming(client, freeze, timeout_s=self.freeze_timeout, log=self.log)
+                if frozen.exit_code != 0:
+                    rc = frozen.exit_code if frozen.exit_code is not None else -1
+                    raise AirflowException(f"freeze failed: {frozen.progress.failure(rc)}")
+                if not frozen.progress.frozen:
+                    raise AirflowException("freeze reported no frozen filesystem: is the canvas mounted?")
+                snapshot = self.ec2().conn.create_snapshot(
+                    VolumeId=volume_id,
+                    Description=f"amibake build {build} ({self.recipe}) canvas {volume_id}",
+                    TagSpecifications=[tag_specification("snapshot", self.tags(context, Role.SNAPSHOT))],
+                )
+                self.log.info("build %s: snapshot %s started", build, snapshot["SnapshotId"])
+            finally:
+                self.log.info("thawing: %s", thaw)
+                thawed = run_streaming(client, thaw, timeout_s=self.freeze_timeout, log=self.log)
+                if thawed.exit_code != 0:
+                    self.log.error(
+                        "thaw exited with %s; the box thaws by itself within %s s",
+                        thawed.exit_code,
+                        self.freeze_timeout,
+                    )
+        return snapshot["SnapshotId"]
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, str]:
+        """The snapshot completed, or failed: then it is deleted so a retry takes a new one."""
+        snapshot_id = event["snapshot_id"]
+        if event.get("status") != "success":
+            self.log.error("snapshot %s failed: %s; deleting it", snapshot_id, event.get("message"))
+            self.ec2().delete_snapshot(snapshot_id)
+            raise AirflowException(f"snapshot {snapshot_id} did not complete: {event.get('message')}")
+        volume_id = self.canvas["volume_id"] if isinstance(self.canvas, dict) else ""
+        self.log.info("snapshot %s completed", snapshot_id)
+        return {"snapshot_id": snapshot_id, "volume_id": volume_id}

@@ -1,0 +1,237 @@
+"""Validation of every value a user or the configuration gives amibake, before anything is created.
+
+Pure Python, no Airflow import: the DAG's first task and each operator call :func:`validate_build`,
+and the rules are unit-tested on their own. A bad value raises :class:`ParamError` naming the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from operators import defaults, naming
+
+AMI_ID_RE = re.compile(r"^ami-[0-9a-f]{8,17}$")
+SUBNET_ID_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8,17}$")
+INSTANCE_ID_RE = re.compile(r"^i-[0-9a-f]{8,17}$")
+SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{8,17}$")
+INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
+OWNER_RE = re.compile(r"^(self|amazon|aws-marketplace|\d{12})$")
+AMI_NAME_FILTER_RE = re.compile(r"^[A-Za-z0-9()\[\] ./'@_*?-]{1,128}$")
+INSTANCE_PROFILE_RE = re.compile(
+    r"^([\w+=,.@-]{1,128}|arn:aws[\w-]*:iam::\d{12}:instance-profile/[\w+=,.@/-]{1,128})$"
+)
+KMS_KEY_RE = re.compile(
+    r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}|alias/[\w/-]{1,250}"
+    r"|arn:aws[\w-]*:kms:[a-z0-9-]+:\d{12}:(key/[\w-]+|alias/[\w/-]+))$"
+)
+DEVICE_NAME_RE = re.compile(r"^/dev/(sd|xvd)[f-p]$")
+URL_FORBIDDEN_RE = re.compile(r"[\s\"'`$\\<>|;&(){}]")
+
+
+class ParamError(ValueError):
+    """A value amibake refuses; the message starts with the field's name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    """Everything one build needs, validated and with defaults filled in."""
+
+    recipe: str
+    base_ami: str
+    base_ami_owner: str
+    base_ami_name: str
+    instance_type: str
+    subnet_id: str
+    canvas_size_gib: int
+    device_name: str
+    encrypted: bool
+    kms_key_id: str
+    ami_name_prefix: str
+    mirror_url: str
+    boot_check: bool
+    instance_profile: str
+    ssh_address: str
+    ssh_cidr: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what the validate task pushes to XCom)."""
+        return asdict(self)
+
+
+def _str(params: Mapping[str, Any], field: str, default: str = "") -> str:
+    value = params.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ParamError(field, f"must be a string, got {type(value).__name__} {value!r}")
+    return value.strip()
+
+
+def as_bool(params: Mapping[str, Any], field: str, default: bool) -> bool:
+    """A boolean field (true/false strings from a form are accepted)."""
+    value = params.get(field, default)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ParamError(field, f"must be true or false, got {value!r}")
+
+
+def match_field(field: str, value: str, pattern: re.Pattern[str], what: str) -> str:
+    """``value`` if it matches ``pattern``, else a ParamError saying what was expected."""
+    if not pattern.match(value):
+        raise ParamError(field, f"must be {what}, got {value!r}")
+    return value
+
+
+def validate_size(value: Any, field: str = "canvas_size_gib") -> int:
+    """Canvas size in GiB: an integer within the supported range."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ParamError(field, f"must be an integer, got {value!r}")
+    try:
+        size = int(value)
+    except ValueError:
+        raise ParamError(field, f"must be an integer, got {value!r}") from None
+    if not defaults.CANVAS_SIZE_MIN_GIB <= size <= defaults.CANVAS_SIZE_MAX_GIB:
+        raise ParamError(
+            field,
+            f"must be between {defaults.CANVAS_SIZE_MIN_GIB} and {defaults.CANVAS_SIZE_MAX_GIB} GiB, "
+            f"got {size}",
+        )
+    return size
+
+
+def validate_mirror_url(value: str, field: str = "mirror_url") -> str:
+    """An http(s) URL with a host and no characters a shell or a repo file would trip over."""
+    if not value:
+        return ""
+    if URL_FORBIDDEN_RE.search(value):
+        raise ParamError(field, f"must not contain spaces, quotes or shell characters, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ParamError(field, f"must be an http:// or https:// URL with a host, got {value!r}")
+    return value
+
+
+def validate_cidr(value: str, field: str = "ssh_cidr") -> str:
+    """An IPv4/IPv6 network in CIDR form (host bits zero)."""
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ParamError(field, f"must be a network in CIDR form like 203.0.113.0/24 ({exc})") from None
+    return str(network)
+
+
+def validate_ami_prefix(value: str, recipe: str, field: str = "ami_name_prefix") -> str:
+    """AMI name prefix: AWS's AMI name characters, short enough for the date and build id."""
+    prefix = value or defaults.default_ami_prefix(recipe)
+    if len(prefix) > naming.AMI_PREFIX_MAX:
+        raise ParamError(field, f"must be at most {naming.AMI_PREFIX_MAX} characters, got {len(prefix)}")
+    if not naming.AMI_NAME_RE.match(prefix):
+        raise ParamError(
+            field, f"may only use letters, digits, spaces and ()[]./'@_- (3+ chars), got {prefix!r}"
+        )
+    return prefix
+
+
+def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> BuildParams:
+    """Check every user value (``params``) and setting (``[amibake]``); return them with defaults."""
+    recipe = _str(params, "recipe", defaults.DEFAULT_RECIPE)
+    if recipe not in defaults.RECIPES:
+        raise ParamError("recipe", f"must be one of {', '.join(defaults.RECIPES)}, got {recipe!r}")
+
+    base_ami = _str(params, "base_ami")
+    owner = _str(params, "base_ami_owner", defaults.DEFAULT_BASE_AMI_OWNER)
+    name_filter = _str(params, "base_ami_name", defaults.DEFAULT_BASE_AMI_NAME)
+    if base_ami:
+        match_field("base_ami", base_ami, AMI_ID_RE, "an AMI id like ami-0123456789abcdef0")
+    else:
+        match_field(
+            "base_ami_owner", owner, OWNER_RE, "self, amazon, aws-marketplace or a 12-digit account id"
+        )
+        match_field("base_ami_name", name_filter, AMI_NAME_FILTER_RE, "an AMI name pattern (* and ? allowed)")
+
+    instance_type = match_field(
+        "instance_type",
+        _str(params, "instance_type", defaults.DEFAULT_INSTANCE_TYPE),
+        INSTANCE_TYPE_RE,
+        "an EC2 instance type like t3.medium",
+    )
+    subnet_id = _str(params, "subnet_id") or settings.get("subnet_id", "")
+    if not subnet_id:
+        raise ParamError("subnet_id", "is required (a trigger parameter or [amibake] subnet_id)")
+    match_field("subnet_id", subnet_id, SUBNET_ID_RE, "a subnet id like subnet-0123456789abcdef0")
+
+    size = validate_size(params.get("canvas_size_gib", defaults.DEFAULT_CANVAS_SIZE_GIB))
+    device_name = match_field(
+        "device_name",
+        _str(params, "device_name", defaults.DEFAULT_CANVAS_DEVICE),
+        DEVICE_NAME_RE,
+        "a secondary EBS device name /dev/sdf../dev/sdp",
+    )
+    encrypted = as_bool(params, "encrypted", True)
+    kms_key_id = _str(params, "kms_key_id") or settings.get("kms_key_id", "")
+    if kms_key_id:
+        match_field("kms_key_id", kms_key_id, KMS_KEY_RE, "a KMS key id, alias or ARN")
+        if not encrypted:
+            raise ParamError("kms_key_id", "given but encrypted is false")
+
+    instance_profile = _str(params, "instance_profile") or settings.get("instance_profile", "")
+    if instance_profile:
+        match_field(
+            "instance_profile", instance_profile, INSTANCE_PROFILE_RE, "an instance profile name or ARN"
+        )
+
+    ssh_address = settings.get("ssh_address", defaults.SETTINGS["ssh_address"])
+    if ssh_address not in defaults.SSH_ADDRESSES:
+        raise ParamError(
+            "ssh_address",
+            f"[amibake] ssh_address must be one of {', '.join(defaults.SSH_ADDRESSES)}, got {ssh_address!r}",
+        )
+    ssh_cidr = settings.get("ssh_cidr", "")
+    if ssh_cidr:
+        ssh_cidr = validate_cidr(ssh_cidr)
+    elif ssh_address != "connection":
+        raise ParamError(
+            "ssh_cidr",
+            f"[amibake] ssh_cidr is required with ssh_address={ssh_address}: the CIDR allowed to reach the "
+            "box on tcp/22 (there is deliberately no default, never 0.0.0.0/0)",
+        )
+
+    return BuildParams(
+        recipe=recipe,
+        base_ami=base_ami,
+        base_ami_owner=owner,
+        base_ami_name=name_filter,
+        instance_type=instance_type,
+        subnet_id=subnet_id,
+        canvas_size_gib=size,
+        device_name=device_name,
+        encrypted=encrypted,
+        kms_key_id=kms_key_id,
+        ami_name_prefix=validate_ami_prefix(_str(params, "ami_name_prefix"), recipe),
+        mirror_url=validate_mirror_url(_str(params, "mirror_url")),
+        boot_check=as_bool(params, "boot_check", False),
+        instance_profile=instance_profile,
+        ssh_address=ssh_address,
+        ssh_cidr=ssh_cidr,
+    )
+
+
+def require_id(field: str, value: Any, pattern: re.Pattern[str], what: str) -> str:
+    """An AWS resource id handed over between tasks (XCom): present and well-formed."""
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ParamError(field, f"must be {what}, got {value!r}")
+    return value
