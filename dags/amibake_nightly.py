@@ -1,0 +1,195 @@
+"""amibake_nightly: rebuild the patched HVM AMI from scratch every night (see ``doc_md`` below).
+
+Parsing this file does no I/O and imports nothing heavy: the operators package resolves its
+classes lazily and every provider hook is imported inside ``execute``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import DAG, Param, task
+
+from operators import (
+    AttachCanvas,
+    DeleteCanvas,
+    FrozenSnapshot,
+    LaunchBuildBox,
+    RegisterHVMAmi,
+    RemoteChrootBuild,
+    TerminateBuildBox,
+    defaults,
+)
+
+DAG_ID = "amibake_nightly"
+
+DOC_MD = """
+### amibake nightly AMI rebuild
+
+Builds the image **from scratch** on a temporary EC2 build box and registers it as an HVM AMI:
+
+1. **validate_params**: every trigger value and `[amibake]` setting is checked; a bad value fails
+   here, naming the field, before any AWS resource exists.
+2. **launch_build_box**: the box (IMDSv2, tagged at creation) in a temporary security group that
+   admits SSH only from `[amibake] ssh_cidr`; waits until it runs and answers on SSH.
+3. **attach_canvas**: a blank, encrypted gp3 volume attached to the box.
+4. **remote_chroot_build**: ships `include/scripts` and runs `build-image <recipe> all` against the
+   canvas (partition, mkfs, install in a chroot, bootloader, SELinux relabel, clean-up, verify);
+   its output streams into the task log.
+5. **frozen_snapshot**: freeze the canvas filesystems, CreateSnapshot, thaw at once.
+6. **register_hvm_ami**: RegisterImage (HVM, ENA, SR-IOV, legacy BIOS, IMDSv2) and announce it
+   as the Asset `amibake://ami/<recipe>`.
+
+Teardowns **terminate_build_box** (with its security group) and **delete_canvas** run whatever
+happens (the run is still marked failed when a step failed). Every resource carries the
+`amibake:build-id` tag, so a retry finds what an earlier try made and creates nothing twice, and
+the sweeper DAG removes anything a crash left behind.
+
+Environment specifics live outside the code: connections `amibake_aws` / `amibake_ssh` and the
+`[amibake]` configuration section (`ssh_address`, `ssh_cidr`, `subnet_id`, `schedule`, ...).
+"""
+
+AWS_STEP = {
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def _wait_budget(limits: tuple[int, int]) -> timedelta:
+    """Execution timeout of a task that waits (deferred) up to delay x attempts, plus slack."""
+    delay, attempts = limits
+    return timedelta(seconds=delay * attempts + 1800)
+
+
+def _schedule() -> str:
+    """Nightly cron from ``[amibake] schedule`` (in-memory configuration, no I/O)."""
+    return defaults.setting("schedule")
+
+
+with DAG(
+    dag_id=DAG_ID,
+    description="Nightly from-scratch rebuild of the patched HVM AMI on a temporary EC2 build box",
+    doc_md=DOC_MD,
+    schedule=_schedule(),
+    catchup=False,
+    max_active_runs=1,
+    tags=["amibake", "ami"],
+    default_args={"execution_timeout": timedelta(minutes=30)},
+    params={
+        "recipe": Param(
+            defaults.DEFAULT_RECIPE,
+            type="string",
+            enum=list(defaults.RECIPES),
+            title="Recipe",
+            description="Which OS image to build.",
+        ),
+        "base_ami": Param(
+            "",
+            type="string",
+            title="Base AMI id",
+            description="AMI of the build box; empty = newest match of owner + name below.",
+            pattern=r"^(ami-[0-9a-f]{8,17})?$",
+        ),
+        "base_ami_owner": Param(defaults.DEFAULT_BASE_AMI_OWNER, type="string", title="Base AMI owner"),
+        "base_ami_name": Param(defaults.DEFAULT_BASE_AMI_NAME, type="string", title="Base AMI name filter"),
+        "instance_type": Param(
+            defaults.DEFAULT_INSTANCE_TYPE, type="string", title="Build box instance type"
+        ),
+        "subnet_id": Param(
+            "",
+            type="string",
+            title="Subnet id",
+            description="Subnet of the build box; empty = [amibake] subnet_id.",
+        ),
+        "canvas_size_gib": Param(
+            defaults.DEFAULT_CANVAS_SIZE_GIB,
+            type="integer",
+            minimum=defaults.CANVAS_SIZE_MIN_GIB,
+            maximum=defaults.CANVAS_SIZE_MAX_GIB,
+            title="Image size (GiB)",
+        ),
+        "ami_name_prefix": Param(
+            "", type="string", title="AMI name prefix", description="Empty = amibake-<recipe>."
+        ),
+        "mirror_url": Param(
+            "",
+            type="string",
+            title="Package mirror URL",
+            description="Repository mirror for the recipe; empty = the recipe's default.",
+        ),
+        "boot_check": Param(
+            False, type="boolean", title="Boot-check the image under qemu before registering"
+        ),
+    },
+) as dag:
+
+    @task(multiple_outputs=True, retries=0, execution_timeout=timedelta(minutes=2))
+    def validate_params(params: dict | None = None) -> dict:
+        """Check every value before anything is created; the error names the field."""
+        from operators.common import settings
+        from operators.validation import validate_build
+
+        return validate_build(params or {}, settings()).as_dict()
+
+    p = validate_params()
+
+    launch = LaunchBuildBox(
+        task_id="launch_build_box",
+        recipe=p["recipe"],
+        instance_type=p["instance_type"],
+        subnet_id=p["subnet_id"],
+        base_ami=p["base_ami"],
+        base_ami_owner=p["base_ami_owner"],
+        base_ami_name=p["base_ami_name"],
+        instance_profile=p["instance_profile"],
+        execution_timeout=timedelta(minutes=45),
+        **AWS_STEP,
+    )
+    attach = AttachCanvas(
+        task_id="attach_canvas",
+        recipe=p["recipe"],
+        box=launch.output,
+        size_gib=p["canvas_size_gib"],
+        device_name=p["device_name"],
+        encrypted=p["encrypted"],
+        kms_key_id=p["kms_key_id"],
+        **AWS_STEP,
+    )
+    build = RemoteChrootBuild(
+        task_id="remote_chroot_build",
+        recipe=p["recipe"],
+        box=launch.output,
+        canvas=attach.output,
+        mirror_url=p["mirror_url"],
+        boot_check=p["boot_check"],
+        build_timeout=defaults.BUILD_TIMEOUT_S,
+        # an OS build failure is rarely transient: fail fast and show the phase; retry by hand
+        retries=0,
+        execution_timeout=timedelta(seconds=defaults.BUILD_TIMEOUT_S + 600),
+    )
+    snapshot = FrozenSnapshot(
+        task_id="frozen_snapshot",
+        recipe=p["recipe"],
+        box=launch.output,
+        canvas=attach.output,
+        execution_timeout=_wait_budget(defaults.WAIT_SNAPSHOT_COMPLETED),
+        **AWS_STEP,
+    )
+    register = RegisterHVMAmi(
+        task_id="register_hvm_ami",
+        recipe=p["recipe"],
+        snapshot=snapshot.output,
+        size_gib=p["canvas_size_gib"],
+        ami_name_prefix=p["ami_name_prefix"],
+        execution_timeout=_wait_budget(defaults.WAIT_IMAGE_AVAILABLE),
+        **AWS_STEP,
+    )
+    terminate = TerminateBuildBox(task_id="terminate_build_box", **AWS_STEP)
+    delete_canvas = DeleteCanvas(task_id="delete_canvas", **AWS_STEP)
+
+    launch >> attach >> build >> snapshot >> register >> terminate >> delete_canvas
+    terminate.as_teardown(setups=launch)
+    # runs when the box was launched even if attaching failed: it finds the canvas by tags
+    delete_canvas.as_teardown(setups=[launch, attach])

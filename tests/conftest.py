@@ -1,0 +1,103 @@
+"""Shared fixtures: a private Airflow home, moto behind the recording proxy, a real sshd.
+
+The Airflow home must be chosen before Airflow is first imported, so it is set when this file loads
+(a unique temp dir per session, removed at the end; other engineers run tests on this machine).
+Connections are given as ``AIRFLOW_CONN_*`` JSON and settings as ``AIRFLOW__AMIBAKE__*`` env vars,
+exactly as a deployment would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_OWN_HOME: str | None = None
+if "AIRFLOW_HOME" not in os.environ:
+    _OWN_HOME = tempfile.mkdtemp(prefix="amibake-test-airflow-")
+    os.environ["AIRFLOW_HOME"] = _OWN_HOME
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's Airflow home."""
+    if _OWN_HOME:
+        shutil.rmtree(_OWN_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """The metadata DB migrated once per session (``airflow db migrate``)."""
+    subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+
+
+@pytest.fixture(scope="session")
+def local_ec2() -> Iterator[Any]:
+    """One moto server + recording proxy for the session (each test resets it via ``ec2``)."""
+    from rehearsal.ec2_local import LocalEc2
+
+    with LocalEc2() as server:
+        yield server
+
+
+@pytest.fixture
+def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An empty moto with the ``amibake_aws`` connection pointing at the recording proxy."""
+    from rehearsal.ec2_local import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+
+    local_ec2.reset()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AMIBAKE_AWS",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": FAKE_ACCESS_KEY,
+                "password": FAKE_SECRET_KEY,
+                "extra": local_ec2.connection_extra(),
+            }
+        ),
+    )
+    return local_ec2
+
+
+@pytest.fixture(scope="session")
+def local_sshd() -> Iterator[Any]:
+    """A real OpenSSH server on 127.0.0.1 with throwaway user and host keys."""
+    from rehearsal.sshd import LocalSshd
+
+    with LocalSshd() as server:
+        yield server
+
+
+@pytest.fixture
+def sshd(local_sshd: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The sshd with ``amibake_ssh`` pointing at it and ``[amibake] ssh_address=connection``."""
+    monkeypatch.setenv("AIRFLOW_CONN_AMIBAKE_SSH", local_sshd.connection_json())
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_ADDRESS", "connection")
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", "127.0.0.1/32")
+    return local_sshd
+
+
+@pytest.fixture
+def subnet(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """moto's default subnet, also set as ``[amibake] subnet_id``."""
+    found = ec2.boto3_client().describe_subnets()["Subnets"][0]
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SUBNET_ID", found["SubnetId"])
+    return found

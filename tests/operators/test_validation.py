@@ -1,0 +1,93 @@
+"""Unit tests of operators.validation: every bad value is refused with the field's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from operators import defaults
+from operators.validation import ParamError, validate_build, validate_cidr, validate_mirror_url
+
+SETTINGS = {"ssh_address": "public_ip", "ssh_cidr": "203.0.113.0/24", "subnet_id": "subnet-0123456789abcdef0"}
+
+
+def test_defaults_fill_in() -> None:
+    params = validate_build({}, SETTINGS)
+    assert params.recipe == defaults.DEFAULT_RECIPE
+    assert params.subnet_id == SETTINGS["subnet_id"]
+    assert params.canvas_size_gib == defaults.DEFAULT_CANVAS_SIZE_GIB
+    assert params.ami_name_prefix == f"amibake-{defaults.DEFAULT_RECIPE}"
+    assert params.encrypted is True
+    assert params.as_dict()["ssh_cidr"] == "203.0.113.0/24"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("recipe", "ubuntu"),
+        ("base_ami", "ami-XYZ"),
+        ("instance_type", "t3 medium"),
+        ("subnet_id", "subnet-; rm -rf /"),
+        ("canvas_size_gib", 1),
+        ("canvas_size_gib", 100000),
+        ("canvas_size_gib", "eight"),
+        ("canvas_size_gib", True),
+        ("ami_name_prefix", "bad*name"),
+        ("ami_name_prefix", "x" * 97),
+        ("mirror_url", "ftp://mirror.example/"),
+        ("mirror_url", "http://mirror.example/$(reboot)"),
+        ("mirror_url", "http://mirror.example/ x"),
+        ("device_name", "/dev/sda"),
+        ("kms_key_id", "not a key"),
+        ("boot_check", "maybe"),
+        ("instance_profile", "bad profile"),
+        ("base_ami_owner", "someone"),
+        ("recipe", 7),
+    ],
+)
+def test_bad_value_names_its_field(field: str, value: object) -> None:
+    with pytest.raises(ParamError) as err:
+        validate_build({field: value}, SETTINGS)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ")
+
+
+def test_base_ami_filter_checked_only_without_an_id() -> None:
+    assert validate_build({"base_ami": "ami-0123456789abcdef0", "base_ami_owner": "?"}, SETTINGS).base_ami
+    with pytest.raises(ParamError, match="^base_ami_name: "):
+        validate_build({"base_ami_name": "name;reboot"}, SETTINGS)
+
+
+def test_subnet_is_required() -> None:
+    with pytest.raises(ParamError, match="^subnet_id: is required"):
+        validate_build({}, {**SETTINGS, "subnet_id": ""})
+
+
+def test_ssh_cidr_has_no_default_but_connection_mode_needs_none() -> None:
+    with pytest.raises(ParamError, match="^ssh_cidr: .*never 0.0.0.0/0"):
+        validate_build({}, {**SETTINGS, "ssh_cidr": ""})
+    assert validate_build({}, {**SETTINGS, "ssh_cidr": "", "ssh_address": "connection"}).ssh_cidr == ""
+
+
+def test_ssh_address_must_be_known() -> None:
+    with pytest.raises(ParamError, match="^ssh_address: "):
+        validate_build({}, {**SETTINGS, "ssh_address": "dns"})
+
+
+def test_kms_key_needs_encryption() -> None:
+    ok = validate_build({"kms_key_id": "alias/amibake"}, SETTINGS)
+    assert ok.kms_key_id == "alias/amibake"
+    with pytest.raises(ParamError, match="^kms_key_id: given but encrypted is false"):
+        validate_build({"kms_key_id": "alias/amibake", "encrypted": False}, SETTINGS)
+
+
+def test_cidr_and_mirror_rules() -> None:
+    assert validate_cidr("10.0.0.0/8") == "10.0.0.0/8"
+    with pytest.raises(ParamError, match="^ssh_cidr: "):
+        validate_cidr("10.0.0.1/8")  # host bits set: probably a typo
+    assert validate_mirror_url("https://vault.centos.org/7.9.2009") == "https://vault.centos.org/7.9.2009"
+    assert validate_mirror_url("") == ""
+
+
+def test_form_strings_are_accepted() -> None:
+    params = validate_build({"canvas_size_gib": "12", "boot_check": "true", "encrypted": "false"}, SETTINGS)
+    assert (params.canvas_size_gib, params.boot_check, params.encrypted) == (12, True, False)
