@@ -1,0 +1,525 @@
+"""``python -m rehearsal`` (``./rehearse``): the whole nightly AMI rebuild, rehearsed on this machine.
+
+Starts the local EC2 API (moto behind the recording proxy, own process), an OpenSSH server that
+plays the build box, the EBS emulator (attached volumes become loop devices) and a real Airflow
+(api-server, scheduler, dag-processor, triggerer; SQLite + LocalExecutor) with the connections
+pointing at them. Then it unpauses the nightly DAG, triggers it through the REST API as the UI's
+Trigger button does, prints which task is running, and ends with a summary. Everything it started
+is stopped and removed at the end, on failure and on Ctrl-C; whatever a killed earlier run left
+(processes, loop devices, mounts, links) is cleaned up first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from operators import defaults
+from rehearsal.airflow_env import (
+    ADMIN_USER,
+    MARKER_ENV,
+    REHEARSAL_DIR,
+    REHEARSAL_SETTINGS,
+    AirflowError,
+    LocalAirflow,
+    amibake_env,
+)
+from rehearsal.ebs import LoopEbs
+from rehearsal.ec2_local import Ec2Control
+from rehearsal.sshd import LocalSshd
+
+DAG_ID = "amibake_nightly"
+DEFAULT_RECIPE = "debian12"
+BASE_IMAGE_NAME = "amibake-rehearsal-base"
+TERMINAL_STATES = {"success", "failed"}
+STATE_FILE = "state.json"
+AMI_RE = re.compile(r"\bami-[0-9a-f]{8,17}\b")
+SNAPSHOT_RE = re.compile(r"\bsnap-[0-9a-f]{8,17}\b")
+
+
+class RehearsalError(RuntimeError):
+    """The rehearsal could not run, or the DAG run failed."""
+
+
+@dataclass
+class RunResult:
+    """What a rehearsal run produced, for the summary and the benchmarks."""
+
+    run_id: str
+    state: str
+    wall_seconds: float
+    tasks: list[dict[str, Any]]
+    ami_id: str | None = None
+    snapshot_id: str | None = None
+    failed: list[str] = field(default_factory=list)
+    log_tails: dict[str, str] = field(default_factory=dict)
+    ec2_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def say(message: str) -> None:
+    """Progress on stdout, flushed (the caller may be a pipe)."""
+    print(message, flush=True)
+
+
+# -- clean-up of earlier runs ------------------------------------------------------------------------
+def _marked_processes(state_dir: Path) -> list[int]:
+    """PIDs of processes started by a rehearsal in ``state_dir`` (they carry the marker variable)."""
+    marker = f"{MARKER_ENV}={state_dir}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _sshd_dirs(pids: list[int]) -> list[Path]:
+    """Temp dirs of LocalSshd instances among ``pids`` (from ``sshd -f <dir>/sshd_config``)."""
+    dirs = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"sshd") and b"-f" in argv:
+            cfg = Path(argv[argv.index(b"-f") + 1].decode())
+            if cfg.name == "sshd_config" and cfg.parent.name.startswith("amibake-sshd-"):
+                dirs.append(cfg.parent)
+    return dirs
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait for processes to exit; returns those still there."""
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists()]
+    return alive
+
+
+def clean_up_earlier(state_dir: Path) -> bool:
+    """Stop a rehearsal still running from ``state_dir`` and remove what a killed one left behind.
+
+    Returns whether there was anything to clean. The earlier harness gets SIGTERM first so it can
+    stop its services in order; then every other marked process gets SIGTERM, then SIGKILL.
+    """
+    did = False
+    state = state_dir / STATE_FILE
+    harness = None
+    if state.exists():
+        harness = json.loads(state.read_text()).get("harness_pid")
+    strays = _marked_processes(state_dir)
+    if harness in strays:
+        say(f"stopping the rehearsal still running (pid {harness}) ...")
+        os.kill(harness, signal.SIGTERM)
+        _wait_gone([harness], 120)
+        strays = _marked_processes(state_dir)
+    if strays:
+        did = True
+        sshd_dirs = _sshd_dirs(strays)
+        say(f"stopping {len(strays)} processes left by an earlier rehearsal")
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            for pid in strays:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            strays = _wait_gone(strays, wait)
+        for d in sshd_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    if (state_dir / "ebs").is_dir() and LoopEbs.cleanup_stale(state_dir / "ebs"):
+        did = True
+    state.unlink(missing_ok=True)
+    return did
+
+
+# -- services ------------------------------------------------------------------------------------------
+@dataclass
+class Ec2Service:
+    """Where the local EC2 API listens: the recording proxy (what Airflow uses) and moto itself."""
+
+    endpoint_url: str
+    moto_url: str
+    region: str
+
+    @property
+    def control(self) -> Ec2Control:
+        """Client of the proxy's control API (recorded calls, faults, latency, base images)."""
+        return Ec2Control(self.endpoint_url)
+
+    def moto_client(self) -> Any:
+        """boto3 EC2 client straight to moto, so the harness's own checks are not recorded as ours."""
+        import boto3
+
+        return boto3.client(
+            "ec2",
+            endpoint_url=self.moto_url,
+            region_name=self.region,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+
+@contextmanager
+def local_ec2(log_path: Path, timeout: float = 30.0) -> Iterator[Ec2Service]:
+    """``python -m rehearsal.ec2_local`` in its own process until the block ends."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rehearsal.ec2_local", "--port", "0"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # its one line: {"endpoint_url", "moto_url", "region"}
+        if not line:
+            raise RehearsalError(
+                f"local EC2 API did not start: {log_path.read_text(errors='replace')[-2000:]}"
+            )
+        info = json.loads(line)
+        yield Ec2Service(info["endpoint_url"], info["moto_url"], info["region"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the DAG run -----------------------------------------------------------------------------------------
+def wait_for_dag(airflow: LocalAirflow, dag_id: str, timeout: float = 180.0) -> None:
+    """Wait until the dag-processor has parsed the DAG; raise with the import error if it failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        airflow.check_alive()
+        errors = airflow.request("GET", "/api/v2/importErrors")["import_errors"]
+        if errors:
+            text = "\n".join(f"{e['filename']}:\n{e['stack_trace']}" for e in errors)
+            raise RehearsalError(f"the DAG folder has import errors:\n{text}")
+        try:
+            airflow.request("GET", f"/api/v2/dags/{dag_id}")
+            return
+        except AirflowError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+        time.sleep(1)
+    raise RehearsalError(f"DAG {dag_id} was not parsed within {timeout:.0f} s (see the dag-processor log)")
+
+
+def trigger(airflow: LocalAirflow, dag_id: str, conf: Mapping[str, Any]) -> str:
+    """Unpause the DAG and trigger one run with ``conf``, as the UI does; returns the run id."""
+    airflow.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+    run = airflow.request(
+        "POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": dict(conf)}
+    )
+    return run["dag_run_id"]
+
+
+def task_instances(airflow: LocalAirflow, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """Every task instance of the run (REST API)."""
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{_q(run_id)}/taskInstances?limit=1000"
+    return airflow.request("GET", path)["task_instances"]
+
+
+def _q(value: str) -> str:
+    """URL-quote a path segment (run ids contain ``:`` and ``+``)."""
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def follow(airflow: LocalAirflow, dag_id: str, run_id: str, timeout: float, poll: float = 2.0) -> str:
+    """Print each task's state changes until the run ends; returns the final run state."""
+    started = time.monotonic()
+    seen: dict[str, str] = {}
+    while True:
+        airflow.check_alive()
+        run = airflow.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{_q(run_id)}")
+        for ti in task_instances(airflow, dag_id, run_id):
+            state = ti["state"] or "none"
+            if seen.get(ti["task_id"]) != state:
+                seen[ti["task_id"]] = state
+                if state not in ("none", "scheduled", "queued"):
+                    say(f"  {time.monotonic() - started:7.1f}s  {ti['task_id']:<28} {state}")
+        if run["state"] in TERMINAL_STATES:
+            return run["state"]
+        if time.monotonic() - started > timeout:
+            raise RehearsalError(f"run {run_id} did not finish within {timeout:.0f} s (state {run['state']})")
+        time.sleep(poll)
+
+
+def xcom_values(airflow: LocalAirflow, dag_id: str, run_id: str) -> dict[str, Any]:
+    """``task_id`` → its ``return_value`` XCom, for every task that returned something."""
+    base = f"/api/v2/dags/{dag_id}/dagRuns/{_q(run_id)}/taskInstances"
+    entries = airflow.request("GET", f"{base}/~/xcomEntries?limit=1000")["xcom_entries"]
+    values = {}
+    for entry in entries:
+        if entry["key"] == "return_value":
+            path = f"{base}/{entry['task_id']}/xcomEntries/return_value?deserialize=true"
+            values[entry["task_id"]] = airflow.request("GET", path).get("value")
+    return values
+
+
+def log_tail(airflow: LocalAirflow, dag_id: str, run_id: str, ti: Mapping[str, Any], lines: int = 40) -> str:
+    """The last lines of a task's log (REST API), one event per line."""
+    path = (
+        f"/api/v2/dags/{dag_id}/dagRuns/{_q(run_id)}/taskInstances/{ti['task_id']}"
+        f"/logs/{max(1, ti['try_number'])}?full_content=true"
+    )
+    try:
+        content = airflow.request("GET", path).get("content", [])
+    except AirflowError as exc:
+        return f"(log not available: {exc})"
+    out = []
+    for event in content:
+        if isinstance(event, dict):
+            text = event.get("event", "")
+            extra = {k: v for k, v in event.items() if k not in ("event", "timestamp", "level", "logger")}
+            out.append(f"{event.get('level', ''):>7} {text} {json.dumps(extra) if extra else ''}".rstrip())
+        else:
+            out.append(str(event))
+    return "\n".join(out[-lines:])
+
+
+def run_dag(
+    airflow: LocalAirflow, ec2: Ec2Service, dag_id: str, conf: Mapping[str, Any], timeout: float
+) -> RunResult:
+    """Trigger, follow and collect one run of the DAG."""
+    started = time.monotonic()
+    run_id = trigger(airflow, dag_id, conf)
+    say(f"triggered {dag_id} run {run_id} with conf {json.dumps(dict(conf))}")
+    state = follow(airflow, dag_id, run_id, timeout)
+    wall = time.monotonic() - started
+    tis = sorted(task_instances(airflow, dag_id, run_id), key=lambda t: t.get("start_date") or "~")
+    values = json.dumps(xcom_values(airflow, dag_id, run_id), default=str)
+    amis, snaps = AMI_RE.findall(values), SNAPSHOT_RE.findall(values)
+    result = RunResult(
+        run_id=run_id,
+        state=state,
+        wall_seconds=wall,
+        tasks=tis,
+        ami_id=amis[-1] if amis else None,
+        snapshot_id=snaps[-1] if snaps else None,
+        ec2_calls=ec2.control.requests,
+    )
+    for ti in tis:
+        if ti["state"] == "failed":
+            result.failed.append(ti["task_id"])
+            result.log_tails[ti["task_id"]] = log_tail(airflow, dag_id, run_id, ti)
+    return result
+
+
+# -- the whole rehearsal -----------------------------------------------------------------------------------
+@dataclass
+class Options:
+    """What one rehearsal does (from the command line, or from the benchmarks)."""
+
+    recipe: str = DEFAULT_RECIPE
+    boot_check: bool = True
+    keep_running: bool = False
+    api_port: int = 0
+    timeout: float = 3600.0
+    state_dir: Path = REHEARSAL_DIR
+    #: extra run conf (DAG Params) on top of recipe / boot_check / the base AMI
+    conf: dict[str, Any] = field(default_factory=dict)
+    #: simulated AWS latencies: EC2 action → seconds, applied by the local EC2 proxy
+    latencies: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def rehearsal_services(opts: Options) -> Iterator[tuple[LocalAirflow, Ec2Service, LoopEbs, str]]:
+    """Everything a rehearsal runs, started in order and stopped in reverse (also on error/Ctrl-C)."""
+    state_dir = opts.state_dir
+    if clean_up_earlier(state_dir):
+        say("cleaned up what an earlier rehearsal left behind")
+    shutil.rmtree(state_dir / "airflow", ignore_errors=True)
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ[MARKER_ENV] = str(state_dir)  # inherited by every process started from here on
+    (state_dir / STATE_FILE).write_text(json.dumps({"harness_pid": os.getpid()}))
+    with ExitStack() as stack:
+        stack.callback(lambda: (state_dir / STATE_FILE).unlink(missing_ok=True))
+        ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log"))
+        say(f"local EC2 API at {ec2.endpoint_url} (moto at {ec2.moto_url}, region {ec2.region})")
+        base_ami = ec2.control.register_base_image(BASE_IMAGE_NAME)
+        for action, seconds in opts.latencies.items():
+            ec2.control.add_latency(action, seconds)
+        sshd = stack.enter_context(LocalSshd(login="root"))
+        say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key)")
+        ebs = stack.enter_context(LoopEbs(ec2.endpoint_url, ec2.region, state_dir / "ebs"))
+        env = amibake_env(
+            aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
+            ssh_connection=sshd.connection_dict(),
+            settings=REHEARSAL_SETTINGS,
+        )
+        airflow = LocalAirflow(state_dir / "airflow", env, api_port=opts.api_port)
+        stack.callback(airflow.stop)
+        say(f"starting Airflow at {airflow.url} (logs in {airflow.log_dir}) ...")
+        airflow.start()
+        ec2.control.clear_requests()  # count only the DAG's own calls
+        yield airflow, ec2, ebs, base_ami
+        say("stopping Airflow, the EBS emulator, sshd and the local EC2 API ...")
+
+
+def leftovers(ebs_dir: Path, state_dir: Path) -> list[str]:
+    """What is still on this machine after a rehearsal stopped (should be nothing)."""
+    found = [f"process {pid}" for pid in _marked_processes(state_dir)]
+    found += [f"image {p}" for p in ebs_dir.glob("vol-*.img")] if ebs_dir.is_dir() else []
+    by_id = Path("/dev/disk/by-id")
+    if by_id.is_dir():
+        found += [
+            f"link {p}"
+            for p in by_id.glob("nvme-Amazon_Elastic_Block_Store_vol*")
+            if p.is_symlink() and not p.exists()
+        ]
+    return found
+
+
+def summary(result: RunResult, airflow: LocalAirflow) -> str:
+    """The end-of-run report: state, AMI, snapshot, time per task, the UI address."""
+    lines = [
+        "",
+        f"run {result.run_id}: {result.state.upper()} in {result.wall_seconds:.0f} s",
+        f"  AMI id:       {result.ami_id or '-'}",
+        f"  snapshot id:  {result.snapshot_id or '-'}",
+        f"  EC2 API calls: {len(result.ec2_calls)}",
+        "  time per task:",
+    ]
+    for ti in result.tasks:
+        secs = ti.get("duration")
+        shown = f"{secs:8.1f} s" if secs is not None else "       - "
+        lines.append(f"    {ti['task_id']:<30} {ti['state'] or 'none':<16} {shown}")
+    for task_id, tail in result.log_tails.items():
+        lines += ["", f"task {task_id} FAILED; end of its log:", tail]
+    lines += [
+        "",
+        f"Airflow UI: {airflow.url}/dags/{DAG_ID}  (user {ADMIN_USER}, password {airflow.password})",
+    ]
+    return "\n".join(lines)
+
+
+def rehearse(opts: Options) -> RunResult:
+    """Run the whole rehearsal once; returns the result (raises ``RehearsalError`` on setup failure)."""
+    with rehearsal_services(opts) as (airflow, ec2, _ebs, base_ami):
+        wait_for_dag(airflow, DAG_ID)
+        conf = {"recipe": opts.recipe, "boot_check": opts.boot_check, "base_ami": base_ami, **opts.conf}
+        result = run_dag(airflow, ec2, DAG_ID, conf, opts.timeout)
+        say(summary(result, airflow))
+        if opts.keep_running:
+            say(
+                "\nAirflow keeps running for you to inspect the run. Stop it with Ctrl-C here, "
+                "or `./rehearse stop` from another shell."
+            )
+            signal.pause()
+    return result
+
+
+def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
+    """Command line → (action, options), refusing bad values before anything starts."""
+    parser = argparse.ArgumentParser(prog="./rehearse", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("run", "stop"),
+        default="run",
+        help="run the rehearsal (default), or stop one left running and clean up",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=defaults.RECIPES,
+        help=f"image recipe (default {DEFAULT_RECIPE}: the one that builds offline)",
+    )
+    parser.add_argument(
+        "--no-boot-check",
+        dest="boot_check",
+        action="store_false",
+        help="skip the qemu boot check of the built image",
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave Airflow and the local services running after the run",
+    )
+    parser.add_argument("--api-port", type=int, default=0, help="Airflow UI/API port (default: a free one)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the DAG run may take")
+    parser.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="extra DAG Param for the run, e.g. --conf canvas_size_gib=4",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.api_port <= 65535:
+        parser.error(f"--api-port {args.api_port} must be between 0 and 65535")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    conf = {}
+    for item in args.conf:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--conf {item!r} must look like KEY=JSON")
+        try:
+            conf[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            conf[key] = raw  # a bare string
+    return args.action, Options(
+        recipe=args.recipe,
+        boot_check=args.boot_check,
+        keep_running=args.keep_running,
+        api_port=args.api_port,
+        timeout=args.timeout,
+        conf=conf,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``./rehearse``; exit 0 only when the DAG run succeeded and nothing was left."""
+    action, opts = _parse_args(argv)
+    if os.geteuid() != 0:
+        say("./rehearse must run as root (loop devices, mounts, the build runs as root over SSH)")
+        return 2
+    if action == "stop":
+        cleaned = clean_up_earlier(opts.state_dir)
+        say("stopped and cleaned up" if cleaned else "nothing was running")
+        return 0
+    # SIGTERM (./rehearse stop, a CI timeout) unwinds like Ctrl-C, so every service is stopped
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result = rehearse(opts)
+    except KeyboardInterrupt:
+        say("interrupted: everything was stopped and cleaned up")
+        return 130
+    except (RehearsalError, AirflowError) as exc:
+        say(f"rehearsal failed: {exc}")
+        return 1
+    left = leftovers(opts.state_dir / "ebs", opts.state_dir)
+    if left:
+        say("left behind: " + ", ".join(left))
+        return 1
+    say("all processes, loop devices, mounts and links were removed")
+    return 0 if result.state == "success" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""A real Airflow for the offline rehearsal: its settings, its processes and a REST client.
+
+The settings (connections, ``[amibake]`` section) live here once; the rehearsal, the benchmarks and
+the deployment tests (which compare ``docker-compose.yaml`` with them) all read them from here.
+``LocalAirflow`` runs ``airflow db migrate`` and then api-server, scheduler, dag-processor and
+triggerer as separate processes (what ``airflow standalone`` runs) on SQLite with LocalExecutor,
+each in its own session with its log in ``<home>/logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from operators import defaults
+
+REPO = Path(__file__).resolve().parent.parent
+#: Everything a rehearsal writes (gitignored).
+REHEARSAL_DIR = REPO / ".rehearsal"
+DAGS_FOLDER = REPO / "dags"
+ADMIN_USER = "admin"
+#: Set in the environment of every process a rehearsal starts, so a later run finds strays.
+MARKER_ENV = "AMIBAKE_REHEARSAL"
+#: Airflow processes in start order; the api-server serves the execution API the tasks talk to.
+PROCESSES: dict[str, list[str]] = {
+    "api-server": ["api-server", "--host", "127.0.0.1", "--workers", "1"],
+    "scheduler": ["scheduler"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer"],
+}
+#: ``[amibake]`` settings of the offline rehearsal: the "box" is this machine's sshd, reached at the
+#: SSH connection's own host/port; the schedule is off so only the triggered run happens.
+REHEARSAL_SETTINGS: dict[str, str] = {
+    "ssh_address": "connection",
+    "ssh_cidr": "127.0.0.1/32",
+    "schedule": "none",
+}
+#: Dummy credentials for the local EC2 API (moto accepts any).
+FAKE_AWS_LOGIN = ("testing", "testing")
+
+
+class AirflowError(RuntimeError):
+    """An Airflow process did not start, died, or its API answered with an error."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def conn_env_var(conn_id: str) -> str:
+    """Environment variable that defines an Airflow connection."""
+    return f"AIRFLOW_CONN_{conn_id.upper()}"
+
+
+def setting_env_var(key: str) -> str:
+    """Environment variable of one ``[amibake]`` setting; refuses a setting the DAG does not know."""
+    if key not in defaults.SETTINGS:
+        raise KeyError(f"unknown [amibake] setting {key!r} (known: {', '.join(defaults.SETTINGS)})")
+    return f"AIRFLOW__{defaults.CONFIG_SECTION.upper()}__{key.upper()}"
+
+
+def amibake_env(
+    *, aws_extra: Mapping[str, str], ssh_connection: Mapping[str, Any], settings: Mapping[str, str]
+) -> dict[str, str]:
+    """Environment that gives every Airflow process the two connections and the ``[amibake]`` settings."""
+    login, password = FAKE_AWS_LOGIN
+    aws = {"conn_type": "aws", "login": login, "password": password, "extra": dict(aws_extra)}
+    env = {
+        conn_env_var(defaults.AWS_CONN_ID): json.dumps(aws),
+        conn_env_var(defaults.SSH_CONN_ID): json.dumps(dict(ssh_connection)),
+    }
+    env.update({setting_env_var(key): value for key, value in settings.items()})
+    return env
+
+
+def airflow_env(home: Path, api_port: int, password_file: Path, dags_folder: Path) -> dict[str, str]:
+    """Core settings of the local Airflow: SQLite, LocalExecutor, our dags, simple auth, shared secrets."""
+    from cryptography.fernet import Fernet
+
+    api_url = f"http://127.0.0.1:{api_port}"
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__AUTH_MANAGER": (
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+        ),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
+        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__BASE_URL": api_url,
+        # every process must sign and check the same JWTs (tasks ↔ execution API, UI ↔ REST API)
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        # no EC2 instance metadata lookups for credentials on this machine
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    """Last lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalAirflow:
+    """Airflow's processes on SQLite + LocalExecutor in ``home``, with a logged-in REST client."""
+
+    def __init__(
+        self, home: Path, extra_env: Mapping[str, str], api_port: int = 0, dags_folder: Path = DAGS_FOLDER
+    ) -> None:
+        if not 0 <= api_port <= 65535:
+            raise ValueError(f"api_port {api_port} must be between 0 and 65535")
+        self.home = Path(home)
+        self.api_port = api_port or free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        self.password = secrets.token_urlsafe(12)
+        self.password_file = self.home / "passwords.json"
+        self.env = {
+            **os.environ,
+            **airflow_env(self.home, self.api_port, self.password_file, dags_folder),
+            **extra_env,
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._token = ""
+
+    @property
+    def log_dir(self) -> Path:
+        """Where each process's own log goes."""
+        return self.home / "logs"
+
+    def _airflow(self, *args: str) -> list[str]:
+        """Command line of the venv's ``airflow`` CLI."""
+        return [str(Path(sys.executable).with_name("airflow")), *args]
+
+    def start(self, ready_timeout: float = 180.0) -> None:
+        """Migrate the database, start the processes and log in; raises with a log tail on failure."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.password_file.write_text(json.dumps({ADMIN_USER: self.password}) + "\n")
+        self.password_file.chmod(0o600)
+        migrate = subprocess.run(
+            self._airflow("db", "migrate"), env=self.env, capture_output=True, text=True, check=False
+        )
+        if migrate.returncode != 0:
+            raise AirflowError(f"airflow db migrate failed:\n{(migrate.stdout + migrate.stderr)[-3000:]}")
+        for name, args in PROCESSES.items():
+            extra = ["--port", str(self.api_port)] if name == "api-server" else []
+            with open(self.log_dir / f"{name}.log", "ab") as log:
+                self.procs[name] = subprocess.Popen(
+                    self._airflow(*args, *extra),
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C reaches only the harness, which stops us in order
+                )
+        self._wait_healthy(ready_timeout)
+        self._token = self._login()
+
+    def check_alive(self) -> None:
+        """Raise if any Airflow process has exited."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise AirflowError(
+                    f"airflow {name} exited with {proc.returncode}:\n{_tail(self.log_dir / f'{name}.log')}"
+                )
+
+    def _wait_healthy(self, timeout: float) -> None:
+        """Wait until the api-server answers and reports its scheduler, dag-processor, triggerer healthy."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as resp:
+                    health = json.loads(resp.read())
+                parts = ("metadatabase", "scheduler", "dag_processor", "triggerer")
+                states = {p: (health.get(p) or {}).get("status") for p in parts}
+                if all(s == "healthy" for s in states.values()):
+                    return
+                last = json.dumps(states)
+            except (OSError, ValueError) as exc:
+                last = str(exc)
+            time.sleep(1)
+        raise AirflowError(f"Airflow not healthy within {timeout:.0f} s ({last})")
+
+    def _login(self) -> str:
+        """A JWT for the REST API, as the UI's login does (``POST /auth/token``)."""
+        body = {"username": ADMIN_USER, "password": self.password}
+        return self.request("POST", "/auth/token", body, auth=False)["access_token"]
+
+    def request(self, method: str, path: str, body: Any = None, *, auth: bool = True) -> Any:
+        """One REST call; returns the decoded JSON answer, raises ``AirflowError`` on an HTTP error."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {self._token}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:2000]
+            raise AirflowError(f"{method} {path}: HTTP {exc.code}: {detail}") from exc
+        return json.loads(payload) if payload else None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM each process group, SIGKILL what is left after ``grace`` seconds."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            _signal_group(proc.pid, signal.SIGKILL)  # task runners and workers left in the group
+        self.procs.clear()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Signal a process group that may already be gone."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

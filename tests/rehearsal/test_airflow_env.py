@@ -1,0 +1,107 @@
+"""LocalAirflow for real: its processes start, parse a DAG, run it through the REST API, and stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from operators import defaults
+from rehearsal.__main__ import _marked_processes, follow, trigger, wait_for_dag, xcom_values
+from rehearsal.airflow_env import (
+    MARKER_ENV,
+    REHEARSAL_SETTINGS,
+    LocalAirflow,
+    amibake_env,
+    conn_env_var,
+    setting_env_var,
+)
+
+# A DAG with a deferrable wait: it can only finish if the triggerer really runs the trigger.
+PROBE_DAG = textwrap.dedent(
+    """
+    from datetime import timedelta
+
+    from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+    from airflow.sdk import BaseOperator, dag, task
+
+
+    class Wait(BaseOperator):
+        def execute(self, context):
+            self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=8)), method_name="done")
+
+        def done(self, context, event=None):
+            return "resumed"
+
+
+    @dag(dag_id="rehearsal_probe", schedule=None)
+    def probe():
+        @task
+        def settings():
+            from airflow.sdk import BaseHook, conf
+
+            aws = BaseHook.get_connection("amibake_aws")
+            endpoint = aws.extra_dejson["endpoint_url"]
+            return {"ssh_address": conf.get("amibake", "ssh_address"), "endpoint": endpoint}
+
+        Wait(task_id="wait") >> settings()
+
+
+    probe()
+    """
+)
+
+
+def test_amibake_env_names_the_dags_connections_and_settings():
+    """The env defines exactly the connection ids and [amibake] keys the DAG reads."""
+    env = amibake_env(
+        aws_extra={"endpoint_url": "http://127.0.0.1:1", "region_name": "us-east-1"},
+        ssh_connection={"conn_type": "ssh", "host": "127.0.0.1"},
+        settings=REHEARSAL_SETTINGS,
+    )
+    assert json.loads(env["AIRFLOW_CONN_AMIBAKE_AWS"])["extra"]["endpoint_url"] == "http://127.0.0.1:1"
+    assert conn_env_var(defaults.AWS_CONN_ID) in env and conn_env_var(defaults.SSH_CONN_ID) in env
+    assert env["AIRFLOW__AMIBAKE__SSH_ADDRESS"] == "connection"
+    assert REHEARSAL_SETTINGS["ssh_address"] in defaults.SSH_ADDRESSES
+
+
+def test_unknown_setting_is_refused():
+    """A typo in a setting name fails loudly instead of being silently ignored by Airflow."""
+    with pytest.raises(KeyError, match="ssh_adress"):
+        setting_env_var("ssh_adress")
+
+
+@pytest.mark.slow
+def test_local_airflow_runs_a_deferred_dag_through_the_rest_api(tmp_path: Path, monkeypatch, capsys):
+    """api-server + scheduler + dag-processor + triggerer on SQLite run a triggered DAG to success."""
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "probe.py").write_text(PROBE_DAG)
+    monkeypatch.setenv(MARKER_ENV, str(tmp_path))
+    env = amibake_env(
+        aws_extra={"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+        ssh_connection={"conn_type": "ssh", "host": "127.0.0.1"},
+        settings=REHEARSAL_SETTINGS,
+    )
+    airflow = LocalAirflow(tmp_path / "home", env, dags_folder=dags)
+    try:
+        airflow.start()
+        wait_for_dag(airflow, "rehearsal_probe")
+        run_id = trigger(airflow, "rehearsal_probe", {})
+        assert follow(airflow, "rehearsal_probe", run_id, timeout=300) == "success"
+        values = xcom_values(airflow, "rehearsal_probe", run_id)
+        assert values == {
+            "wait": "resumed",  # resumed after the triggerer fired the trigger
+            "settings": {"ssh_address": "connection", "endpoint": "http://127.0.0.1:9"},
+        }
+        # follow() saw it deferred; only the triggerer process can have fired the trigger that resumed it
+        out = capsys.readouterr().out
+        assert re.search(r"wait +deferred", out), out
+    finally:
+        airflow.stop()
+    assert _marked_processes(tmp_path) == []
+    assert os.environ[MARKER_ENV] == str(tmp_path)
