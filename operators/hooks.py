@@ -119,7 +119,8 @@ class BuildEc2Hook(EC2Hook):
         )["Images"]
         if not images:
             raise ValueError(f"no available AMI of owner {owner!r} matches base_ami_name {name!r}")
-        return max(images, key=lambda i: i.get("CreationDate", ""))
+        # newest first; the name breaks ties (names of dated base images sort by date too)
+        return max(images, key=lambda i: (i.get("CreationDate", ""), i.get("Name", "")))
 
     def subnet(self, subnet_id: str) -> dict:
         """One subnet (for its VPC and availability zone)."""

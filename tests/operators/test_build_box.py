@@ -1,0 +1,247 @@
+"""LaunchBuildBox / TerminateBuildBox against moto (behind the recorder) and a real sshd."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from airflow.sdk import DAG
+from operator_harness import make_context, run_operator
+
+from operators import naming
+from operators.build_box import LaunchBuildBox, TerminateBuildBox
+from operators.validation import ParamError
+
+RUN_ID = "manual__2026-11-25T02:00:00+00:00"
+
+
+def _launch(dag_id: str, **kwargs: Any) -> tuple[DAG, LaunchBuildBox]:
+    with DAG(dag_id, schedule=None) as dag:
+        op = LaunchBuildBox(task_id="launch_build_box", recipe="debian12", instance_type="t3.small", **kwargs)
+    return dag, op
+
+
+def _tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Flattened TagSpecification.N.* query params → {resource type: {key: value}}."""
+    specs: dict[str, dict[str, str]] = {}
+    n = 1
+    while f"TagSpecification.{n}.ResourceType" in params:
+        tags, m = {}, 1
+        while f"TagSpecification.{n}.Tag.{m}.Key" in params:
+            tags[params[f"TagSpecification.{n}.Tag.{m}.Key"]] = params[f"TagSpecification.{n}.Tag.{m}.Value"]
+            m += 1
+        specs[params[f"TagSpecification.{n}.ResourceType"]] = tags
+        n += 1
+    return specs
+
+
+def _creates(ec2: Any) -> list[str]:
+    return [
+        r["action"] for r in ec2.requests if r["action"].startswith(("Create", "Run", "Authorize", "Attach"))
+    ]
+
+
+def test_launch_sends_the_right_requests_and_answers_on_ssh(ec2: Any, sshd: Any, subnet: dict) -> None:
+    ami = ec2.register_base_image("amibake-test-base")
+    dag, op = _launch("amibake_t_launch", base_ami=ami)
+    context = make_context(dag, RUN_ID)
+    record = run_operator(op, context)
+    build = naming.build_id(dag.dag_id, RUN_ID)
+
+    assert record.deferrals == ["InstanceRunningTrigger", "SshReachableTrigger"]
+    box = record.result
+    assert box["build_id"] == build
+    assert (box["address"], box["port"]) == ("127.0.0.1", sshd.port)
+    assert box["availability_zone"] == subnet["AvailabilityZone"]
+    assert json.dumps(box).find("PRIVATE KEY") == -1
+
+    (run,) = ec2.calls("RunInstances")
+    assert run["ImageId"] == ami
+    assert run["InstanceType"] == "t3.small"
+    assert run["SubnetId"] == subnet["SubnetId"]
+    assert run["MetadataOptions.HttpTokens"] == "required"
+    assert run["SecurityGroupId.1"] == box["security_group_id"]
+    assert run["ClientToken"] == f"amibake-{build}-box-0"
+    assert "KeyName" not in run, "no EC2 key pair: the key goes in through cloud-init"
+    specs = _tag_specs(run)
+    assert set(specs) == {"instance", "volume", "network-interface"}
+    for tags in specs.values():
+        assert tags[naming.TAG_BUILD_ID] == build
+        assert tags[naming.TAG_ROLE] == "build-box"
+        assert tags[naming.TAG_RUN_ID] == RUN_ID
+        assert tags[naming.TAG_DAG_ID] == dag.dag_id
+        assert tags[naming.TAG_CREATED_AT]
+    user_data = base64.b64decode(run["UserData"]).decode()
+    assert user_data.startswith("#cloud-config\n")
+    config = json.loads(user_data.split("\n", 1)[1])
+    (authorized,) = config["ssh_authorized_keys"]
+    assert authorized.split()[1] == _public_key_b64(sshd.private_key_pem)
+    assert "PRIVATE KEY" not in user_data, "connection mode: no host key is generated"
+
+    (sg,) = ec2.calls("CreateSecurityGroup")
+    assert sg["GroupName"] == naming.resource_name(build, naming.Role.BUILD_SG)
+    assert sg["VpcId"] == subnet["VpcId"]
+    assert _tag_specs(sg)["security-group"][naming.TAG_ROLE] == "build-sg"
+    (ingress,) = ec2.calls("AuthorizeSecurityGroupIngress")
+    assert ingress["IpPermissions.1.IpProtocol"] == "tcp"
+    assert (ingress["IpPermissions.1.FromPort"], ingress["IpPermissions.1.ToPort"]) == ("22", "22")
+    assert ingress["IpPermissions.1.IpRanges.1.CidrIp"] == "127.0.0.1/32"
+    assert not any(v == "0.0.0.0/0" for v in ingress.values())
+    assert context["ti"].pushed["_instance_id"]["instance_id"] == box["instance_id"]
+
+
+def _public_key_b64(private_pem: str) -> str:
+    import io
+
+    import paramiko
+
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(private_pem)).get_base64()
+
+
+def test_launch_retry_creates_nothing_twice(ec2: Any, sshd: Any, subnet: dict) -> None:
+    ami = ec2.register_base_image("amibake-test-base")
+    dag, op = _launch("amibake_t_launch_retry", base_ami=ami)
+    first = run_operator(op, make_context(dag, RUN_ID, try_number=1, max_tries=2)).result
+    second = run_operator(op, make_context(dag, RUN_ID, try_number=2, max_tries=2)).result
+    assert first["instance_id"] == second["instance_id"]
+    assert first["security_group_id"] == second["security_group_id"]
+    assert len(ec2.calls("RunInstances")) == 1
+    assert len(ec2.calls("CreateSecurityGroup")) == 1
+    assert len(ec2.calls("AuthorizeSecurityGroupIngress")) == 1
+
+
+def test_launch_survives_throttling_with_one_box(ec2: Any, sshd: Any, subnet: dict) -> None:
+    ami = ec2.register_base_image("amibake-test-base")
+    ec2.add_fault("RunInstances", "RequestLimitExceeded", 503, times=1)
+    dag, op = _launch("amibake_t_launch_throttle", base_ami=ami)
+    run_operator(op, make_context(dag, RUN_ID))
+    calls = ec2.calls("RunInstances")
+    assert len(calls) == 2 and calls[0]["ClientToken"] == calls[1]["ClientToken"]
+    live = ec2.boto3_client().describe_instances(
+        Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}]
+    )["Reservations"]
+    assert len(live) == 1
+
+
+def test_launch_finds_the_newest_base_ami_by_owner_and_name(ec2: Any, sshd: Any, subnet: dict) -> None:
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    # moto stamps CreationDate in whole seconds: set them so that creation order and name order disagree
+    newest = ec2.register_base_image("el7-base-2026-01")
+    older = ec2.register_base_image("el7-base-2026-02")
+    ec2.register_base_image("other-2026-03")
+    amis = ec2_backends[DEFAULT_ACCOUNT_ID][ec2.region].amis
+    amis[newest].creation_date = datetime(2026, 2, 1, tzinfo=UTC)
+    amis[older].creation_date = datetime(2026, 1, 1, tzinfo=UTC)
+    dag, op = _launch("amibake_t_launch_filter", base_ami_owner="self", base_ami_name="el7-base-*")
+    run_operator(op, make_context(dag, RUN_ID))
+    assert ec2.calls("RunInstances")[0]["ImageId"] == newest
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("instance_type", {"instance_type": "t3 small"}),
+        ("base_ami", {"base_ami": "ami-nothex"}),
+        ("subnet_id", {"subnet_id": "subnet-$(x)"}),
+    ],
+)
+def test_launch_refuses_bad_input_before_creating(
+    ec2: Any, sshd: Any, subnet: dict, field: str, kwargs: dict
+) -> None:
+    with DAG("amibake_t_launch_bad", schedule=None) as dag:
+        op = LaunchBuildBox(task_id="launch_build_box", **{"instance_type": "t3.small", **kwargs})
+    with pytest.raises(ParamError, match=f"^{field}: "):
+        run_operator(op, make_context(dag, RUN_ID))
+    assert ec2.requests == []
+
+
+def test_launch_without_ssh_cidr_is_refused_off_the_tunnel(
+    ec2: Any, sshd: Any, subnet: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_ADDRESS", "public_ip")
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", "")
+    dag, op = _launch("amibake_t_launch_nocidr", base_ami="ami-0123456789abcdef0")
+    with pytest.raises(ParamError, match="^ssh_cidr: "):
+        run_operator(op, make_context(dag, RUN_ID))
+    assert ec2.requests == []
+
+
+def test_public_ip_mode_gives_the_box_a_per_build_host_key(
+    ec2: Any, sshd: Any, subnet: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off the tunnel the box gets a host key through user data; a retry reads it back."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_ADDRESS", "public_ip")
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", "198.51.100.0/24")
+    ami = ec2.register_base_image("amibake-test-base")
+    dag, op = _launch("amibake_t_launch_public", base_ami=ami)
+    keys = []
+    for try_number in (1, 2):
+        with pytest.raises(TaskDeferred) as deferred:  # stop at the first wait: moto's IP is not reachable
+            op.execute(make_context(dag, RUN_ID, try_number=try_number, max_tries=1))
+        keys.append(deferred.value.kwargs["state"]["host_key"])
+    assert keys[0].startswith("ssh-ed25519 ") and keys[0] == keys[1]
+    (run,) = ec2.calls("RunInstances")
+    config = json.loads(base64.b64decode(run["UserData"]).decode().split("\n", 1)[1])
+    assert config["ssh_keys"]["ed25519_public"] == keys[0]
+    assert config["ssh_genkeytypes"] == []
+    assert (
+        ec2.calls("AuthorizeSecurityGroupIngress")[0]["IpPermissions.1.IpRanges.1.CidrIp"]
+        == "198.51.100.0/24"
+    )
+
+
+def test_failed_launch_cleans_up_on_its_last_try_only(ec2: Any, sshd: Any, subnet: dict) -> None:
+    ami = ec2.register_base_image("amibake-test-base")
+    dag, op = _launch("amibake_t_launch_fail", base_ami=ami)
+    client = ec2.boto3_client()
+    ec2.add_fault("RunInstances", "InsufficientInstanceCapacity", 400, times=2)
+
+    with pytest.raises(Exception, match="InsufficientInstanceCapacity"):
+        run_operator(op, make_context(dag, RUN_ID, try_number=1, max_tries=1))
+    assert (
+        len(
+            client.describe_security_groups(Filters=naming.project_filters(naming.Role.BUILD_SG))[
+                "SecurityGroups"
+            ]
+        )
+        == 1
+    )
+    assert ec2.calls("DeleteSecurityGroup") == [], "a retry follows: keep the group for it"
+
+    with pytest.raises(Exception, match="InsufficientInstanceCapacity"):
+        run_operator(op, make_context(dag, RUN_ID, try_number=2, max_tries=1))
+    assert len(ec2.calls("CreateSecurityGroup")) == 1
+    assert len(ec2.calls("DeleteSecurityGroup")) == 1
+    assert (
+        client.describe_security_groups(Filters=naming.project_filters(naming.Role.BUILD_SG))[
+            "SecurityGroups"
+        ]
+        == []
+    )
+
+
+def test_terminate_build_box_removes_box_and_group(ec2: Any, sshd: Any, subnet: dict) -> None:
+    ami = ec2.register_base_image("amibake-test-base")
+    dag, op = _launch("amibake_t_terminate", base_ami=ami)
+    box = run_operator(op, make_context(dag, RUN_ID)).result
+    with dag:
+        teardown = TerminateBuildBox(task_id="terminate_build_box")
+    ec2.clear_requests()
+    result = run_operator(teardown, make_context(dag, RUN_ID)).result
+    assert result == {"terminated": [box["instance_id"]], "security_groups": [box["security_group_id"]]}
+    assert ec2.calls("TerminateInstances")[0]["InstanceId.1"] == box["instance_id"]
+    assert ec2.calls("DeleteSecurityGroup")[0]["GroupId"] == box["security_group_id"]
+    state = ec2.boto3_client().describe_instances(InstanceIds=[box["instance_id"]])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] == "terminated"
+    # a second run (a retried teardown) finds nothing more to do
+    assert run_operator(teardown, make_context(dag, RUN_ID)).result == {
+        "terminated": [],
+        "security_groups": [],
+    }
