@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,10 @@ from rehearsal.airflow_env import (
     ADMIN_USER,
     MARKER_ENV,
     REHEARSAL_DIR,
-    REHEARSAL_SETTINGS,
     AirflowError,
     LocalAirflow,
     amibake_env,
+    rehearsal_settings,
 )
 from rehearsal.ebs import LoopEbs
 from rehearsal.ec2_local import Ec2Control
@@ -45,6 +46,9 @@ DEFAULT_RECIPE = "debian12"
 BASE_IMAGE_NAME = "amibake-rehearsal-base"
 TERMINAL_STATES = {"success", "failed"}
 STATE_FILE = "state.json"
+#: The tasks whose return values carry the new AMI id and the snapshot id.
+AMI_TASK = "register_hvm_ami"
+SNAPSHOT_TASK = "frozen_snapshot"
 AMI_RE = re.compile(r"\bami-[0-9a-f]{8,17}\b")
 SNAPSHOT_RE = re.compile(r"\bsnap-[0-9a-f]{8,17}\b")
 
@@ -311,15 +315,16 @@ def run_dag(
     state = follow(airflow, dag_id, run_id, timeout)
     wall = time.monotonic() - started
     tis = sorted(task_instances(airflow, dag_id, run_id), key=lambda t: t.get("start_date") or "~")
-    values = json.dumps(xcom_values(airflow, dag_id, run_id), default=str)
-    amis, snaps = AMI_RE.findall(values), SNAPSHOT_RE.findall(values)
+    values = xcom_values(airflow, dag_id, run_id)
+    amis = AMI_RE.findall(json.dumps(values.get(AMI_TASK), default=str))
+    snaps = SNAPSHOT_RE.findall(json.dumps(values.get(SNAPSHOT_TASK), default=str))
     result = RunResult(
         run_id=run_id,
         state=state,
         wall_seconds=wall,
         tasks=tis,
-        ami_id=amis[-1] if amis else None,
-        snapshot_id=snaps[-1] if snaps else None,
+        ami_id=amis[0] if amis else None,
+        snapshot_id=snaps[0] if snaps else None,
         ec2_calls=ec2.control.requests,
     )
     for ti in tis:
@@ -369,7 +374,7 @@ def rehearsal_services(opts: Options) -> Iterator[tuple[LocalAirflow, Ec2Service
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
             ssh_connection=sshd.connection_dict(),
-            settings=REHEARSAL_SETTINGS,
+            settings=rehearsal_settings(date.today()),
         )
         airflow = LocalAirflow(state_dir / "airflow", env, api_port=opts.api_port)
         stack.callback(airflow.stop)

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,29 @@ PROCESSES: dict[str, list[str]] = {
     "triggerer": ["triggerer"],
 }
 #: ``[amibake]`` settings of the offline rehearsal: the "box" is this machine's sshd, reached at the
-#: SSH connection's own host/port; the schedule is off so only the triggered run happens.
+#: SSH connection's own host/port, which is the only address admitted to it.
 REHEARSAL_SETTINGS: dict[str, str] = {
     "ssh_address": "connection",
     "ssh_cidr": "127.0.0.1/32",
-    "schedule": "none",
 }
+
+
+def dormant_schedule(today: date) -> str:
+    """A yearly cron whose last and next firing are both about half a year from ``today``.
+
+    Unpausing a DAG whose previous cron point lies within a tenth of its period makes the scheduler
+    start a run at once (CronTriggerTimetable without catchup); with this schedule the rehearsal's
+    triggered run is the only one, whatever the date.
+    """
+    fire = today + timedelta(days=182)
+    return f"0 0 {min(fire.day, 28)} {fire.month} *"
+
+
+def rehearsal_settings(today: date) -> dict[str, str]:
+    """Every ``[amibake]`` setting the rehearsal gives its Airflow."""
+    return {**REHEARSAL_SETTINGS, "schedule": dormant_schedule(today)}
+
+
 #: Dummy credentials for the local EC2 API (moto accepts any).
 FAKE_AWS_LOGIN = ("testing", "testing")
 

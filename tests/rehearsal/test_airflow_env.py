@@ -105,3 +105,19 @@ def test_local_airflow_runs_a_deferred_dag_through_the_rest_api(tmp_path: Path, 
         airflow.stop()
     assert _marked_processes(tmp_path) == []
     assert os.environ[MARKER_ENV] == str(tmp_path)
+
+
+def test_dormant_schedule_never_fires_during_a_rehearsal():
+    """Airflow's own timetable, unpaused today without catchup, schedules nothing for months."""
+    from datetime import UTC, date, datetime, timedelta
+
+    from airflow.timetables.base import TimeRestriction
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    from rehearsal.airflow_env import rehearsal_settings
+
+    schedule = rehearsal_settings(date.today())["schedule"]
+    info = CronTriggerTimetable(schedule, timezone="UTC").next_dagrun_info(
+        last_automated_data_interval=None, restriction=TimeRestriction(None, None, catchup=False)
+    )
+    assert info.run_after > datetime.now(UTC) + timedelta(days=150)
