@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk import DAG
-from operator_harness import make_context, run_operator
+from operator_harness import make_context, run_operator, tag_specs
 
 from operators import naming
 from operators.build_box import LaunchBuildBox, TerminateBuildBox
@@ -22,26 +22,6 @@ def _launch(dag_id: str, **kwargs: Any) -> tuple[DAG, LaunchBuildBox]:
     with DAG(dag_id, schedule=None) as dag:
         op = LaunchBuildBox(task_id="launch_build_box", recipe="debian12", instance_type="t3.small", **kwargs)
     return dag, op
-
-
-def _tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Flattened TagSpecification.N.* query params → {resource type: {key: value}}."""
-    specs: dict[str, dict[str, str]] = {}
-    n = 1
-    while f"TagSpecification.{n}.ResourceType" in params:
-        tags, m = {}, 1
-        while f"TagSpecification.{n}.Tag.{m}.Key" in params:
-            tags[params[f"TagSpecification.{n}.Tag.{m}.Key"]] = params[f"TagSpecification.{n}.Tag.{m}.Value"]
-            m += 1
-        specs[params[f"TagSpecification.{n}.ResourceType"]] = tags
-        n += 1
-    return specs
-
-
-def _creates(ec2: Any) -> list[str]:
-    return [
-        r["action"] for r in ec2.requests if r["action"].startswith(("Create", "Run", "Authorize", "Attach"))
-    ]
 
 
 def test_launch_sends_the_right_requests_and_answers_on_ssh(ec2: Any, sshd: Any, subnet: dict) -> None:
@@ -66,7 +46,7 @@ def test_launch_sends_the_right_requests_and_answers_on_ssh(ec2: Any, sshd: Any,
     assert run["SecurityGroupId.1"] == box["security_group_id"]
     assert run["ClientToken"] == f"amibake-{build}-box-0"
     assert "KeyName" not in run, "no EC2 key pair: the key goes in through cloud-init"
-    specs = _tag_specs(run)
+    specs = tag_specs(run)
     assert set(specs) == {"instance", "volume", "network-interface"}
     for tags in specs.values():
         assert tags[naming.TAG_BUILD_ID] == build
@@ -84,7 +64,7 @@ def test_launch_sends_the_right_requests_and_answers_on_ssh(ec2: Any, sshd: Any,
     (sg,) = ec2.calls("CreateSecurityGroup")
     assert sg["GroupName"] == naming.resource_name(build, naming.Role.BUILD_SG)
     assert sg["VpcId"] == subnet["VpcId"]
-    assert _tag_specs(sg)["security-group"][naming.TAG_ROLE] == "build-sg"
+    assert tag_specs(sg)["security-group"][naming.TAG_ROLE] == "build-sg"
     (ingress,) = ec2.calls("AuthorizeSecurityGroupIngress")
     assert ingress["IpPermissions.1.IpProtocol"] == "tcp"
     assert (ingress["IpPermissions.1.FromPort"], ingress["IpPermissions.1.ToPort"]) == ("22", "22")
