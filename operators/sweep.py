@@ -272,7 +272,7 @@ class RotateAmis(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, list[str]]:
         """Validate, describe, plan, then deprecate, deregister and delete snapshots in that order."""
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         if self.recipe not in defaults.RECIPES:
             raise ParamError("recipe", f"must be one of {', '.join(defaults.RECIPES)}, got {self.recipe!r}")
