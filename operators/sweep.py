@@ -178,35 +178,44 @@ class SweepOrphans(BaseOperator):
         """Carry out the plan in its order; return what failed (already-gone counts as done)."""
         failures: list[str] = []
 
-        def attempt(action: lifecycle.Action, call: Callable[[], object]) -> bool:
+        def attempt(action: lifecycle.Action, call: Callable[[], object]) -> str:
+            """Run one removal: "done", "gone" (already removed) or "failed" (logged, listed)."""
             try:
                 call()
             except Exception as exc:  # noqa: BLE001 - report every failure, keep sweeping the rest
                 if _error_code(exc) in GONE_CODES:
                     self.log.info("%s %s was already gone", action.kind, action.resource_id)
-                    return True
+                    return "gone"
                 self.log.error("could not %s %s %s: %s", action.action, action.kind, action.resource_id, exc)
                 failures.append(f"{action.kind} {action.resource_id}: {exc}")
-                return False
+                return "failed"
             self.log.info("%s %s: %s done", action.kind, action.resource_id, action.action)
-            return True
+            return "done"
 
         by_kind = {kind: [a for a in actions if a.kind == kind] for kind in lifecycle.KIND_ORDER}
-        instances = [a.resource_id for a in by_kind["instance"]]
-        if instances:
-            batch = lifecycle.Action("instance", ",".join(instances), "terminate", "")
-            if attempt(batch, lambda: client.terminate_instances(InstanceIds=instances)):
-                delay, attempts = defaults.WAIT_INSTANCE_TERMINATED
-                attempt(
-                    lifecycle.Action("instance", ",".join(instances), "wait for termination", ""),
-                    lambda: client.get_waiter("instance_terminated").wait(
-                        InstanceIds=instances, WaiterConfig={"Delay": delay, "MaxAttempts": attempts}
-                    ),
-                )
-        for action in by_kind["volume"]:
-            attempt(action, lambda a=action: self._delete_volume(client, a))
-        for action in by_kind["security-group"]:
-            attempt(action, lambda a=action: self._delete_group(client, a.resource_id))
+        outcomes = {
+            a.resource_id: attempt(a, lambda a=a: client.terminate_instances(InstanceIds=[a.resource_id]))
+            for a in by_kind["instance"]
+        }
+        terminating = [iid for iid, outcome in outcomes.items() if outcome == "done"]
+        if terminating:
+            delay, attempts = defaults.WAIT_INSTANCE_TERMINATED
+            waited = attempt(
+                lifecycle.Action("instance", ",".join(terminating), "wait for termination", ""),
+                lambda: client.get_waiter("instance_terminated").wait(
+                    InstanceIds=terminating, WaiterConfig={"Delay": delay, "MaxAttempts": attempts}
+                ),
+            )
+            if waited == "failed":
+                outcomes.update(dict.fromkeys(terminating, "failed"))
+        if "failed" in outcomes.values():
+            # their volumes and security groups cannot go while the boxes are up: next sweep
+            self.log.error("build boxes not all terminated: leaving volumes and security groups for now")
+        else:
+            for action in by_kind["volume"]:
+                attempt(action, lambda a=action: self._delete_volume(client, a))
+            for action in by_kind["security-group"]:
+                attempt(action, lambda a=action: self._delete_group(client, a.resource_id))
         for action in by_kind["image"]:
             attempt(action, lambda a=action: client.deregister_image(ImageId=a.resource_id))
         for action in by_kind["snapshot"]:

@@ -187,3 +187,32 @@ def test_one_failed_removal_does_not_stop_the_others(ec2: Any) -> None:
     assert ids(calls, "DeleteVolume") == [old["volume"]]
     assert ids(calls, "DeleteSnapshot") == [old["snapshot"]]
     assert ids(calls, "DeleteSecurityGroup") == [old["sg"]]  # tried once: not a retryable error
+
+
+def test_a_box_that_cannot_be_terminated_keeps_its_volume_and_group_for_later(ec2: Any) -> None:
+    from operators.sweep import SweepOrphans
+
+    base = ec2.register_base_image("base-el7")
+    old = make_build(ec2, "0000000000e2", OLD, base, dag_id="", run_id="")
+    ec2.clear_requests()
+    ec2.add_fault("TerminateInstances", "UnauthorizedOperation", 403, times=None)
+    with pytest.raises(RuntimeError, match=f"could not remove: instance {old['instance']}"):
+        SweepOrphans(task_id="sweep", max_age_hours=6).execute({})
+    actions = [c["action"] for c in mutating(ec2)]
+    assert actions == ["TerminateInstances", "DeleteSnapshot"]
+    assert ids(mutating(ec2), "DeleteSnapshot") == [old["snapshot"]]
+
+
+def test_an_already_gone_resource_counts_as_removed(ec2: Any) -> None:
+    """TerminateInstances answers NotFound (someone else was faster): the sweep goes on and succeeds."""
+    from operators.sweep import SweepOrphans
+
+    base = ec2.register_base_image("base-el7")
+    old = make_build(ec2, "0000000000e3", OLD, base, dag_id="", run_id="")
+    ec2.clear_requests()
+    ec2.add_fault("TerminateInstances", "InvalidInstanceID.NotFound", 400, times=1)
+    result = SweepOrphans(task_id="sweep", max_age_hours=6).execute({})
+    assert {a["id"] for a in result} == {old["instance"], old["volume"], old["sg"], old["snapshot"]}
+    calls = mutating(ec2)
+    assert ids(calls, "DetachVolume") == [old["instance"], old["volume"]]
+    assert ids(calls, "DeleteVolume") == [old["volume"]] and ids(calls, "DeleteSecurityGroup") == [old["sg"]]
