@@ -1,0 +1,170 @@
+# shellcheck shell=bash
+# verify: static checks of the finished canvas before any snapshot is taken. Every failed check prints
+# one "verify: FAIL: ..." line; the phase fails if any check failed. Read-only: it changes nothing.
+
+VERIFY_FAILS=0
+VERIFY_FIRST=""
+
+vfail() {
+    echo "build-image: verify: FAIL: $*" >&2
+    VERIFY_FAILS=$((VERIFY_FAILS + 1))
+    [[ -n $VERIFY_FIRST ]] || VERIFY_FIRST=$*
+}
+
+vok() {
+    echo "verify: ok: $*"
+}
+
+# UUIDs of all filesystems on the canvas partitions.
+canvas_uuids() {
+    local n part
+    for n in "$BIOS_PART" "$ROOT_PART"; do
+        part=$(partition_node "$(canvas_device)" "$n")
+        [[ -b $part ]] && fs_uuid "$part"
+    done
+    return 0
+}
+
+# grub's i386-pc boot code in the MBR and its core image in the bios_grub partition and /boot.
+verify_bootloader() {
+    local dev bios moddir
+    dev=$(canvas_device)
+    bios=$(bios_partition)
+    # boot.img carries the string "GRUB" in its 440 bytes of boot code.
+    if head -c 440 "$dev" | grep -aq GRUB; then
+        vok "GRUB boot code in the MBR of $dev"
+    else
+        vfail "no GRUB boot code in the MBR of $dev (bootloader not installed)"
+    fi
+    if [[ -b $bios ]] && [[ -n $(head -c 512 "$bios" | tr -d '\0') ]]; then
+        vok "core image embedded in the bios_grub partition $bios"
+    else
+        vfail "bios_grub partition $bios is empty (grub core image not embedded)"
+    fi
+    moddir=$ROOT/$RECIPE_GRUB_DIR/i386-pc
+    if [[ -s $moddir/core.img && -s $moddir/normal.mod ]]; then
+        vok "grub i386-pc modules and core.img in /$RECIPE_GRUB_DIR/i386-pc"
+    else
+        vfail "/$RECIPE_GRUB_DIR/i386-pc lacks core.img or normal.mod"
+    fi
+}
+
+# Every root= and search --fs-uuid in grub.cfg names a UUID on the canvas; every kernel it boots exists.
+verify_grub_cfg() {
+    local cfg=$ROOT/$RECIPE_GRUB_DIR/grub.cfg uuids root_uuid arg u kernel n=0
+    uuids=" $(canvas_uuids | paste -sd' ') "
+    root_uuid=$(fs_uuid "$(root_partition)")
+    if [[ ! -s $cfg ]]; then
+        vfail "no /$RECIPE_GRUB_DIR/grub.cfg"
+        return 0
+    fi
+    while read -r arg; do
+        n=$((n + 1))
+        if [[ $arg == "root=UUID=$root_uuid" ]]; then
+            continue
+        fi
+        vfail "grub.cfg has '$arg'; the root filesystem is root=UUID=$root_uuid"
+    done < <(grep -o 'root=[^ ]*' "$cfg" | grep -v '^root=$' || true)
+    if ((n == 0)); then
+        vfail "grub.cfg has no root= kernel argument"
+    else
+        vok "all $n root= arguments in grub.cfg are root=UUID=$root_uuid"
+    fi
+    while read -r u; do
+        [[ $uuids == *" $u "* ]] || vfail "grub.cfg searches for filesystem UUID $u, which is not on the canvas"
+    done < <(grep -o -- '--fs-uuid --set=root [^ ]*' "$cfg" | awk '{ print $3 }' | sort -u || true)
+    while read -r kernel; do
+        [[ -e $ROOT/boot/${kernel##*/} ]] || vfail "grub.cfg boots $kernel, which is not in /boot"
+    done < <(awk '$1 == "linux" || $1 == "linux16" { print $2 }' "$cfg" | sort -u)
+}
+
+# Every fstab entry names a filesystem by a UUID on the canvas, and / is one of them.
+verify_fstab() {
+    local fstab=$ROOT/etc/fstab uuids spec mp rest have_root=0
+    uuids=" $(canvas_uuids | paste -sd' ') "
+    if [[ ! -s $fstab ]]; then
+        vfail "no /etc/fstab"
+        return 0
+    fi
+    while read -r spec mp rest; do
+        [[ -z $spec || $spec == \#* ]] && continue
+        [[ $mp == / ]] && have_root=1
+        if [[ $spec != UUID=* ]]; then
+            vfail "fstab entry for $mp is '$spec', not UUID=..."
+        elif [[ $uuids != *" ${spec#UUID=} "* ]]; then
+            vfail "fstab entry for $mp names $spec, which is not a filesystem on the canvas"
+        fi
+    done <"$fstab"
+    ((have_root)) || vfail "fstab has no entry for /"
+    ((have_root)) && vok "fstab entries name canvas UUIDs"
+    return 0
+}
+
+# Each installed kernel has its modules and a matching initramfs holding the recipe's drivers.
+verify_kernels() {
+    local vmlinuz kver initrd listing drv found norm n=0
+    for vmlinuz in "$ROOT"/boot/vmlinuz-*; do
+        [[ -e $vmlinuz ]] || continue
+        kver=${vmlinuz##*/vmlinuz-}
+        [[ $kver == *rescue* ]] && continue
+        n=$((n + 1))
+        [[ -d $ROOT/lib/modules/$kver ]] || vfail "kernel $kver has no /lib/modules/$kver"
+        initrd=$(recipe_initramfs_path "$kver")
+        if [[ ! -s $ROOT/$initrd ]]; then
+            vfail "kernel $kver has no initramfs /$initrd"
+            continue
+        fi
+        listing=$(recipe_list_initramfs "$kver" | sed 's,-,_,g') || {
+            vfail "cannot list the initramfs /$initrd"
+            continue
+        }
+        for drv in "${RECIPE_INITRAMFS_DRIVERS[@]}"; do
+            norm=${drv//-/_}
+            found=0
+            if grep -Eq "/${norm}\.ko(\.xz|\.zst|\.gz)?$" <<<"$listing"; then
+                found=1
+            elif sed 's,-,_,g' "$ROOT/lib/modules/$kver/modules.builtin" 2>/dev/null | grep -Eq "/${norm}\.ko$"; then
+                found=1
+            fi
+            ((found)) || vfail "initramfs /$initrd of kernel $kver lacks driver $drv"
+        done
+        vok "kernel $kver: modules, initramfs /$initrd with ${RECIPE_INITRAMFS_DRIVERS[*]}"
+    done
+    ((n)) || vfail "no kernel in /boot"
+    return 0
+}
+
+# SELinux labels present on key files (setfiles ran during the build, not at first boot).
+verify_selinux() {
+    local f ctx
+    ((${RECIPE_SELINUX:-0})) || return 0
+    [[ -e $ROOT/.autorelabel ]] && vfail "/.autorelabel exists: the image would relabel at first boot"
+    for f in "${RECIPE_SELINUX_SAMPLES[@]}"; do
+        local path=${f%%=*} want=${f#*=}
+        ctx=$(getfattr --absolute-names --only-values -n security.selinux "$ROOT$path" 2>/dev/null | tr -d '\0' || true)
+        if [[ $ctx != *":$want:"* ]]; then
+            vfail "SELinux label of $path is '${ctx:-none}', expected type $want"
+        fi
+    done
+    vok "SELinux labels on ${#RECIPE_SELINUX_SAMPLES[@]} sample files"
+}
+
+phase_verify() {
+    ensure_root_mounted
+    VERIFY_FAILS=0
+    verify_bootloader
+    verify_grub_cfg
+    verify_fstab
+    chroot_enter
+    verify_kernels
+    chroot_leave
+    if [[ -n ${RECIPE_XFS_FEATURES:-} ]]; then
+        assert_xfs_features "$(root_partition)" || vfail "xfs feature bits do not suit the $RECIPE target kernel"
+    fi
+    verify_selinux
+    if ((VERIFY_FAILS)); then
+        echo "build-image: verify: $VERIFY_FAILS check(s) failed, first: $VERIFY_FIRST" >&2
+        return 1
+    fi
+    echo "verify: all checks passed"
+}

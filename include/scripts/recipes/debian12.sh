@@ -1,0 +1,171 @@
+# shellcheck shell=bash
+# The RECIPE_* settings are read by lib/*.sh; MIRROR etc. are set by build-image.
+# shellcheck disable=SC2034,SC2153
+# Recipe debian12: Debian 12 "bookworm" with the cloud kernel, grub-pc (BIOS), cloud-init and
+# openssh-server. The packages come from the mirror the box's own apt sources use (or --mirror):
+# no mirror host is written here.
+
+DEBIAN_SUITE=bookworm
+DEBIAN_PACKAGES=(linux-image-cloud-amd64 grub-pc initramfs-tools xfsprogs systemd-sysv udev
+    openssh-server cloud-init cloud-guest-utils ifupdown isc-dhcp-client sudo ca-certificates)
+DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+# Box apt sources consulted for the default mirror (apt's own order).
+APT_SOURCES=(/etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources)
+
+RECIPE_GRUB_DIR=boot/grub
+RECIPE_INITRAMFS_DRIVERS=(nvme xen-blkfront virtio_blk ena xen-netfront)
+# The 6.1 kernel reads every feature this mkfs.xfs turns on by default.
+RECIPE_MKFS_XFS=(m:crc=1 n:ftype=1)
+RECIPE_XFS_FEATURES=""
+RECIPE_SELINUX=0
+RECIPE_SELINUX_SAMPLES=()
+
+# First URI of an enabled "deb" source serving SUITE in the given apt source files
+# (one-line .list format and deb822 .sources format).
+apt_uri_for_suite() {
+    local suite=$1 f
+    shift
+    for f in "$@"; do
+        [[ -r $f ]] || continue
+        if [[ $f == *.sources ]]; then
+            awk -v suite="$suite" '
+                function flush(   n, s, i, u) {
+                    if (!found && types ~ /(^|[ \t])deb([ \t]|$)/ && enabled != "no") {
+                        n = split(suites, s, /[ \t]+/)
+                        for (i = 1; i <= n; i++) if (s[i] == suite) { split(uris, u, /[ \t]+/); print u[1]; found = 1 }
+                    }
+                    types = uris = suites = enabled = ""
+                }
+                /^[ \t]*#/ { next }
+                /^[ \t]*$/ { flush(); next }
+                { key = tolower($1); val = $0; sub(/^[^:]*:[ \t]*/, "", val) }
+                key == "types:" { types = val } key == "uris:" { uris = val }
+                key == "suites:" { suites = val } key == "enabled:" { enabled = tolower(val) }
+                END { flush() }' "$f"
+        else
+            sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" | awk -v suite="$suite" '$1 == "deb" && $3 == suite { print $2 }'
+        fi
+    done | head -n1
+}
+
+debian_mirror() {
+    local m=$MIRROR
+    [[ -n $m ]] || m=$(apt_uri_for_suite "$DEBIAN_SUITE" "${APT_SOURCES[@]}")
+    [[ -n $m ]] || die "no --mirror and no Debian mirror for $DEBIAN_SUITE in this box's apt sources"
+    valid_url "${m%/}" || die "mirror '$m' from the apt sources is not a plain http(s) URL"
+    echo "${m%/}"
+}
+
+recipe_initramfs_path() { echo "boot/initrd.img-$1"; }
+
+recipe_list_initramfs() {
+    chroot "$ROOT" lsinitramfs "/boot/initrd.img-$1"
+}
+
+# The image's apt sources: the build mirror for the suite and its updates, plus the security
+# archive the box itself uses (if any), so `apt-get upgrade` on an instance gets fixes.
+write_apt_sources() {
+    local mirror=$1 security
+    security=$(apt_uri_for_suite "$DEBIAN_SUITE-security" "${APT_SOURCES[@]}")
+    rm -f "$ROOT/etc/apt/sources.list"
+    {
+        printf 'Types: deb\nURIs: %s\nSuites: %s %s-updates\nComponents: main\nSigned-By: %s\n' \
+            "$mirror" "$DEBIAN_SUITE" "$DEBIAN_SUITE" "$DEBIAN_KEYRING"
+        if [[ -n $security ]]; then
+            printf '\nTypes: deb\nURIs: %s\nSuites: %s-security\nComponents: main\nSigned-By: %s\n' \
+                "${security%/}" "$DEBIAN_SUITE" "$DEBIAN_KEYRING"
+        fi
+    } >"$ROOT/etc/apt/sources.list.d/debian.sources"
+}
+
+# Bind the optional package cache (tests and benchmarks only) over the image's apt archive.
+bind_apt_cache() {
+    [[ -n ${AMIBAKE_PACKAGE_CACHE:-} ]] || return 0
+    mkdir -p "$AMIBAKE_PACKAGE_CACHE/apt/partial" "$ROOT/var/cache/apt/archives"
+    mount --bind "$AMIBAKE_PACKAGE_CACHE/apt" "$ROOT/var/cache/apt/archives"
+}
+
+phase_bootstrap() {
+    local mirror extra=()
+    ensure_root_mounted
+    require_empty_root
+    mirror=$(debian_mirror)
+    echo "mirror: $mirror"
+    if [[ -n ${AMIBAKE_PACKAGE_CACHE:-} ]]; then
+        mkdir -p "$AMIBAKE_PACKAGE_CACHE/debootstrap"
+        extra+=("--cache-dir=$AMIBAKE_PACKAGE_CACHE/debootstrap")
+    fi
+    run debootstrap --variant=minbase --components=main ${extra[@]+"${extra[@]}"} \
+        "--include=$(IFS=,; echo "${DEBIAN_PACKAGES[*]}")" "$DEBIAN_SUITE" "$ROOT" "$mirror"
+    write_apt_sources "$mirror"
+    # The image is "patched": updates and security fixes on top of the release.
+    chroot_enter
+    bind_apt_cache
+    in_chroot apt-get update
+    in_chroot env DEBIAN_FRONTEND=noninteractive apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade
+    chroot_leave
+}
+
+phase_configure() {
+    ensure_root_mounted
+    write_fstab
+    echo localhost >"$ROOT/etc/hostname"
+    printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
+    cat >"$ROOT/etc/default/grub" <<'EOF'
+# written by amibake (debian12 recipe)
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=1
+GRUB_DISTRIBUTOR=Debian
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 net.ifnames=0 nvme_core.io_timeout=4294967295"
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --speed=115200"
+GRUB_DISABLE_OS_PROBER=true
+EOF
+    mkdir -p "$ROOT/etc/network/interfaces.d"
+    printf 'auto lo\niface lo inet loopback\n\nsource /etc/network/interfaces.d/*\n' >"$ROOT/etc/network/interfaces"
+    printf 'allow-hotplug eth0\niface eth0 inet dhcp\n' >"$ROOT/etc/network/interfaces.d/eth0"
+    printf '# amibake: boot on Xen and Nitro (EBS and ENA) and under qemu\n%s\n' \
+        "${RECIPE_INITRAMFS_DRIVERS[@]}" >"$ROOT/etc/initramfs-tools/modules"
+    mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
+    printf 'datasource_list: [ Ec2 ]\n' >"$ROOT/etc/cloud/cloud.cfg.d/90-amibake-datasource.cfg"
+    # Host keys are removed before the snapshot; make fresh ones at first boot even without cloud-init.
+    cat >"$ROOT/etc/systemd/system/amibake-ssh-hostkeys.service" <<'EOF'
+[Unit]
+Description=Generate missing SSH host keys
+ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    chroot_enter
+    in_chroot systemctl enable amibake-ssh-hostkeys.service
+    install_boot_marker
+    in_chroot update-initramfs -u -k all
+    chroot_leave
+}
+
+phase_bootloader() {
+    ensure_root_mounted
+    chroot_enter
+    in_chroot grub-install --target=i386-pc "$(canvas_device)"
+    grub_mkconfig_by_uuid grub-mkconfig /boot/grub/grub.cfg
+    chroot_leave
+}
+
+phase_relabel() {
+    echo "debian12: no SELinux policy in this image; nothing to relabel"
+}
+
+phase_clean() {
+    ensure_root_mounted
+    clean_common
+    rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin
+    find "$ROOT/var/cache/apt/archives" -xdev -name '*.deb' -delete
+    rm -f "$ROOT"/var/lib/dhcp/*.leases
+}
