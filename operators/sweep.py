@@ -89,7 +89,9 @@ def _paginate(client: Any, method: str, key: str, **kwargs: Any) -> list[dict]:
 
 def describe_images(client: Any) -> list[dict]:
     """Every AMI of this account, ours or not, including disabled ones (their snapshots are in use)."""
-    return client.describe_images(Owners=["self"], IncludeDisabled=True, IncludeDeprecated=True)["Images"]
+    return _paginate(
+        client, "describe_images", "Images", Owners=["self"], IncludeDisabled=True, IncludeDeprecated=True
+    )
 
 
 def describe_our_snapshots(client: Any) -> list[dict]:
