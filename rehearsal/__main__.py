@@ -181,6 +181,14 @@ class Ec2Service:
         )
 
 
+def default_subnet(ec2: Ec2Service) -> str:
+    """A subnet of moto's default VPC for the build box (on AWS this is ``[amibake] subnet_id``)."""
+    subnets = ec2.moto_client().describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
+    if not subnets["Subnets"]:
+        raise RehearsalError("the local EC2 API has no default subnet")
+    return sorted(s["SubnetId"] for s in subnets["Subnets"])[0]
+
+
 @contextmanager
 def local_ec2(log_path: Path, timeout: float = 30.0) -> Iterator[Ec2Service]:
     """``python -m rehearsal.ec2_local`` in its own process until the block ends."""
@@ -261,10 +269,10 @@ def follow(airflow: LocalAirflow, dag_id: str, run_id: str, timeout: float, poll
         run = airflow.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{_q(run_id)}")
         for ti in task_instances(airflow, dag_id, run_id):
             state = ti["state"] or "none"
-            if seen.get(ti["task_id"]) != state:
+            # waiting states are not news; a deferred task passes through them when it resumes
+            if state not in ("none", "scheduled", "queued") and seen.get(ti["task_id"]) != state:
                 seen[ti["task_id"]] = state
-                if state not in ("none", "scheduled", "queued"):
-                    say(f"  {time.monotonic() - started:7.1f}s  {ti['task_id']:<28} {state}")
+                say(f"  {time.monotonic() - started:7.1f}s  {ti['task_id']:<28} {state}")
         if run["state"] in TERMINAL_STATES:
             return run["state"]
         if time.monotonic() - started > timeout:
@@ -296,12 +304,13 @@ def log_tail(airflow: LocalAirflow, dag_id: str, run_id: str, ti: Mapping[str, A
         return f"(log not available: {exc})"
     out = []
     for event in content:
-        if isinstance(event, dict):
-            text = event.get("event", "")
-            extra = {k: v for k, v in event.items() if k not in ("event", "timestamp", "level", "logger")}
-            out.append(f"{event.get('level', ''):>7} {text} {json.dumps(extra) if extra else ''}".rstrip())
-        else:
+        if not isinstance(event, dict):
             out.append(str(event))
+            continue
+        line = f"{event.get('level', ''):>7} {event.get('event', '')}".rstrip()
+        for err in event.get("error_detail") or []:
+            line += f"\n        {err.get('exc_type')}: {err.get('exc_value')}"
+        out.append(line)
     return "\n".join(out[-lines:])
 
 
@@ -370,11 +379,12 @@ def rehearsal_services(opts: Options) -> Iterator[tuple[LocalAirflow, Ec2Service
             ec2.control.add_latency(action, seconds)
         sshd = stack.enter_context(LocalSshd(login="root"))
         say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key)")
-        ebs = stack.enter_context(LoopEbs(ec2.endpoint_url, ec2.region, state_dir / "ebs"))
+        # straight to moto: the proxy records only the DAG's own EC2 calls
+        ebs = stack.enter_context(LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs"))
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
             ssh_connection=sshd.connection_dict(),
-            settings=rehearsal_settings(date.today()),
+            settings={**rehearsal_settings(date.today()), "subnet_id": default_subnet(ec2)},
         )
         airflow = LocalAirflow(state_dir / "airflow", env, api_port=opts.api_port)
         stack.callback(airflow.stop)
@@ -415,10 +425,8 @@ def summary(result: RunResult, airflow: LocalAirflow) -> str:
         lines.append(f"    {ti['task_id']:<30} {ti['state'] or 'none':<16} {shown}")
     for task_id, tail in result.log_tails.items():
         lines += ["", f"task {task_id} FAILED; end of its log:", tail]
-    lines += [
-        "",
-        f"Airflow UI: {airflow.url}/dags/{DAG_ID}  (user {ADMIN_USER}, password {airflow.password})",
-    ]
+    login = f"user {ADMIN_USER}, password {airflow.password}"
+    lines += ["", f"Airflow UI: {airflow.url}/dags/{DAG_ID}/runs/{_q(result.run_id)}  ({login})"]
     return "\n".join(lines)
 
 
