@@ -1,0 +1,188 @@
+# shellcheck shell=bash
+# Recipe centos7 (the product default): a patched CentOS 7 cloud image, built on an EL7 box with the
+# box's yum into --installroot from a private yum config. Facts: shared notes el7-image.md.
+# Commands that need EL7 (rpm, yum, grub2-*, dracut, setfiles) go through `run`, so a test can record
+# them as a plan (AMIBAKE_PLAN) on a machine without EL7; files are written for real either way.
+# The RECIPE_* settings are read by lib/*.sh; MIRROR etc. are set by build-image.
+# shellcheck disable=SC2034,SC2153
+
+# Product default repositories (CentOS 7 is end of life; the vault keeps 7.9.2009). --mirror replaces
+# this base URL; it must hold os/, updates/ and extras/ trees for x86_64 like the vault does.
+CENTOS_DEFAULT_MIRROR=https://vault.centos.org/7.9.2009
+CENTOS_REPOS=(base:os updates:updates extras:extras)
+CENTOS_GPG_KEY=RPM-GPG-KEY-CentOS-7
+CENTOS_GPG_FINGERPRINT=6341AB2753D78A78A7C27BB124C6A8A7F4A80EB5
+# The package set of the CentOS project's cloud image kickstart (CentOS-7-x86_64-hvm.ks).
+CENTOS_PACKAGES=(@core kernel grub2 grub2-tools dracut-config-generic dracut-norescue chrony cloud-init
+    cloud-utils-growpart openssh-server selinux-policy-targeted policycoreutils xfsprogs rsync tar yum-utils)
+CENTOS_EXCLUDES=('NetworkManager*' 'plymouth*' biosdevname iprutils aic94xx-firmware alsa-firmware
+    alsa-tools-firmware ivtv-firmware 'iwl*-firmware' 'libertas-*-firmware')
+KERNEL_ARGS="console=tty0 console=ttyS0,115200n8 net.ifnames=0 nvme_core.io_timeout=4294967295 crashkernel=auto"
+
+RECIPE_GRUB_DIR=boot/grub2
+RECIPE_INITRAMFS_DRIVERS=(nvme xen-blkfront xen-netfront ena)
+# Kernel 3.10 and grub2 2.02 read only these features: everything a newer mkfs.xfs adds is switched off
+# (options this box's mkfs does not know are left out: an older mkfs does not create those features).
+RECIPE_MKFS_XFS=(m:crc=1 m:finobt=0 m:rmapbt=0 m:reflink=0 m:bigtime=0 m:inobtcount=0 i:sparse=0
+    i:nrext64=0 n:ftype=1)
+RECIPE_XFS_FEATURES="ro_compat=0 incompat=0x1"
+RECIPE_SELINUX=1
+RECIPE_SELINUX_SAMPLES=(/etc/passwd=passwd_file_t /etc/shadow=shadow_t /usr/sbin/sshd=sshd_exec_t
+    /usr/lib/systemd/systemd=init_exec_t)
+
+yum_dir() { echo "$WORK/yum"; }
+yum_conf() { echo "$(yum_dir)/yum.conf"; }
+yum_key() { echo "$(yum_dir)/$CENTOS_GPG_KEY"; }
+
+centos_mirror() {
+    echo "${MIRROR:-$CENTOS_DEFAULT_MIRROR}"
+}
+
+# The configured repositories as yum .repo sections; $1 = base URL, $2 = gpgkey URL.
+# One generator for the build's private yum.conf and for the image's own CentOS-Base.repo.
+centos_repo_sections() {
+    local base=$1 key=$2 entry id dir
+    for entry in "${CENTOS_REPOS[@]}"; do
+        id=${entry%%:*}
+        dir=${entry#*:}
+        # shellcheck disable=SC2016 # $basearch is yum's variable, written literally
+        printf '[%s]\nname=CentOS-7 - %s\nbaseurl=%s/%s/$basearch/\nenabled=1\ngpgcheck=1\ngpgkey=%s\n\n' \
+            "$id" "$id" "$base" "$dir" "$key"
+    done
+}
+
+# Private yum config: no repo directory (the box's own repos never leak in), repositories inline.
+# yum roots cachedir/logfile/persistdir in --installroot, so these paths are inside the image
+# (and removed by the clean phase).
+write_yum_conf() {
+    mkdir -p "$(yum_dir)"
+    {
+        # shellcheck disable=SC2016 # $basearch and $releasever are yum's variables
+        printf '[main]\ncachedir=/var/cache/yum/$basearch/$releasever\nkeepcache=0\nlogfile=/var/log/yum.log\n'
+        printf 'exactarch=1\nobsoletes=1\ngpgcheck=1\nplugins=0\ninstallonly_limit=3\nreposdir=\n'
+        printf 'distroverpkg=centos-release\ntsflags=nodocs\n\n'
+        centos_repo_sections "$(centos_mirror)" "file://$(yum_key)"
+    } >"$(yum_conf)"
+}
+
+# Fail unless KEYFILE holds exactly the key with fingerprint FPR (hex, no spaces).
+check_gpg_fingerprint() {
+    local keyfile=$1 want=$2 got home
+    home=$(mktemp -d)
+    got=$(GNUPGHOME=$home gpg --batch --with-colons --with-fingerprint "$keyfile" 2>/dev/null |
+        awk -F: '$1 == "fpr" { print $10 }' | paste -sd' ')
+    rm -rf "$home"
+    [[ $got == "$want" ]] || die "GPG key $keyfile has fingerprint '${got:-none}', expected $want"
+    echo "GPG key $keyfile: fingerprint $got as expected"
+}
+
+yum_root() {
+    run yum -c "$(yum_conf)" --installroot="$ROOT" --releasever=7 -y "$@"
+}
+
+recipe_initramfs_path() { echo "boot/initramfs-$1.img"; }
+
+recipe_list_initramfs() {
+    chroot "$ROOT" lsinitrd "/boot/initramfs-$1.img"
+}
+
+# Kernel versions installed in the image.
+image_kernels() {
+    local d
+    for d in "$ROOT"/lib/modules/*; do
+        [[ -d $d ]] && echo "${d##*/}"
+    done
+    return 0
+}
+
+phase_bootstrap() {
+    local excludes=() x
+    ensure_root_mounted
+    require_empty_root
+    write_yum_conf
+    echo "repositories: $(centos_mirror)/{os,updates,extras}"
+    run curl -fsSL --retry 3 -o "$(yum_key)" "$(centos_mirror)/os/x86_64/$CENTOS_GPG_KEY"
+    run check_gpg_fingerprint "$(yum_key)" "$CENTOS_GPG_FINGERPRINT"
+    for x in "${CENTOS_EXCLUDES[@]}"; do
+        excludes+=(-x "$x")
+    done
+    chroot_enter
+    run rpm --root "$ROOT" --initdb
+    run rpm --root "$ROOT" --import "$(yum_key)"
+    yum_root install "${CENTOS_PACKAGES[@]}" "${excludes[@]}"
+    # The image is "patched": every update published in the configured repositories.
+    yum_root update "${excludes[@]}"
+    chroot_leave
+}
+
+phase_configure() {
+    local kver kernels=()
+    ensure_root_mounted
+    write_fstab
+    mkdir -p "$ROOT/etc/default" "$ROOT/etc/sysconfig/network-scripts" "$ROOT/etc/dracut.conf.d" \
+        "$ROOT/etc/yum.repos.d" "$ROOT/etc/systemd/system"
+    cat >"$ROOT/etc/default/grub" <<EOF
+# written by amibake (centos7 recipe)
+GRUB_TIMEOUT=1
+GRUB_DISTRIBUTOR="CentOS Linux"
+GRUB_DEFAULT=0
+GRUB_DISABLE_SUBMENU=true
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --speed=115200"
+GRUB_CMDLINE_LINUX="$KERNEL_ARGS"
+GRUB_DISABLE_RECOVERY=true
+EOF
+    printf 'NETWORKING=yes\nNOZEROCONF=yes\n' >"$ROOT/etc/sysconfig/network"
+    cat >"$ROOT/etc/sysconfig/network-scripts/ifcfg-eth0" <<'EOF'
+DEVICE=eth0
+TYPE=Ethernet
+BOOTPROTO=dhcp
+ONBOOT=yes
+USERCTL=no
+PEERDNS=yes
+IPV6INIT=no
+NM_CONTROLLED=no
+EOF
+    cat >"$ROOT/etc/dracut.conf.d/amibake.conf" <<EOF
+# amibake: one initramfs that boots on Xen (xen-blkfront, xen-netfront) and Nitro (nvme, ena)
+hostonly="no"
+add_drivers+=" ${RECIPE_INITRAMFS_DRIVERS[*]} "
+EOF
+    {
+        echo "# CentOS-Base.repo written by amibake: the repositories this image was built from"
+        echo
+        centos_repo_sections "$(centos_mirror)" "file:///etc/pki/rpm-gpg/$CENTOS_GPG_KEY"
+    } >"$ROOT/etc/yum.repos.d/CentOS-Base.repo"
+    chroot_enter
+    in_chroot chkconfig network on
+    install_boot_marker
+    mapfile -t kernels < <(image_kernels)
+    ((${#kernels[@]})) || die "configure: no kernel in $ROOT/lib/modules (did bootstrap install one?)"
+    for kver in "${kernels[@]}"; do
+        in_chroot dracut -f "/boot/initramfs-$kver.img" "$kver"
+    done
+    chroot_leave
+}
+
+phase_bootloader() {
+    ensure_root_mounted
+    chroot_enter
+    in_chroot grub2-install --target=i386-pc "$(canvas_device)"
+    grub_mkconfig_by_uuid grub2-mkconfig /boot/grub2/grub.cfg
+    chroot_leave
+}
+
+# Label every file now, not with /.autorelabel at first boot (which reboots the instance once).
+phase_relabel() {
+    ensure_root_mounted
+    chroot_enter
+    in_chroot setfiles -F -e /proc -e /sys -e /dev /etc/selinux/targeted/contexts/files/file_contexts /
+    chroot_leave
+    rm -f "$ROOT/.autorelabel"
+}
+
+phase_clean() {
+    ensure_root_mounted
+    clean_common
+    rm -rf "$ROOT"/var/cache/yum/* "$ROOT"/var/lib/dhclient/*
+}

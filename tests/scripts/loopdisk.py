@@ -1,0 +1,166 @@
+"""Real disks for the build-script tests and benchmarks: a sparse file on a loop device, registered
+under a volume id exactly as Nitro udev (and the offline rehearsal) does, plus a runner for
+``build-image`` that parses its progress lines.
+
+Everything made here is undone by ``LoopVolume.close()``, which tests and benchmarks call in a
+``finally``: thaw, unmount, detach, remove the by-id link and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_IMAGE = REPO / "include" / "scripts" / "build-image"
+BYID_DIR = Path("/dev/disk/by-id")
+PROGRESS_PREFIX = "AMIBAKE "
+
+
+def new_volume_id() -> str:
+    """A unique, well-formed EBS volume id (17 hex digits), so parallel runs never collide."""
+    return "vol-" + secrets.token_hex(9)[:17]
+
+
+def byid_link(volume_id: str) -> Path:
+    """The Nitro by-id link of a volume id (what udev makes and build-image looks up)."""
+    return BYID_DIR / f"nvme-Amazon_Elastic_Block_Store_{volume_id.replace('-', '')}"
+
+
+def mountinfo() -> list[tuple[str, str]]:
+    """(major:minor, mount point) of every mount of this process's namespace."""
+    rows = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        parts = line.split()
+        rows.append((parts[2], parts[4]))
+    return rows
+
+
+def majmin(dev: str) -> str:
+    """major:minor of a block device node."""
+    st = os.stat(dev)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+@dataclass
+class LoopVolume:
+    """A sparse file of ``size_gib`` GiB on a loop device, linked under a fresh volume id."""
+
+    size_gib: int
+    link: bool = True
+    volume_id: str = field(default_factory=new_volume_id)
+    tmp: Path = field(init=False)
+    image: Path = field(init=False)
+    device: str = field(init=False, default="")
+    extra_nodes: list[str] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"amibake-{self.volume_id}-"))
+        self.image = self.tmp / "disk.img"
+        try:
+            with open(self.image, "wb") as f:
+                f.truncate(self.size_gib * 1024**3)
+            self.device = subprocess.run(
+                ["losetup", "-f", "--show", "-P", str(self.image)],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()
+            if self.link:
+                BYID_DIR.mkdir(parents=True, exist_ok=True)
+                byid_link(self.volume_id).symlink_to(self.device)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def work(self) -> Path:
+        """The build-image work directory used for this volume in tests."""
+        return self.tmp / "work"
+
+    def partition(self, n: int) -> str:
+        """Partition node n of the loop device (loop devices take the ``p`` infix)."""
+        return f"{self.device}p{n}"
+
+    def mountpoints(self) -> list[str]:
+        """Mount points of the device or any of its partitions."""
+        if not self.device or not os.path.exists(self.device):
+            return []
+        ids = {majmin(self.device)}
+        sys_dir = Path("/sys/dev/block") / majmin(self.device)
+        for part in sys_dir.resolve().glob("*/partition"):
+            ids.add(part.parent.joinpath("dev").read_text().strip())
+        return [mp for mid, mp in mountinfo() if mid in ids]
+
+    def close(self) -> None:
+        """Thaw, unmount, detach, remove link, extra nodes and files; safe to call twice."""
+        for mp in sorted(self.mountpoints(), key=len, reverse=True):
+            subprocess.run(["xfs_freeze", "-u", mp], capture_output=True)
+        # Processes (qemu, a build) still using the disk would keep it busy.
+        for mp in sorted(self.mountpoints(), key=len, reverse=True):
+            subprocess.run(["umount", mp], capture_output=True)
+        link = byid_link(self.volume_id)
+        if link.is_symlink():
+            link.unlink()
+        for node in self.extra_nodes:
+            if os.path.lexists(node):
+                os.unlink(node)
+        self.extra_nodes.clear()
+        if self.device:
+            subprocess.run(["losetup", "-d", self.device], capture_output=True)
+            self.device = ""
+        subprocess.run(["rm", "-rf", "--one-file-system", str(self.tmp)], capture_output=True)
+
+
+@dataclass
+class BuildResult:
+    """What one build-image invocation did: exit code, progress events, other stdout, stderr."""
+
+    rc: int
+    events: list[dict]
+    other_stdout: list[str]
+    stderr: str
+
+    def phases(self, event: str) -> list[str]:
+        """Phases that emitted the given event, in order."""
+        return [e["phase"] for e in self.events if e.get("event") == event]
+
+    @property
+    def result(self) -> dict:
+        """The final result event."""
+        results = [e for e in self.events if e.get("event") == "result"]
+        assert results, f"no result event; stderr: {self.stderr}"
+        return results[-1]
+
+
+def parse_output(stdout: str) -> tuple[list[dict], list[str]]:
+    """Split build-image stdout into progress events and the other lines (failure log tails)."""
+    events, other = [], []
+    for line in stdout.splitlines():
+        if line.startswith(PROGRESS_PREFIX):
+            events.append(json.loads(line[len(PROGRESS_PREFIX):]))
+        else:
+            other.append(line)
+    return events, other
+
+
+def build_image_cmd(vol: LoopVolume, *args: str, recipe: str = "debian12") -> list[str]:
+    """The command line the operator runs, for this volume."""
+    return [
+        "bash", str(BUILD_IMAGE), "--recipe", recipe, "--volume-id", vol.volume_id,
+        "--size-gib", str(vol.size_gib), "--work-dir", str(vol.work), *args,
+    ]
+
+
+def run_build(vol: LoopVolume, *args: str, recipe: str = "debian12", env: dict | None = None,
+              timeout: float = 1200) -> BuildResult:
+    """Run build-image for this volume and parse what it printed."""
+    proc = subprocess.run(
+        build_image_cmd(vol, *args, recipe=recipe), capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=timeout,
+    )
+    events, other = parse_output(proc.stdout)
+    return BuildResult(proc.returncode, events, other, proc.stderr)
