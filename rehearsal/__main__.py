@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from operators import defaults
+from operators.naming import build_id
 from rehearsal.airflow_env import (
     ADMIN_USER,
     MARKER_ENV,
@@ -38,7 +39,7 @@ from rehearsal.airflow_env import (
     rehearsal_settings,
 )
 from rehearsal.ebs import LoopEbs
-from rehearsal.ec2_local import Ec2Control
+from rehearsal.ec2_local import Ec2Control, LocalEc2
 from rehearsal.sshd import LocalSshd
 
 DAG_ID = "amibake_nightly"
@@ -315,11 +316,17 @@ def log_tail(airflow: LocalAirflow, dag_id: str, run_id: str, ti: Mapping[str, A
 
 
 def run_dag(
-    airflow: LocalAirflow, ec2: Ec2Service, dag_id: str, conf: Mapping[str, Any], timeout: float
+    airflow: LocalAirflow,
+    ec2: Ec2Service,
+    dag_id: str,
+    conf: Mapping[str, Any],
+    timeout: float,
+    run_ids: list[str],
 ) -> RunResult:
-    """Trigger, follow and collect one run of the DAG."""
+    """Trigger, follow and collect one run of the DAG (its id is appended to ``run_ids`` at once)."""
     started = time.monotonic()
     run_id = trigger(airflow, dag_id, conf)
+    run_ids.append(run_id)
     say(f"triggered {dag_id} run {run_id} with conf {json.dumps(dict(conf))}")
     state = follow(airflow, dag_id, run_id, timeout)
     wall = time.monotonic() - started
@@ -356,12 +363,14 @@ class Options:
     state_dir: Path = REHEARSAL_DIR
     #: extra run conf (DAG Params) on top of recipe / boot_check / the base AMI
     conf: dict[str, Any] = field(default_factory=dict)
-    #: simulated AWS latencies: EC2 action → seconds, applied by the local EC2 proxy
-    latencies: dict[str, float] = field(default_factory=dict)
+    #: run the local EC2 API in this process (so a benchmark can shape moto's state) instead of its own
+    ec2_in_process: bool = False
 
 
 @contextmanager
-def rehearsal_services(opts: Options) -> Iterator[tuple[LocalAirflow, Ec2Service, LoopEbs, str]]:
+def rehearsal_services(
+    opts: Options,
+) -> Iterator[tuple[LocalAirflow, Ec2Service, LoopEbs, str, list[str]]]:
     """Everything a rehearsal runs, started in order and stopped in reverse (also on error/Ctrl-C)."""
     state_dir = opts.state_dir
     if clean_up_earlier(state_dir):
@@ -370,17 +379,24 @@ def rehearsal_services(opts: Options) -> Iterator[tuple[LocalAirflow, Ec2Service
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     os.environ[MARKER_ENV] = str(state_dir)  # inherited by every process started from here on
     (state_dir / STATE_FILE).write_text(json.dumps({"harness_pid": os.getpid()}))
+    run_ids: list[str] = []
     with ExitStack() as stack:
         stack.callback(lambda: (state_dir / STATE_FILE).unlink(missing_ok=True))
-        ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log"))
+        if opts.ec2_in_process:
+            local = stack.enter_context(LocalEc2())
+            ec2 = Ec2Service(local.endpoint_url, local.moto_url, local.region)
+        else:
+            ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log"))
         say(f"local EC2 API at {ec2.endpoint_url} (moto at {ec2.moto_url}, region {ec2.region})")
         base_ami = ec2.control.register_base_image(BASE_IMAGE_NAME)
-        for action, seconds in opts.latencies.items():
-            ec2.control.add_latency(action, seconds)
         sshd = stack.enter_context(LocalSshd(login="root"))
         say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key)")
         # straight to moto: the proxy records only the DAG's own EC2 calls
-        ebs = stack.enter_context(LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs"))
+        ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs")
+        # the "box" is this machine: what the build wrote there goes (after the EBS emulator has
+        # unmounted and detached everything) as it would with the terminated box
+        stack.callback(lambda: remove_box_dirs(ebs.history + [build_id(DAG_ID, r) for r in run_ids]))
+        stack.enter_context(ebs)
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
             ssh_connection=sshd.connection_dict(),
@@ -391,8 +407,20 @@ def rehearsal_services(opts: Options) -> Iterator[tuple[LocalAirflow, Ec2Service
         say(f"starting Airflow at {airflow.url} (logs in {airflow.log_dir}) ...")
         airflow.start()
         ec2.control.clear_requests()  # count only the DAG's own calls
-        yield airflow, ec2, ebs, base_ami
+        yield airflow, ec2, ebs, base_ami, run_ids
         say("stopping Airflow, the EBS emulator, sshd and the local EC2 API ...")
+
+
+def remove_box_dirs(names: list[str]) -> None:
+    """Remove the box-side work dirs of these builds / volumes, unless something is mounted in one."""
+    with open("/proc/self/mountinfo") as fh:
+        targets = [line.split()[4] for line in fh]
+    for name in names:
+        path = Path(defaults.REMOTE_BASE_DIR) / name
+        if any(t == str(path) or t.startswith(f"{path}/") for t in targets):
+            say(f"not removing {path}: something is still mounted there")
+        elif path.is_dir():
+            shutil.rmtree(path)
 
 
 def leftovers(ebs_dir: Path, state_dir: Path) -> list[str]:
@@ -432,10 +460,10 @@ def summary(result: RunResult, airflow: LocalAirflow) -> str:
 
 def rehearse(opts: Options) -> RunResult:
     """Run the whole rehearsal once; returns the result (raises ``RehearsalError`` on setup failure)."""
-    with rehearsal_services(opts) as (airflow, ec2, _ebs, base_ami):
+    with rehearsal_services(opts) as (airflow, ec2, _ebs, base_ami, run_ids):
         wait_for_dag(airflow, DAG_ID)
         conf = {"recipe": opts.recipe, "boot_check": opts.boot_check, "base_ami": base_ami, **opts.conf}
-        result = run_dag(airflow, ec2, DAG_ID, conf, opts.timeout)
+        result = run_dag(airflow, ec2, DAG_ID, conf, opts.timeout, run_ids)
         say(summary(result, airflow))
         if opts.keep_running:
             say(

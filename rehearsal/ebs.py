@@ -142,6 +142,8 @@ class LoopEbs:
         self.state_dir = Path(state_dir)
         self.poll_interval = poll_interval
         self.errors: list[str] = []
+        #: every volume id backed so far, in order (the rehearsal removes their box-side work dirs)
+        self.history: list[str] = []
         self._backings: dict[str, _Backing] = {}
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -266,6 +268,7 @@ class LoopEbs:
         link.symlink_to(loop_dev)
         with self._changed:
             self._backings[volume_id] = _Backing(volume_id, image, loop_dev, link)
+            self.history.append(volume_id)
             self._changed.notify_all()
         log.info("volume %s attached: %s (%d GiB) at %s", volume_id, loop_dev, size_gib, link)
 
