@@ -49,7 +49,7 @@ stop_qemu() {
 # End of the boot check: stop qemu, thaw, and append the serial console to the phase log.
 bootcheck_finish() {
     stop_qemu
-    thaw_canvas >/dev/null
+    thaw_canvas
     if [[ -e $(serial_file) ]]; then
         echo "----- serial console -----"
         tr -d '\r' <"$(serial_file)"
@@ -68,7 +68,7 @@ phase_bootcheck() {
     : >"$serial"
     trap bootcheck_finish EXIT
     if [[ -n $(device_mountpoints "$dev") ]]; then
-        freeze_canvas $((BOOT_TIMEOUT + 120)) >/dev/null
+        freeze_canvas $((BOOT_TIMEOUT + 120))
         echo "froze the canvas filesystems for a consistent disk"
     fi
     args=(-machine accel=tcg -m 1024 -smp 2 -display none -vga none -monitor none -parallel none

@@ -97,13 +97,15 @@ dev_majmin() {
 
 # sysfs directory of a block device (works for nodes under any name, e.g. a mknod'ed xvd name).
 dev_sysfs() {
-    readlink -f "/sys/dev/block/$(dev_majmin "$1")"
+    local id
+    id=$(dev_majmin "$1") || exit 1
+    readlink -f "/sys/dev/block/$id"
 }
 
 # "major:minor" of the device and of each of its partitions.
 dev_all_majmin() {
     local sys part
-    sys=$(dev_sysfs "$1")
+    sys=$(dev_sysfs "$1") || exit 1
     cat "$sys/dev"
     for part in "$sys"/*/partition; do
         [[ -e $part ]] || continue
@@ -114,7 +116,7 @@ dev_all_majmin() {
 # Mount points of the device or any of its partitions (by major:minor, whatever node name was used).
 device_mountpoints() {
     local ids
-    ids=$(dev_all_majmin "$1" | paste -sd' ')
+    ids=$(dev_all_majmin "$1" | paste -sd' ') || exit 1
     awk -v ids=" $ids " 'index(ids, " " $3 " ") { print $5 }' /proc/self/mountinfo
 }
 

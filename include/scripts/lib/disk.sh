@@ -7,16 +7,27 @@
 BIOS_PART=1
 ROOT_PART=2
 
-# The canvas device (resolved once per process; every invocation re-derives it from the volume id).
+# Resolve the canvas device once, in the current shell (every invocation re-derives it from the
+# volume id). Bash clears errexit inside $(...), so it is resolved here, before any $(canvas_device).
+resolve_canvas() {
+    [[ -n ${CANVAS_DEV:-} ]] && return 0
+    CANVAS_DEV=$(resolve_device "$VOLUME_ID" "$DEVICE_NAME") || exit 1
+}
+
 canvas_device() {
-    if [[ -z ${CANVAS_DEV:-} ]]; then
-        CANVAS_DEV=$(resolve_device "$VOLUME_ID" "$DEVICE_NAME")
-    fi
+    resolve_canvas || exit 1
     echo "$CANVAS_DEV"
 }
 
-root_partition() { partition_node "$(canvas_device)" "$ROOT_PART"; }
-bios_partition() { partition_node "$(canvas_device)" "$BIOS_PART"; }
+root_partition() {
+    resolve_canvas || exit 1
+    partition_node "$CANVAS_DEV" "$ROOT_PART"
+}
+
+bios_partition() {
+    resolve_canvas || exit 1
+    partition_node "$CANVAS_DEV" "$BIOS_PART"
+}
 
 # Filesystem UUID of a partition, read from the disk (no blkid cache).
 fs_uuid() {

@@ -26,18 +26,16 @@ stop_guard() {
     rm -f "$pidfile"
 }
 
-# Freeze every mounted filesystem of the canvas and start the guard; prints the mount points.
-# Idempotent: a second call while frozen only reports the frozen mount points.
+# Freeze every mounted filesystem of the canvas and start the guard; the state file lists them.
+# Idempotent: a second call while frozen changes nothing.
 freeze_canvas() {
-    local timeout=$1 state mps=() mp done_mps=()
+    local timeout=$1 state mps=() mp done_mps=() found
     state=$(frozen_state)
-    if [[ -s $state ]]; then
-        mapfile -t mps <"$state"
-        printf '%s\n' "${mps[@]}"
-        return 0
-    fi
-    mapfile -t mps < <(device_mountpoints "$(canvas_device)")
-    ((${#mps[@]})) || die "freeze: nothing of $VOLUME_ID ($(canvas_device)) is mounted"
+    [[ -s $state ]] && return 0
+    resolve_canvas
+    found=$(device_mountpoints "$CANVAS_DEV")
+    [[ -n $found ]] || die "freeze: nothing of $VOLUME_ID ($CANVAS_DEV) is mounted"
+    mapfile -t mps <<<"$found"
     sync
     # Record first, so thaw (or the guard) knows every mount point even if we die half-way.
     printf '%s\n' "${mps[@]}" >"$state"
@@ -53,30 +51,29 @@ freeze_canvas() {
     setsid bash "$SCRIPTS_DIR/lib/freeze-guard.sh" "$state" "$timeout" \
         </dev/null >>"$LOG_DIR/freeze-guard.log" 2>&1 9>&- &
     echo $! >"$(guard_pidfile)"
-    printf '%s\n' "${mps[@]}"
 }
 
-# Thaw what freeze_canvas froze and stop the guard; prints the mount points. Idempotent.
+# Thaw what freeze_canvas froze and stop the guard; THAWED lists the mount points. Idempotent.
+THAWED=()
 thaw_canvas() {
-    local state mps=()
+    local state
     state=$(frozen_state)
+    THAWED=()
     stop_guard
     [[ -e $state ]] || return 0
-    mapfile -t mps <"$state"
-    thaw_list ${mps[@]+"${mps[@]}"}
+    mapfile -t THAWED <"$state"
+    thaw_list ${THAWED[@]+"${THAWED[@]}"}
     rm -f "$state"
-    printf '%s\n' ${mps[@]+"${mps[@]}"}
 }
 
 cmd_freeze() {
     local mps=()
-    mapfile -t mps < <(freeze_canvas "$FREEZE_TIMEOUT")
-    ((${#mps[@]})) || exit 1
+    freeze_canvas "$FREEZE_TIMEOUT"
+    mapfile -t mps <"$(frozen_state)"
     progress "\"event\":\"frozen\",\"mountpoints\":$(json_list "${mps[@]}"),\"guard_seconds\":$FREEZE_TIMEOUT"
 }
 
 cmd_thaw() {
-    local mps=()
-    mapfile -t mps < <(thaw_canvas)
-    progress "\"event\":\"thawed\",\"mountpoints\":$(json_list ${mps[@]+"${mps[@]}"})"
+    thaw_canvas
+    progress "\"event\":\"thawed\",\"mountpoints\":$(json_list ${THAWED[@]+"${THAWED[@]}"})"
 }
