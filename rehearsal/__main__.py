@@ -460,11 +460,12 @@ def summary(result: RunResult, airflow: LocalAirflow) -> str:
 
 def rehearse(opts: Options) -> RunResult:
     """Run the whole rehearsal once; returns the result (raises ``RehearsalError`` on setup failure)."""
-    with rehearsal_services(opts) as (airflow, ec2, _ebs, base_ami, run_ids):
+    with rehearsal_services(opts) as (airflow, ec2, ebs, base_ami, run_ids):
         wait_for_dag(airflow, DAG_ID)
         conf = {"recipe": opts.recipe, "boot_check": opts.boot_check, "base_ami": base_ami, **opts.conf}
         result = run_dag(airflow, ec2, DAG_ID, conf, opts.timeout, run_ids)
         say(summary(result, airflow))
+        say(f"  volumes backed by loop devices: {', '.join(ebs.history) or '-'}")
         if opts.keep_running:
             say(
                 "\nAirflow keeps running for you to inspect the run. Stop it with Ctrl-C here, "
@@ -504,6 +505,12 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
     parser.add_argument("--api-port", type=int, default=0, help="Airflow UI/API port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the DAG run may take")
     parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=REHEARSAL_DIR,
+        help=f"where the rehearsal keeps Airflow, logs and disk images (default {REHEARSAL_DIR})",
+    )
+    parser.add_argument(
         "--conf",
         action="append",
         default=[],
@@ -530,6 +537,7 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
         keep_running=args.keep_running,
         api_port=args.api_port,
         timeout=args.timeout,
+        state_dir=args.state_dir.resolve(),
         conf=conf,
     )
 

@@ -1,0 +1,95 @@
+"""``./rehearse`` end to end, as a newcomer runs it: a killed run, then a full run that must succeed.
+
+Slow (one Debian build with its qemu boot check, a few minutes) and root (loop devices, mounts).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from rehearsal.__main__ import _marked_processes
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def backing_loops(state: Path) -> list[str]:
+    """Loop devices whose image lives in the rehearsal's state dir."""
+    out = subprocess.run(["losetup", "-nO", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(state) in line]
+
+
+def mounts_under(*paths: str) -> list[str]:
+    """Mount points below any of ``paths``."""
+    out = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout
+    return [t for t in out.splitlines() if t.startswith(paths)]
+
+
+def volume_links(volumes: list[str]) -> list[Path]:
+    """The Nitro by-id links of these volumes that still exist."""
+    return [
+        link
+        for vol in volumes
+        if (
+            link := Path("/dev/disk/by-id") / f"nvme-Amazon_Elastic_Block_Store_{vol.replace('-', '')}"
+        ).is_symlink()
+    ]
+
+
+def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers_an_ami(tmp_path):
+    state = tmp_path / "state"
+    cmd = [str(REPO / "rehearse"), "--state-dir", str(state)]
+
+    # 1. a run killed with SIGKILL while its canvas is a loop device: nothing of it is cleaned up
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        for _ in range(900):  # until the DAG attached the canvas (bounded: 15 min)
+            if backing_loops(state) or first.poll() is not None:
+                break
+            time.sleep(1)
+        assert backing_loops(state), "the first run never attached a canvas"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert _marked_processes(state), "killing the harness should have left its services running"
+        killed_volumes = [p.stem for p in (state / "ebs").glob("vol-*.img")]
+        assert killed_volumes
+
+        # 2. the next run cleans that up first, then runs the whole DAG
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
+    finally:  # never leave the machine dirty, even when an assertion above failed
+        subprocess.run(cmd + ["stop"], capture_output=True, timeout=300)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-6000:]
+    assert "cleaned up what an earlier rehearsal left behind" in out
+    assert re.search(r"run manual__\S+: SUCCESS", out), out[-3000:]
+    ami = re.search(r"AMI id:\s+(ami-[0-9a-f]{8,17})", out)
+    snapshot = re.search(r"snapshot id:\s+(snap-[0-9a-f]{8,17})", out)
+    assert ami and snapshot, out[-3000:]
+    for task in ("remote_chroot_build", "frozen_snapshot", "register_hvm_ami", "delete_canvas"):
+        assert re.search(rf"{task}\s+success", out), f"{task} did not succeed"
+
+    # 3. nothing is left: processes, loop devices, mounts, links, images, box work dirs
+    backed = re.search(r"volumes backed by loop devices: (.*)", out)
+    assert backed, out[-3000:]
+    volumes = killed_volumes + re.findall(r"vol-[0-9a-f]{8,17}", backed.group(1))
+    box_dirs = [f"/var/tmp/amibake/{v}" for v in volumes]
+    assert _marked_processes(state) == []
+    assert backing_loops(state) == []
+    assert mounts_under(str(state), *box_dirs) == []
+    assert volume_links(volumes) == []
+    assert list((state / "ebs").glob("*.img")) == []
+    assert [d for d in box_dirs if Path(d).exists()] == []
