@@ -156,3 +156,17 @@ def test_bad_input_is_refused_naming_the_field_before_any_call(ec2: Any, field: 
         rotate(**args)
     assert err.value.field == field
     assert ec2.requests == []
+
+
+def test_throttling_is_retried_and_each_ami_is_retired_once(ec2: Any, history: dict[str, Any]) -> None:
+    amis, snaps = history["amis"], history["snaps"]
+    for action in ("DescribeImages", "EnableImageDeprecation", "DeregisterImage", "DeleteSnapshot"):
+        ec2.add_fault(action, "RequestLimitExceeded", 503, times=2)
+    result = rotate(new_ami_id=amis[0], keep=3, grace=1)
+    assert result["deprecated"] == [amis[3]] and result["deregistered"] == [amis[4]]
+    calls = [c for c in mutating(ec2) if "fault" not in c]
+    assert [(c["action"], *ids([c], c["action"])) for c in calls] == [
+        ("EnableImageDeprecation", amis[3]),
+        ("DeregisterImage", amis[4]),
+        ("DeleteSnapshot", snaps[4]),
+    ]

@@ -216,3 +216,25 @@ def test_an_already_gone_resource_counts_as_removed(ec2: Any) -> None:
     calls = mutating(ec2)
     assert ids(calls, "DetachVolume") == [old["instance"], old["volume"]]
     assert ids(calls, "DeleteVolume") == [old["volume"]] and ids(calls, "DeleteSecurityGroup") == [old["sg"]]
+
+
+def test_throttling_is_retried_without_a_second_removal(ec2: Any) -> None:
+    """RequestLimitExceeded (503) twice on a read and on each kind of removal: botocore retries."""
+    from operators.sweep import SweepOrphans
+
+    base = ec2.register_base_image("base-el7")
+    old = make_build(ec2, "0000000000e4", OLD, base, dag_id="", run_id="")
+    ec2.clear_requests()
+    for action in ("DescribeVolumes", "TerminateInstances", "DeleteVolume", "DeleteSnapshot"):
+        ec2.add_fault(action, "RequestLimitExceeded", 503, times=2)
+    result = SweepOrphans(task_id="sweep", max_age_hours=6).execute({})
+    assert {a["id"] for a in result} == {old["instance"], old["volume"], old["sg"], old["snapshot"]}
+    calls = mutating(ec2)
+    assert ids(calls, "TerminateInstances") == [old["instance"]] * 3
+    assert ids(calls, "DeleteVolume") == [old["volume"]] * 3
+    assert ids(calls, "DeleteSnapshot") == [old["snapshot"]] * 3
+    assert [c.get("fault") for c in ec2.requests if c["action"] == "DeleteVolume"] == [
+        "RequestLimitExceeded",
+        "RequestLimitExceeded",
+        None,
+    ]
