@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -127,9 +127,8 @@ def clean_up_earlier(state_dir: Path) -> bool:
     """
     did = False
     state = state_dir / STATE_FILE
-    harness = None
-    if state.exists():
-        harness = json.loads(state.read_text()).get("harness_pid")
+    recorded = json.loads(state.read_text()) if state.exists() else {}
+    harness = recorded.get("harness_pid")
     strays = _marked_processes(state_dir)
     if harness in strays:
         say(f"stopping the rehearsal still running (pid {harness}) ...")
@@ -149,8 +148,11 @@ def clean_up_earlier(state_dir: Path) -> bool:
             strays = _wait_gone(strays, wait)
         for d in sshd_dirs:
             shutil.rmtree(d, ignore_errors=True)
-    if (state_dir / "ebs").is_dir() and LoopEbs.cleanup_stale(state_dir / "ebs"):
+    stale_volumes = LoopEbs.cleanup_stale(state_dir / "ebs") if (state_dir / "ebs").is_dir() else []
+    box_dirs = [*recorded.get("box_dirs", []), *stale_volumes]
+    if stale_volumes or box_dirs:
         did = True
+        remove_box_dirs(box_dirs, state_dir / "logs")
     state.unlink(missing_ok=True)
     return did
 
@@ -321,12 +323,12 @@ def run_dag(
     dag_id: str,
     conf: Mapping[str, Any],
     timeout: float,
-    run_ids: list[str],
+    on_trigger: Callable[[str], object],
 ) -> RunResult:
-    """Trigger, follow and collect one run of the DAG (its id is appended to ``run_ids`` at once)."""
+    """Trigger, follow and collect one run of the DAG (``on_trigger`` gets its id at once)."""
     started = time.monotonic()
     run_id = trigger(airflow, dag_id, conf)
-    run_ids.append(run_id)
+    on_trigger(run_id)
     say(f"triggered {dag_id} run {run_id} with conf {json.dumps(dict(conf))}")
     state = follow(airflow, dag_id, run_id, timeout)
     wall = time.monotonic() - started
@@ -370,7 +372,7 @@ class Options:
 @contextmanager
 def rehearsal_services(
     opts: Options,
-) -> Iterator[tuple[LocalAirflow, Ec2Service, LoopEbs, str, list[str]]]:
+) -> Iterator[tuple[LocalAirflow, Ec2Service, LoopEbs, str, Callable[[str], object]]]:
     """Everything a rehearsal runs, started in order and stopped in reverse (also on error/Ctrl-C)."""
     state_dir = opts.state_dir
     if clean_up_earlier(state_dir):
@@ -378,8 +380,14 @@ def rehearsal_services(
     shutil.rmtree(state_dir / "airflow", ignore_errors=True)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     os.environ[MARKER_ENV] = str(state_dir)  # inherited by every process started from here on
-    (state_dir / STATE_FILE).write_text(json.dumps({"harness_pid": os.getpid()}))
     run_ids: list[str] = []
+
+    def save_state() -> None:
+        """What a later run needs to clean up after this one if it is killed."""
+        builds = [build_id(DAG_ID, r) for r in run_ids]
+        (state_dir / STATE_FILE).write_text(json.dumps({"harness_pid": os.getpid(), "box_dirs": builds}))
+
+    save_state()
     with ExitStack() as stack:
         stack.callback(lambda: (state_dir / STATE_FILE).unlink(missing_ok=True))
         if opts.ec2_in_process:
@@ -395,7 +403,9 @@ def rehearsal_services(
         ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs")
         # the "box" is this machine: what the build wrote there goes (after the EBS emulator has
         # unmounted and detached everything) as it would with the terminated box
-        stack.callback(lambda: remove_box_dirs(ebs.history + [build_id(DAG_ID, r) for r in run_ids]))
+        stack.callback(
+            lambda: remove_box_dirs(ebs.history + [build_id(DAG_ID, r) for r in run_ids], state_dir / "logs")
+        )
         stack.enter_context(ebs)
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
@@ -407,20 +417,28 @@ def rehearsal_services(
         say(f"starting Airflow at {airflow.url} (logs in {airflow.log_dir}) ...")
         airflow.start()
         ec2.control.clear_requests()  # count only the DAG's own calls
-        yield airflow, ec2, ebs, base_ami, run_ids
+        yield airflow, ec2, ebs, base_ami, lambda run_id: (run_ids.append(run_id), save_state())
         say("stopping Airflow, the EBS emulator, sshd and the local EC2 API ...")
 
 
-def remove_box_dirs(names: list[str]) -> None:
-    """Remove the box-side work dirs of these builds / volumes, unless something is mounted in one."""
+def remove_box_dirs(names: list[str], keep_logs_in: Path) -> None:
+    """Remove the box-side work dirs of these builds / volumes, as terminating the box would.
+
+    Their ``logs/`` (the build script's full phase logs) are copied to ``keep_logs_in/box-<name>``
+    first, so a failed phase can still be read. A dir with something mounted in it is left alone.
+    """
     with open("/proc/self/mountinfo") as fh:
         targets = [line.split()[4] for line in fh]
     for name in names:
         path = Path(defaults.REMOTE_BASE_DIR) / name
+        if not path.is_dir():
+            continue
         if any(t == str(path) or t.startswith(f"{path}/") for t in targets):
             say(f"not removing {path}: something is still mounted there")
-        elif path.is_dir():
-            shutil.rmtree(path)
+            continue
+        if (path / "logs").is_dir():
+            shutil.copytree(path / "logs", keep_logs_in / f"box-{name}", dirs_exist_ok=True)
+        shutil.rmtree(path)
 
 
 def leftovers(ebs_dir: Path, state_dir: Path) -> list[str]:
@@ -460,10 +478,10 @@ def summary(result: RunResult, airflow: LocalAirflow) -> str:
 
 def rehearse(opts: Options) -> RunResult:
     """Run the whole rehearsal once; returns the result (raises ``RehearsalError`` on setup failure)."""
-    with rehearsal_services(opts) as (airflow, ec2, ebs, base_ami, run_ids):
+    with rehearsal_services(opts) as (airflow, ec2, ebs, base_ami, on_trigger):
         wait_for_dag(airflow, DAG_ID)
         conf = {"recipe": opts.recipe, "boot_check": opts.boot_check, "base_ami": base_ami, **opts.conf}
-        result = run_dag(airflow, ec2, DAG_ID, conf, opts.timeout, run_ids)
+        result = run_dag(airflow, ec2, DAG_ID, conf, opts.timeout, on_trigger)
         say(summary(result, airflow))
         say(f"  volumes backed by loop devices: {', '.join(ebs.history) or '-'}")
         if opts.keep_running:
@@ -472,6 +490,8 @@ def rehearse(opts: Options) -> RunResult:
                 "or `./rehearse stop` from another shell."
             )
             signal.pause()
+    if result.failed:
+        say(f"the box's full phase logs were kept in {opts.state_dir / 'logs'}/box-*/")
     return result
 
 

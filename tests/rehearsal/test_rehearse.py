@@ -31,6 +31,13 @@ def backing_loops(state: Path) -> list[str]:
     return [line for line in out.splitlines() if str(state) in line]
 
 
+def canvas_mounts(state: Path) -> list[str]:
+    """Mounts of a loop device whose image lives in the rehearsal's state dir."""
+    loops = [line.split()[0] for line in backing_loops(state)]
+    out = subprocess.run(["findmnt", "-rn", "-o", "SOURCE,TARGET"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if any(line.startswith(f"{loop}p") for loop in loops)]
+
+
 def mounts_under(*paths: str) -> list[str]:
     """Mount points below any of ``paths``."""
     out = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout
@@ -52,16 +59,16 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     state = tmp_path / "state"
     cmd = [str(REPO / "rehearse"), "--state-dir", str(state)]
 
-    # 1. a run killed with SIGKILL while its canvas is a loop device: nothing of it is cleaned up
+    # 1. a run killed with SIGKILL while the build has the canvas mounted: nothing of it is cleaned up
     first = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        for _ in range(900):  # until the DAG attached the canvas (bounded: 15 min)
-            if backing_loops(state) or first.poll() is not None:
+        for _ in range(900):  # until the build mounted the canvas (bounded: 15 min)
+            if canvas_mounts(state) or first.poll() is not None:
                 break
             time.sleep(1)
-        assert backing_loops(state), "the first run never attached a canvas"
+        assert canvas_mounts(state), "the first run never mounted its canvas"
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert _marked_processes(state), "killing the harness should have left its services running"
@@ -89,6 +96,7 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     box_dirs = [f"/var/tmp/amibake/{v}" for v in volumes]
     assert _marked_processes(state) == []
     assert backing_loops(state) == []
+    assert canvas_mounts(state) == []
     assert mounts_under(str(state), *box_dirs) == []
     assert volume_links(volumes) == []
     assert list((state / "ebs").glob("*.img")) == []
