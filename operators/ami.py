@@ -123,7 +123,6 @@ class RegisterHVMAmi(AmibakeOperator):
             self.log.info("build %s: registered AMI %s (%s)", build, image_id, name)
         self._ensure_tags(image_id, tags)
         self.persist_link(AmiLink, context, image_id=image_id)
-        result = {"ami_id": image_id, "ami_name": name, "snapshot_id": snapshot_id}
         if self.deferrable:
             from operators.triggers import ImageAvailableTrigger
 
@@ -135,13 +134,14 @@ class RegisterHVMAmi(AmibakeOperator):
                     **self.trigger_kwargs(),
                 ),
                 method_name="execute_complete",
-                kwargs={"result": result},
             )
         try:
             hook.wait("image_available", (self.waiter_delay, self.waiter_max_attempts), ImageIds=[image_id])
         except Exception as exc:
-            return self.execute_complete(context, {"status": "error", "message": str(exc)}, result)
-        return self.execute_complete(context, {"status": "success"}, result)
+            return self.execute_complete(
+                context, {"status": "error", "message": str(exc), "image_id": image_id}
+            )
+        return self.execute_complete(context, {"status": "success", "image_id": image_id})
 
     def _ensure_tags(self, image_id: str, tags: list[dict[str, str]]) -> None:
         """Tag the AMI if its tags are missing (an endpoint that ignores TagSpecifications, e.g. moto)."""
@@ -152,12 +152,17 @@ class RegisterHVMAmi(AmibakeOperator):
         ):
             self.ec2().conn.create_tags(Resources=[image_id], Tags=tags)
 
-    def execute_complete(
-        self, context: Context, event: dict[str, Any], result: dict[str, str]
-    ) -> dict[str, str]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, str]:
         """The AMI is available: emit the asset event and return its id (or fail with the reason)."""
+        image_id = event.get("image_id", "")
         if event.get("status") != "success":
-            raise AirflowException(f"AMI {result['ami_id']} did not become available: {event.get('message')}")
+            raise AirflowException(f"AMI {image_id} did not become available: {event.get('message')}")
+        image = self.ec2().conn.describe_images(ImageIds=[image_id])["Images"][0]
+        result = {
+            "ami_id": image_id,
+            "ami_name": image["Name"],
+            "snapshot_id": naming.tags_to_dict(image.get("Tags")).get(naming.TAG_SNAPSHOT_ID, ""),
+        }
         region = self.ec2().conn_region_name
         context["outlet_events"][AssetAlias(defaults.ASSET_ALIAS)].add(
             Asset(uri=defaults.asset_uri(self.recipe), name=f"amibake-ami-{self.recipe}"),

@@ -199,20 +199,13 @@ class LaunchBuildBox(AmibakeOperator):
                 public_host_key = host_key[1] if host_key else ""
                 self.log.info("build %s: launched build box %s", build, instance_id)
             else:
-                public_host_key = self._recover_host_key(instance_id, params.ssh_address)
+                public_host_key = self._recover_host_key(instance_id)
                 self.log.info("build %s: reusing build box %s from an earlier try", build, instance_id)
             self.persist_link(EC2InstanceLink, context, instance_id=instance_id)
-            state = {
-                "build_id": build,
-                "instance_id": instance_id,
-                "security_group_id": sg_id,
-                "availability_zone": subnet["AvailabilityZone"],
-                "ssh_address": params.ssh_address,
-                "host_key": public_host_key,
-            }
             if self.deferrable:
                 from operators.triggers import InstanceRunningTrigger
 
+                # no defer kwargs: the resumed method rebuilds everything from the instance id
                 self.defer(
                     trigger=InstanceRunningTrigger(
                         instance_id=instance_id,
@@ -221,16 +214,15 @@ class LaunchBuildBox(AmibakeOperator):
                         **self.trigger_kwargs(),
                     ),
                     method_name="execute_running",
-                    kwargs={"state": state},
                 )
             hook.wait(
                 "instance_running", (self.waiter_delay, self.waiter_max_attempts), InstanceIds=[instance_id]
             )
-            return self._after_running(context, state, wait_ssh=True)
+            return self._after_running(context, instance_id, public_host_key, wait_ssh=True)
 
-    def _recover_host_key(self, instance_id: str, ssh_address: str) -> str:
-        """The public host key of a box an earlier try launched (read back from its user data)."""
-        if ssh_address == "connection":
+    def _recover_host_key(self, instance_id: str) -> str:
+        """The public host key of a box launched earlier (read back from its user data)."""
+        if defaults.setting("ssh_address") == "connection":
             return ""
         attr = self.ec2().conn.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         encoded = attr.get("UserData", {}).get("Value", "")
@@ -239,27 +231,48 @@ class LaunchBuildBox(AmibakeOperator):
             raise RuntimeError(f"build box {instance_id} has no amibake host key in its user data")
         return key
 
+    def _box_state(self, context: Context, instance_id: str, host_key: str) -> dict[str, Any]:
+        """The XCom of this task, from the instance as EC2 describes it now."""
+        instance = self.ec2().describe_instance(instance_id)
+        ssh_address = defaults.setting("ssh_address")
+        host, port = self._ssh_endpoint(instance, ssh_address)
+        return {
+            "build_id": self.build_of(context),
+            "instance_id": instance_id,
+            "security_group_id": instance["SecurityGroups"][0]["GroupId"],
+            "availability_zone": instance["Placement"]["AvailabilityZone"],
+            "ssh_address": ssh_address,
+            "address": host,
+            "port": port,
+            "host_key": host_key,
+        }
+
     # -- step 2: running; find the address, wait for SSH -----------------------------------------
-    def execute_running(
-        self, context: Context, event: dict[str, Any], state: dict[str, Any]
-    ) -> dict[str, Any]:
+    def execute_running(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Resumed when the instance runs (or the wait failed)."""
         with self._cleanup_on_final_failure(context):
+            instance_id = event.get("instance_id", "")
             if event.get("status") != "success":
-                raise RuntimeError(f"build box {state['instance_id']}: {event.get('message')}")
-            return self._after_running(context, state, wait_ssh=False)
+                raise RuntimeError(f"build box {instance_id}: {event.get('message')}")
+            return self._after_running(
+                context, instance_id, self._recover_host_key(instance_id), wait_ssh=False
+            )
 
-    def _after_running(self, context: Context, state: dict[str, Any], *, wait_ssh: bool) -> dict[str, Any]:
-        instance = self.ec2().describe_instance(state["instance_id"])
-        host, port = self._ssh_endpoint(instance, state["ssh_address"])
-        state = {**state, "address": host, "port": port}
+    def _after_running(
+        self, context: Context, instance_id: str, host_key: str, *, wait_ssh: bool
+    ) -> dict[str, Any]:
+        state = self._box_state(context, instance_id, host_key)
         if self.deferrable:
             from operators.triggers import SshReachableTrigger
 
             self.defer(
-                trigger=SshReachableTrigger(host=host, port=port, timeout=self.ssh_ready_timeout),
+                trigger=SshReachableTrigger(
+                    host=state["address"],
+                    port=state["port"],
+                    timeout=self.ssh_ready_timeout,
+                    instance_id=instance_id,
+                ),
                 method_name="execute_reachable",
-                kwargs={"state": state},
             )
         return self._verify_login(state, wait=wait_ssh)
 
@@ -277,13 +290,13 @@ class LaunchBuildBox(AmibakeOperator):
         return address, 22
 
     # -- step 3: answers on SSH; log in once ------------------------------------------------------
-    def execute_reachable(
-        self, context: Context, event: dict[str, Any], state: dict[str, Any]
-    ) -> dict[str, Any]:
+    def execute_reachable(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Resumed when the box answers on SSH (or never did)."""
         with self._cleanup_on_final_failure(context):
+            instance_id = event.get("instance_id", "")
             if event.get("status") != "success":
-                raise RuntimeError(f"build box {state['instance_id']}: {event.get('message')}")
+                raise RuntimeError(f"build box {instance_id}: {event.get('message')}")
+            state = self._box_state(context, instance_id, self._recover_host_key(instance_id))
             return self._verify_login(state, wait=True)
 
     def _verify_login(self, state: dict[str, Any], *, wait: bool) -> dict[str, Any]:

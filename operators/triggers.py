@@ -143,7 +143,10 @@ async def ssh_banner(host: str, port: int, timeout: float) -> str:
 
 
 class SshReachableTrigger(BaseTrigger):
-    """Wait until ``host:port`` answers with an SSH banner, polling until ``timeout`` seconds."""
+    """Wait until ``host:port`` answers with an SSH banner, polling until ``timeout`` seconds.
+
+    ``instance_id`` is only passed through into the event, so the resumed task knows its box.
+    """
 
     def __init__(
         self,
@@ -152,8 +155,10 @@ class SshReachableTrigger(BaseTrigger):
         port: int,
         timeout: float = defaults.SSH_READY_TIMEOUT_S,
         poll_interval: float = defaults.SSH_POLL_INTERVAL_S,
+        instance_id: str = "",
     ) -> None:
         super().__init__()
+        self.instance_id = instance_id
         self.host = host
         self.port = int(port)
         self.timeout = float(timeout)
@@ -168,6 +173,7 @@ class SshReachableTrigger(BaseTrigger):
                 "port": self.port,
                 "timeout": self.timeout,
                 "poll_interval": self.poll_interval,
+                "instance_id": self.instance_id,
             },
         )
 
@@ -179,7 +185,9 @@ class SshReachableTrigger(BaseTrigger):
             try:
                 banner = await ssh_banner(self.host, self.port, defaults.SSH_CONNECT_TIMEOUT_S)
                 if banner:
-                    yield TriggerEvent({"status": "success", "banner": banner})
+                    yield TriggerEvent(
+                        {"status": "success", "banner": banner, "instance_id": self.instance_id}
+                    )
                     return
                 last_error = "not an SSH server"
             except (TimeoutError, OSError) as exc:
@@ -188,6 +196,7 @@ class SshReachableTrigger(BaseTrigger):
                 yield TriggerEvent(
                     {
                         "status": "error",
+                        "instance_id": self.instance_id,
                         "message": f"{self.host}:{self.port} did not answer on SSH within "
                         f"{self.timeout:.0f} s ({last_error})",
                     }

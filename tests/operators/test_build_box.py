@@ -161,16 +161,18 @@ def test_public_ip_mode_gives_the_box_a_per_build_host_key(
     monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", "198.51.100.0/24")
     ami = ec2.register_base_image("amibake-test-base")
     dag, op = _launch("amibake_t_launch_public", base_ami=ami)
-    keys = []
     for try_number in (1, 2):
-        with pytest.raises(TaskDeferred) as deferred:  # stop at the first wait: moto's IP is not reachable
+        with pytest.raises(TaskDeferred):  # stop at the first wait: moto's public IP is not reachable
             op.execute(make_context(dag, RUN_ID, try_number=try_number, max_tries=1))
-        keys.append(deferred.value.kwargs["state"]["host_key"])
-    assert keys[0].startswith("ssh-ed25519 ") and keys[0] == keys[1]
     (run,) = ec2.calls("RunInstances")
     config = json.loads(base64.b64decode(run["UserData"]).decode().split("\n", 1)[1])
-    assert config["ssh_keys"]["ed25519_public"] == keys[0]
+    public = config["ssh_keys"]["ed25519_public"]
+    assert public.startswith("ssh-ed25519 ")
+    assert config["ssh_keys"]["ed25519_private"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert config["ssh_genkeytypes"] == []
+    # the resumed task (or a retry) reads the host key back from the box's user data
+    instance_id = ec2.boto3_client().describe_instances()["Reservations"][0]["Instances"][0]["InstanceId"]
+    assert op._recover_host_key(instance_id) == public
     assert (
         ec2.calls("AuthorizeSecurityGroupIngress")[0]["IpPermissions.1.IpRanges.1.CidrIp"]
         == "198.51.100.0/24"
