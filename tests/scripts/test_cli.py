@@ -38,7 +38,7 @@ def bash_lib(
         ([*GOOD, "--mirror", "ftp://example.org/debian", "bootstrap"], "--mirror"),
         ([*GOOD, "--mirror", "http://host/debian with space", "bootstrap"], "--mirror"),
         ([*GOOD, "--mirror", "http://host/$(reboot)", "bootstrap"], "--mirror"),
-        ([*GOOD, "--freeze-timeout", "1", "freeze"], "--freeze-timeout"),
+        ([*GOOD, "--freeze-timeout", "0", "freeze"], "--freeze-timeout"),
         ([*GOOD, "--boot-timeout", "abc", "bootcheck"], "--boot-timeout"),
         ([*GOOD, "--work-dir", "relative/dir", "resolve"], "--work-dir"),
         ([*GOOD, "--work-dir", "/var/tmp/../etc", "resolve"], "--work-dir"),

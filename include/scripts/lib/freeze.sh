@@ -47,9 +47,10 @@ freeze_canvas() {
         fi
         done_mps+=("$mp")
     done
-    # setsid: the guard must outlive the SSH session (and its SIGHUP); fd 9 (the build lock) is closed.
+    # setsid: the guard must outlive the SSH session (and its SIGHUP). It keeps neither the build
+    # lock (fd 9) nor the progress pipe (fd 3), or the caller would wait for it to end.
     setsid bash "$SCRIPTS_DIR/lib/freeze-guard.sh" "$state" "$timeout" \
-        </dev/null >>"$LOG_DIR/freeze-guard.log" 2>&1 9>&- &
+        </dev/null >>"$LOG_DIR/freeze-guard.log" 2>&1 3>&- 9>&- &
     echo $! >"$(guard_pidfile)"
 }
 
