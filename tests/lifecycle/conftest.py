@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The operator harness of tests/operators runs an operator as the task runner + triggerer would.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operators"))
 
 
 @pytest.fixture
