@@ -238,3 +238,27 @@ def test_throttling_is_retried_without_a_second_removal(ec2: Any) -> None:
         "RequestLimitExceeded",
         None,
     ]
+
+
+def test_a_lasting_outage_fails_the_sweep_and_the_next_sweep_finishes(ec2: Any) -> None:
+    """DeleteVolume answers HTTP 500 on every try: retried, reported, the rest still removed;
+    once AWS recovers, the next hourly sweep removes the volume, and only it."""
+    from operators.sweep import SweepOrphans
+
+    base = ec2.register_base_image("base-el7")
+    old = make_build(ec2, "0000000000e5", OLD, base, dag_id="", run_id="")
+    ec2.clear_requests()
+    ec2.add_fault("DeleteVolume", "InternalError", 500, times=None)
+    with pytest.raises(RuntimeError, match=f"could not remove: volume {old['volume']}"):
+        SweepOrphans(task_id="sweep", max_age_hours=6).execute({})
+    calls = mutating(ec2)
+    assert len(ids(calls, "DeleteVolume")) > 1 and set(ids(calls, "DeleteVolume")) == {old["volume"]}
+    assert ids(calls, "DeleteSecurityGroup") == [old["sg"]] and ids(calls, "DeleteSnapshot") == [
+        old["snapshot"]
+    ]
+
+    ec2.clear_faults()
+    ec2.clear_requests()
+    result = SweepOrphans(task_id="sweep", max_age_hours=6).execute({})
+    assert [a["id"] for a in result] == [old["volume"]]
+    assert [(c["action"], *ids([c], c["action"])) for c in mutating(ec2)] == [("DeleteVolume", old["volume"])]
