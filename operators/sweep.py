@@ -306,16 +306,22 @@ class RotateAmis(BaseOperator):
                 raise AirflowSkipException(f"rotation skipped: {refused}") from None
             raise
         self.log.info("keeping %s", ", ".join(plan.kept))
-        for action in plan.deprecate:
-            at = datetime.fromisoformat(action.detail["deprecate_at"])
-            self.log.info("deprecating %s at %s: %s", action.resource_id, at.isoformat(), action.reason)
-            client.enable_image_deprecation(ImageId=action.resource_id, DeprecateAt=at)
-        for action in plan.deregister:
-            self.log.info("deregistering %s: %s", action.resource_id, action.reason)
-            client.deregister_image(ImageId=action.resource_id)
-        for action in plan.delete_snapshots:
-            self.log.info("deleting %s: %s", action.resource_id, action.reason)
-            client.delete_snapshot(SnapshotId=action.resource_id)
+        for action in plan.actions():
+            self.log.info(
+                "%s %s %s: %s %s",
+                action.action,
+                action.kind,
+                action.resource_id,
+                action.reason,
+                action.detail,
+            )
+            if action.action == "deprecate":
+                at = datetime.fromisoformat(action.detail["deprecate_at"])
+                client.enable_image_deprecation(ImageId=action.resource_id, DeprecateAt=at)
+            elif action.action == "deregister":
+                client.deregister_image(ImageId=action.resource_id)
+            else:
+                client.delete_snapshot(SnapshotId=action.resource_id)
         return {
             "kept": plan.kept,
             "deprecated": [a.resource_id for a in plan.deprecate],
