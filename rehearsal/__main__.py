@@ -119,6 +119,47 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return alive
 
 
+def _box_processes(ids: list[str]) -> list[int]:
+    """Processes of the "box" working for these builds / volumes, with all their descendants.
+
+    sshd runs each remote command in a session of its own, so a build survives the sshd (and the
+    Airflow task) that started it. On AWS terminating the box ends it; here this does.
+    """
+    needles = [i.encode() for i in ids if i]
+    parent: dict[int, int] = {}
+    roots = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if any(n in cmdline for n in needles):
+            roots.add(int(proc.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += [child for child, ppid in parent.items() if ppid == pid]
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+def kill_box_processes(ids: list[str]) -> None:
+    """End the box-side processes of these builds / volumes (SIGTERM, then SIGKILL)."""
+    pids = _box_processes(ids)
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        pids = _wait_gone(pids, wait)
+
+
 def clean_up_earlier(state_dir: Path) -> bool:
     """Stop a rehearsal still running from ``state_dir`` and remove what a killed one left behind.
 
@@ -148,7 +189,10 @@ def clean_up_earlier(state_dir: Path) -> bool:
             strays = _wait_gone(strays, wait)
         for d in sshd_dirs:
             shutil.rmtree(d, ignore_errors=True)
-    stale_volumes = LoopEbs.cleanup_stale(state_dir / "ebs") if (state_dir / "ebs").is_dir() else []
+    ebs_dir = state_dir / "ebs"
+    stale_images = [p.stem for p in ebs_dir.glob("vol-*.img")] if ebs_dir.is_dir() else []
+    kill_box_processes([*recorded.get("box_dirs", []), *stale_images])
+    stale_volumes = LoopEbs.cleanup_stale(ebs_dir) if ebs_dir.is_dir() else []
     box_dirs = [*recorded.get("box_dirs", []), *stale_volumes]
     if stale_volumes or box_dirs:
         did = True
@@ -407,6 +451,7 @@ def rehearsal_services(
             lambda: remove_box_dirs(ebs.history + [build_id(DAG_ID, r) for r in run_ids], state_dir / "logs")
         )
         stack.enter_context(ebs)
+        stack.callback(lambda: kill_box_processes(ebs.history + [build_id(DAG_ID, r) for r in run_ids]))
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
             ssh_connection=sshd.connection_dict(),
@@ -489,7 +534,10 @@ def rehearse(opts: Options) -> RunResult:
                 "\nAirflow keeps running for you to inspect the run. Stop it with Ctrl-C here, "
                 "or `./rehearse stop` from another shell."
             )
-            signal.pause()
+            try:
+                signal.pause()
+            except KeyboardInterrupt:  # the way to stop it: the run's own result still counts
+                pass
     if result.failed:
         say(f"the box's full phase logs were kept in {opts.state_dir / 'logs'}/box-*/")
     return result
@@ -562,6 +610,11 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: unwind like Ctrl-C so every service is stopped in order."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``./rehearse``; exit 0 only when the DAG run succeeded and nothing was left."""
     action, opts = _parse_args(argv)
@@ -573,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         say("stopped and cleaned up" if cleaned else "nothing was running")
         return 0
     # SIGTERM (./rehearse stop, a CI timeout) unwinds like Ctrl-C, so every service is stopped
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = rehearse(opts)
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rehearsal.__main__ import _marked_processes
+from rehearsal.__main__ import _box_processes, _marked_processes
 
 pytestmark = [
     pytest.mark.slow,
@@ -95,6 +95,7 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     volumes = killed_volumes + re.findall(r"vol-[0-9a-f]{8,17}", backed.group(1))
     box_dirs = [f"/var/tmp/amibake/{v}" for v in volumes]
     assert _marked_processes(state) == []
+    assert _box_processes(volumes) == []  # the killed run's build did not outlive it
     assert backing_loops(state) == []
     assert canvas_mounts(state) == []
     assert mounts_under(str(state), *box_dirs) == []
