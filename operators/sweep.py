@@ -313,7 +313,7 @@ class RotateAmis(BaseOperator):
                 action.kind,
                 action.resource_id,
                 action.reason,
-                action.detail,
+                dict(action.detail) or "",
             )
             if action.action == "deprecate":
                 at = datetime.fromisoformat(action.detail["deprecate_at"])
