@@ -17,9 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loopdisk import BUILD_IMAGE, LoopVolume, build_image_cmd, byid_link  # noqa: E402
-
-_MADE: list[LoopVolume] = []
+from loopdisk import CREATED, LoopVolume, byid_link  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,14 +30,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def teardown_volume(vol: LoopVolume, recipe: str = "debian12") -> None:
-    """Stop the freeze guard and any build on the volume, then remove every trace of it."""
-    if vol.work.exists():
-        for cmd in ("thaw", "abort"):
-            subprocess.run(build_image_cmd(vol, cmd, recipe=recipe), capture_output=True, timeout=180)
-    vol.close()
-
-
 @pytest.fixture
 def make_volume() -> Iterator[Callable[..., LoopVolume]]:
     """Factory: ``make_volume(size_gib=1, link=True)`` -> a LoopVolume removed after the test."""
@@ -48,32 +38,26 @@ def make_volume() -> Iterator[Callable[..., LoopVolume]]:
     def make(size_gib: int = 1, link: bool = True) -> LoopVolume:
         vol = LoopVolume(size_gib=size_gib, link=link)
         made.append(vol)
-        _MADE.append(vol)
         return vol
 
     yield make
     for vol in made:
-        teardown_volume(vol)
+        vol.teardown()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
     """After the session: no loop device, mount, by-id link or process of our volumes remains."""
     yield
-    if not _MADE:
+    if not CREATED:
         return
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     mounts = Path("/proc/self/mountinfo").read_text()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    for vol in _MADE:
+    for vol in CREATED:
         assert str(vol.tmp) not in loops, f"loop device left for {vol.tmp}"
         assert str(vol.tmp) not in mounts, f"mount left under {vol.tmp}"
         assert not byid_link(vol.volume_id).is_symlink(), f"by-id link left for {vol.volume_id}"
         assert not vol.tmp.exists(), f"temp dir {vol.tmp} left"
         assert str(vol.tmp) not in ps, f"process left using {vol.tmp}"
 
-
-@pytest.fixture(scope="session")
-def build_image() -> Path:
-    """Path of the box-side entry point."""
-    return BUILD_IMAGE

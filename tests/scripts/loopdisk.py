@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGE = REPO / "include" / "scripts" / "build-image"
 BYID_DIR = Path("/dev/disk/by-id")
 PROGRESS_PREFIX = "AMIBAKE "
+#: Every LoopVolume made in this process, so a test session can prove none was left behind.
+CREATED: list[LoopVolume] = []
 
 
 def new_volume_id() -> str:
@@ -61,6 +63,7 @@ class LoopVolume:
 
     def __post_init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"amibake-{self.volume_id}-"))
+        CREATED.append(self)
         self.image = self.tmp / "disk.img"
         try:
             with open(self.image, "wb") as f:
@@ -94,6 +97,13 @@ class LoopVolume:
         for part in sys_dir.resolve().glob("*/partition"):
             ids.add(part.parent.joinpath("dev").read_text().strip())
         return [mp for mid, mp in mountinfo() if mid in ids]
+
+    def teardown(self, recipe: str = "debian12") -> None:
+        """Stop the freeze guard and any build on the volume, then remove every trace of it."""
+        if self.work.exists():
+            for cmd in ("thaw", "abort"):
+                subprocess.run(build_image_cmd(self, cmd, recipe=recipe), capture_output=True, timeout=180)
+        self.close()
 
     def close(self) -> None:
         """Thaw, unmount, detach, remove link, extra nodes and files; safe to call twice."""
