@@ -109,13 +109,21 @@ def _sshd_dirs(pids: list[int]) -> list[Path]:
     return dirs
 
 
+def _running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     """Wait for processes to exit; returns those still there."""
     deadline = time.monotonic() + timeout
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in alive if Path(f"/proc/{p}").exists()]
+        alive = [p for p in alive if _running(p)]
     return alive
 
 

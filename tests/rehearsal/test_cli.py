@@ -1,0 +1,102 @@
+"""The rehearsal's command line and its clean-up of what an earlier run left (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rehearsal.__main__ import (
+    STATE_FILE,
+    _box_processes,
+    _marked_processes,
+    _parse_args,
+    clean_up_earlier,
+    kill_box_processes,
+)
+from rehearsal.airflow_env import MARKER_ENV
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--api-port", "70000"], "--api-port"),
+        (["--timeout", "0"], "--timeout"),
+        (["--conf", "no_equals_sign"], "--conf"),
+        (["--recipe", "centos9"], "--recipe"),
+        (["restart"], "action"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_option(argv, field, capsys):
+    """argparse exits 2 with a message that names the offending option, before anything starts."""
+    with pytest.raises(SystemExit) as exc:
+        _parse_args(argv)
+    assert exc.value.code == 2
+    assert field in capsys.readouterr().err
+
+
+def test_arguments_become_options(tmp_path):
+    """Defaults are the offline recipe with its boot check; --conf values are JSON or plain strings."""
+    action, opts = _parse_args(
+        ["--state-dir", str(tmp_path), "--conf", "canvas_size_gib=4", "--conf", "mirror_url=http://m/x"]
+    )
+    assert action == "run"
+    assert (opts.recipe, opts.boot_check, opts.state_dir) == ("debian12", True, tmp_path.resolve())
+    assert opts.conf == {"canvas_size_gib": 4, "mirror_url": "http://m/x"}
+    assert _parse_args(["stop", "--no-boot-check"])[0] == "stop"
+
+
+def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A process in its own session, as sshd starts a remote command."""
+    return subprocess.Popen(argv, env=env, start_new_session=True)
+
+
+def test_box_processes_of_a_build_are_found_with_their_children_and_ended():
+    """A "build" (its command line names the volume) and the child it forked are both ended."""
+    vol = "vol-" + os.urandom(8).hex()[:17]
+    script = f"sleep 300 & wait  # --volume-id {vol}"
+    build = _spawn(["bash", "-c", script])
+    try:
+        for _ in range(100):  # until bash has forked its sleep
+            found = _box_processes([vol])
+            if len(found) >= 2:
+                break
+            subprocess.run(["sleep", "0.05"])
+        assert build.pid in found and len(found) == 2
+        kill_box_processes([vol])
+        assert build.wait(timeout=20) != 0
+        assert _box_processes([vol]) == []
+    finally:
+        build.kill()
+        build.wait()
+
+
+def test_clean_up_earlier_stops_marked_strays_and_box_processes(tmp_path: Path):
+    """What a SIGKILLed harness leaves (services carrying the marker, a build) is ended; state removed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    build_id = os.urandom(6).hex()
+    (state / STATE_FILE).write_text(json.dumps({"harness_pid": 2**22 + 1, "box_dirs": [build_id]}))
+    stray = _spawn(
+        [sys.executable, "-c", "import time; time.sleep(300)"], {**os.environ, MARKER_ENV: str(state)}
+    )
+    build = _spawn(["bash", "-c", f"sleep 300 & wait  # /var/tmp/amibake/{build_id}/scripts/build-image"])
+    try:
+        for _ in range(100):
+            if _marked_processes(state) == [stray.pid]:
+                break
+            subprocess.run(["sleep", "0.05"])
+        assert _marked_processes(state) == [stray.pid]
+        assert clean_up_earlier(state) is True
+        assert stray.wait(timeout=30) != 0 and build.wait(timeout=30) != 0
+        assert _marked_processes(state) == [] and _box_processes([build_id]) == []
+        assert not (state / STATE_FILE).exists()
+        assert clean_up_earlier(state) is False  # nothing left the second time
+    finally:
+        for proc in (stray, build):
+            proc.kill()
+            proc.wait()
