@@ -1,0 +1,222 @@
+"""Whole runs of amibake_nightly with ``dag.test()``: moto + recorder, real sshd, real build-image.
+
+The green run builds the Debian 12 recipe for real (debootstrap from the Debian mirror) on a loop
+device registered under the moto volume id by rehearsal.ebs.LoopEbs, with this machine as the box.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from operators import defaults, naming
+from operators.naming import Role
+from operators.remote import remote_dir
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_ID = "amibake_nightly"
+
+
+@pytest.fixture(scope="module")
+def nightly(airflow_db: None) -> Any:
+    """The nightly DAG as the DAG processor loads it."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py"))
+    assert bag.import_errors == {}
+    return bag.dags[DAG_ID]
+
+
+def _task_states(dag_run: Any) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def _xcom(dag_run: Any, task_id: str) -> Any:
+    """The return value a task pushed (read from the metadata DB)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalars(
+            select(XComModel).where(
+                XComModel.dag_id == DAG_ID,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.task_id == task_id,
+                XComModel.key == "return_value",
+            )
+        ).one()
+        return XComModel.deserialize_value(row)
+
+
+def _left_in_moto(ec2: Any, build: str) -> dict[str, list[str]]:
+    client = ec2.boto3_client()
+    boxes = [
+        i["InstanceId"]
+        for r in client.describe_instances(Filters=naming.build_filters(build, Role.BUILD_BOX))[
+            "Reservations"
+        ]
+        for i in r["Instances"]
+        if i["State"]["Name"] != "terminated"
+    ]
+    volumes = [
+        v["VolumeId"]
+        for v in client.describe_volumes(Filters=naming.build_filters(build, Role.CANVAS))["Volumes"]
+    ]
+    groups = [
+        g["GroupId"]
+        for g in client.describe_security_groups(Filters=naming.build_filters(build, Role.BUILD_SG))[
+            "SecurityGroups"
+        ]
+    ]
+    return {"instances": boxes, "canvas_volumes": volumes, "security_groups": groups}
+
+
+def _free_closed_port() -> int:
+    """A local port nobody listens on (a dead mirror)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_value_fails_before_anything_is_created(nightly: Any, ec2: Any, sshd: Any, subnet: dict) -> None:
+    dag_run = nightly.test(run_conf={"mirror_url": "ftp://mirror.invalid/debian", "recipe": "debian12"})
+    states = _task_states(dag_run)
+    assert str(dag_run.state) == "failed"
+    assert states["validate_params"] == "failed"
+    assert states["launch_build_box"] == "upstream_failed"
+    creates = [
+        r["action"] for r in ec2.requests if r["action"].startswith(("Run", "Create", "Authorize", "Attach"))
+    ]
+    assert creates == []
+
+
+@pytest.fixture
+def loop_ebs(ec2: Any, tmp_path: Path) -> Iterator[Any]:
+    """Every attached moto volume backed by a real loop device (root only)."""
+    from rehearsal.ebs import LoopEbs
+
+    with LoopEbs(ec2.moto_url, ec2.region, tmp_path / "ebs") as ebs:
+        yield ebs
+
+
+@pytest.fixture
+def box_dirs() -> Iterator[list[Path]]:
+    """Directories the run leaves on the "box" (this machine); removed after the test."""
+    dirs: list[Path] = []
+    yield dirs
+    for path in dirs:
+        subprocess.run(["umount", "-R", str(path / "root")], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _track_box_dirs(box_dirs: list[Path], build: str, ec2: Any) -> None:
+    box_dirs.append(Path(remote_dir(build)))
+    for call in ec2.calls("AttachVolume"):
+        box_dirs.append(Path(defaults.REMOTE_BASE_DIR) / call["VolumeId"])
+
+
+def _no_canvas_on_this_machine(ebs: Any, volume_ids: list[str]) -> None:
+    for volume_id in volume_ids:
+        ebs.wait_for(volume_id, attached=False)
+        root = Path(defaults.REMOTE_BASE_DIR) / volume_id / "root"
+        assert subprocess.run(["mountpoint", "-q", str(root)]).returncode != 0, f"{root} still mounted"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts")
+def test_green_run_builds_registers_and_leaves_nothing(
+    nightly: Any, ec2: Any, sshd: Any, subnet: dict, loop_ebs: Any, box_dirs: list[Path]
+) -> None:
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    ami = ec2.register_base_image("amibake-e2e-base")
+    dag_run = nightly.test(
+        run_conf={
+            "recipe": "debian12",
+            "base_ami": ami,
+            "canvas_size_gib": 3,
+            "ami_name_prefix": "amibake-e2e",
+        }
+    )
+    build = naming.build_id(DAG_ID, dag_run.run_id)
+    _track_box_dirs(box_dirs, build, ec2)
+    states = _task_states(dag_run)
+    assert str(dag_run.state) == "success", states
+    assert set(states.values()) == {"success"}, states
+
+    box = _xcom(dag_run, "launch_build_box")
+    canvas = _xcom(dag_run, "attach_canvas")
+    built = _xcom(dag_run, "remote_chroot_build")
+    snapshot = _xcom(dag_run, "frozen_snapshot")
+    image = _xcom(dag_run, "register_hvm_ami")
+    (run,) = ec2.calls("RunInstances")
+    assert box["build_id"] == build and box["instance_id"].startswith("i-")
+    (attach,) = ec2.calls("AttachVolume")
+    assert (attach["InstanceId"], attach["VolumeId"]) == (box["instance_id"], canvas["volume_id"])
+    assert set(built["phases"]) >= {
+        "resolve",
+        "partition",
+        "mkfs",
+        "mount",
+        "bootstrap",
+        "bootloader",
+        "verify",
+    }
+    (create_snapshot,) = ec2.calls("CreateSnapshot")
+    assert create_snapshot["VolumeId"] == canvas["volume_id"] == built["volume_id"] == snapshot["volume_id"]
+    (register,) = ec2.calls("RegisterImage")
+    assert register["BlockDeviceMapping.1.Ebs.SnapshotId"] == snapshot["snapshot_id"] == image["snapshot_id"]
+    assert register["BlockDeviceMapping.1.Ebs.VolumeSize"] == "3"
+    assert image["ami_name"].startswith("amibake-e2e-") and image["ami_name"].endswith(build)
+    assert ec2.boto3_client().describe_images(ImageIds=[image["ami_id"]])["Images"][0]["State"] == "available"
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == dag_run.run_id)).all()
+        assert [(e.asset.uri, e.extra["ami_id"]) for e in events] == [
+            ("amibake://ami/debian12", image["ami_id"])
+        ]
+
+    assert _left_in_moto(ec2, build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
+    _no_canvas_on_this_machine(loop_ebs, [canvas["volume_id"]])
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts")
+def test_failed_build_runs_teardowns_and_fails_the_run(
+    nightly: Any,
+    ec2: Any,
+    sshd: Any,
+    subnet: dict,
+    loop_ebs: Any,
+    box_dirs: list[Path],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    ami = ec2.register_base_image("amibake-e2e-base")
+    dead_mirror = f"http://127.0.0.1:{_free_closed_port()}/debian"
+    dag_run = nightly.test(
+        run_conf={"recipe": "debian12", "base_ami": ami, "canvas_size_gib": 3, "mirror_url": dead_mirror}
+    )
+    build = naming.build_id(DAG_ID, dag_run.run_id)
+    _track_box_dirs(box_dirs, build, ec2)
+    states = _task_states(dag_run)
+    assert str(dag_run.state) == "failed"
+    assert states["remote_chroot_build"] == "failed"
+    assert states["frozen_snapshot"] == states["register_hvm_ami"] == "upstream_failed"
+    assert states["terminate_build_box"] == states["delete_canvas"] == "success"
+    log = capfd.readouterr().out  # dag.test runs the tasks in this process; their log goes to stdout
+    assert "E: Failed getting release file" in log, "the remote output streamed into the task log"
+    assert "build-image failed in phase 'bootstrap' with exit code" in log
+    assert ec2.calls("CreateSnapshot") == [] and ec2.calls("RegisterImage") == []
+    assert _left_in_moto(ec2, build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
+    _no_canvas_on_this_machine(loop_ebs, [c["VolumeId"] for c in ec2.calls("AttachVolume")])
