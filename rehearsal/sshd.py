@@ -11,6 +11,7 @@ Standalone: ``python -m rehearsal.sshd`` prints the connection JSON and runs unt
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import json
 import os
@@ -30,6 +31,18 @@ SSH_KEYGEN = "ssh-keygen"
 #: sshd refuses to start as root without its privilege-separation directory.
 PRIVSEP_DIR = Path("/run/sshd")
 START_ATTEMPTS = 5
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: have the kernel SIGTERM sshd when its parent dies.
+
+    So a test process killed by a timeout (no fixture teardown) leaves no sshd behind. Linux only;
+    the signal follows the thread that started sshd, so start LocalSshd from a long-lived thread.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _free_port() -> int:
@@ -132,6 +145,7 @@ class LocalSshd:
                 stdout=subprocess.DEVNULL,
                 stderr=log.open("wb"),
                 start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only async-signal-safe work (one prctl)
             )
             if self._wait_ready():
                 return
