@@ -7,6 +7,7 @@ device registered under the moto volume id by rehearsal.ebs.LoopEbs, with this m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -190,6 +191,17 @@ def test_green_run_builds_registers_and_leaves_nothing(
     _no_canvas_on_this_machine(loop_ebs, [canvas["volume_id"]])
 
 
+def _run_with_dead_mirror(nightly: Any, ec2: Any, box_dirs: list[Path], capfd: Any) -> tuple[Any, str]:
+    """A run whose real build fails fast: its package mirror is a closed local port."""
+    ami = ec2.register_base_image("amibake-e2e-base")
+    dead_mirror = f"http://127.0.0.1:{_free_closed_port()}/debian"
+    dag_run = nightly.test(
+        run_conf={"recipe": "debian12", "base_ami": ami, "canvas_size_gib": 3, "mirror_url": dead_mirror}
+    )
+    _track_box_dirs(box_dirs, naming.build_id(DAG_ID, dag_run.run_id), ec2)
+    return dag_run, capfd.readouterr().out  # dag.test runs the tasks in this process: their log is stdout
+
+
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts")
@@ -202,21 +214,41 @@ def test_failed_build_runs_teardowns_and_fails_the_run(
     box_dirs: list[Path],
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    ami = ec2.register_base_image("amibake-e2e-base")
-    dead_mirror = f"http://127.0.0.1:{_free_closed_port()}/debian"
-    dag_run = nightly.test(
-        run_conf={"recipe": "debian12", "base_ami": ami, "canvas_size_gib": 3, "mirror_url": dead_mirror}
-    )
+    dag_run, log = _run_with_dead_mirror(nightly, ec2, box_dirs, capfd)
     build = naming.build_id(DAG_ID, dag_run.run_id)
-    _track_box_dirs(box_dirs, build, ec2)
     states = _task_states(dag_run)
     assert str(dag_run.state) == "failed"
     assert states["remote_chroot_build"] == "failed"
     assert states["frozen_snapshot"] == states["register_hvm_ami"] == "upstream_failed"
     assert states["terminate_build_box"] == states["delete_canvas"] == "success"
-    log = capfd.readouterr().out  # dag.test runs the tasks in this process; their log goes to stdout
-    assert "E: Failed getting release file" in log, "the remote output streamed into the task log"
-    assert "build-image failed in phase 'bootstrap' with exit code" in log
+    # the task names the phase the box reported as failed, with its exit code
+    reported = re.findall(r"phase (\w+) FAILED with exit code (\d+)", log)
+    assert len(reported) == 1, log[-3000:]
+    phase, rc = reported[0]
+    assert f"build-image failed in phase '{phase}' with exit code {rc}" in log
     assert ec2.calls("CreateSnapshot") == [] and ec2.calls("RegisterImage") == []
     assert _left_in_moto(ec2, build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
     _no_canvas_on_this_machine(loop_ebs, [c["VolumeId"] for c in ec2.calls("AttachVolume")])
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts")
+@pytest.mark.xfail(
+    strict=True,
+    reason="include/scripts/build-image calls run_phase inside an '||' list, which turns errexit off inside "
+    "every phase: debootstrap fails on the dead mirror but the bootstrap phase reports success and the "
+    "build fails later, in bootloader (Engineer A to fix; then drop this mark)",
+)
+def test_dead_mirror_fails_the_bootstrap_phase(
+    nightly: Any,
+    ec2: Any,
+    sshd: Any,
+    subnet: dict,
+    loop_ebs: Any,
+    box_dirs: list[Path],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    _, log = _run_with_dead_mirror(nightly, ec2, box_dirs, capfd)
+    assert "build-image failed in phase 'bootstrap' with exit code" in log
+    assert "Failed getting release file" in log, "the failing phase's log tail streamed into the task log"
