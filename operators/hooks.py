@@ -214,9 +214,11 @@ class BuildEc2Hook(EC2Hook):
                 self.wait("instance_terminated", defaults.WAIT_INSTANCE_TERMINATED, InstanceIds=ids)
         return ids
 
-    def delete_security_groups(self, build: str) -> list[str]:
+    def delete_security_groups(
+        self, build: str, limits: tuple[int, int] = defaults.SG_DELETE_ATTEMPTS
+    ) -> list[str]:
         """Delete the build's security groups, retrying while a terminated box still holds them."""
-        delay, attempts = defaults.SG_DELETE_ATTEMPTS
+        delay, attempts = limits
         deleted = []
         for group in self.find_security_groups(build):
             for attempt in range(1, attempts + 1):

@@ -227,3 +227,33 @@ def test_terminate_build_box_removes_box_and_group(ec2: Any, sshd: Any, subnet: 
         "terminated": [],
         "security_groups": [],
     }
+
+
+def test_security_group_deletion_waits_out_a_lingering_interface(ec2: Any, sshd: Any, subnet: dict) -> None:
+    """EC2 refuses to delete a group while a terminated box's interface still uses it: retry."""
+    from operators.hooks import BuildEc2Hook
+
+    ami = ec2.register_base_image("amibake-test-base")
+    dag, op = _launch("amibake_t_sg_linger", base_ami=ami)
+    box = run_operator(op, make_context(dag, RUN_ID)).result
+    hook = BuildEc2Hook(aws_conn_id="amibake_aws")
+    hook.terminate_build_boxes(box["build_id"])
+    ec2.add_fault("DeleteSecurityGroup", "DependencyViolation", 400, times=2)
+    assert hook.delete_security_groups(box["build_id"], limits=(0, 3)) == [box["security_group_id"]]
+    assert [r.get("fault") for r in ec2.requests if r["action"] == "DeleteSecurityGroup"] == [
+        "DependencyViolation",
+        "DependencyViolation",
+        None,
+    ]
+    ec2.add_fault("DeleteSecurityGroup", "DependencyViolation", 400, times=None)
+    tags = naming.resource_tags(
+        build=box["build_id"], dag_id=dag.dag_id, run_id=RUN_ID, recipe="debian12", role=naming.Role.BUILD_SG
+    )
+    ec2.boto3_client().create_security_group(
+        GroupName="amibake-other",
+        Description="a group that stays in use",
+        VpcId=subnet["VpcId"],
+        TagSpecifications=[naming.tag_specification("security-group", tags)],
+    )
+    with pytest.raises(Exception, match="DependencyViolation"):
+        hook.delete_security_groups(box["build_id"], limits=(0, 2))
