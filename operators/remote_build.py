@@ -151,8 +151,12 @@ class RemoteChrootBuild(AmibakeOperator):
 
     def on_kill(self) -> None:
         """Hang up the running build and abort it on the box, so nothing keeps running there."""
-        if self._channel is not None:
-            self._channel.close()
+        channel = self._channel
+        if channel is not None:
+            try:
+                channel.close()
+            except (EOFError, OSError):  # the worker thread may be closing the same transport
+                self.log.info("the build's SSH channel was already closing")
         if self._abort_argv is None:
             return
         from operators.hooks import box_ssh_hook

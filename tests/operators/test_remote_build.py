@@ -214,3 +214,52 @@ def test_bad_values_never_reach_the_box(
     with pytest.raises(ParamError, match=f"^{field}: "):
         run_operator(op, make_context(dag, RUN_ID))
     assert not _marks(dag_id).exists()
+
+
+def test_on_kill_hangs_up_and_aborts_the_remote_build(box_scripts: tuple[str, Path], sshd: Any) -> None:
+    """A killed task must not leave the build running on the box (apache/airflow#40338)."""
+    import threading
+
+    dag_id, scripts = box_scripts
+    _write(
+        scripts,
+        """
+        echo $$ >"$marks/pid"
+        echo 'AMIBAKE {"event":"phase-start","phase":"bootstrap"}'
+        sleep 600
+        """,
+    )
+    dag, op = _op(dag_id, scripts)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            run_operator(op, make_context(dag, RUN_ID))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    pid_file = _marks(dag_id) / "pid"
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the remote build never started")
+    op.on_kill()
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert isinstance(outcome[0], AirflowException)
+    assert (_marks(dag_id) / "actions").read_text().split() == ["all", "abort"]
+    pid = int(pid_file.read_text())
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the remote build (pid {pid}) kept running after on_kill")
