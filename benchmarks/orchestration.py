@@ -135,8 +135,11 @@ def task_logs(result: RunResult, home: Path) -> dict[tuple[str, int], list[dict[
     logs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     run_dir = home / "logs" / f"dag_id={DAG_ID}" / f"run_id={result.run_id}"
     for path in run_dir.glob("task_id=*/attempt=*.log"):
+        match = re.fullmatch(r"attempt=(\d+)\.log", path.name)  # not the triggerer's *.trigger.*.log
+        if not match:
+            continue
         task = path.parent.name.removeprefix("task_id=")
-        attempt = int(path.stem.removeprefix("attempt="))
+        attempt = int(match.group(1))
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
         logs[(task, attempt)] = lines
     return logs
