@@ -1,0 +1,293 @@
+"""The Airflow UI in a real browser (issue 6): headless Chromium from the Debian packages, driven by
+Selenium through Debian's chromedriver, against the rehearsal's Airflow (``./rehearse``'s services:
+moto behind the recording proxy, sshd as the build box, loop devices as the canvas).
+
+As a person would: log in, open the DAG, read its docs, trigger it through the form with a
+non-default Param, watch the run page until the run ends, open the build task's log and find
+the phase lines. Screenshots of the grid and the log go to ``artifacts/`` (gitignored; the README's
+copies live in docs/screenshots/).
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+import rehearsal.__main__ as rh
+from rehearsal.airflow_env import ADMIN_USER, MARKER_ENV
+from rehearsal.browser import chromium
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts"
+DAG_ID = rh.DAG_ID
+BUILD_TASK = "remote_chroot_build"
+PREFIX = "ui-rehearsal"
+RECIPE = "debian12"
+RUN_TIMEOUT_S = 1500
+FINAL_TASK_STATES = {"success", "failed", "upstream_failed", "skipped", "removed"}
+PHASE_START = re.compile(r"phase (\w+) started")
+PHASE_END = re.compile(r"phase (\w+) finished in ([0-9.]+) s")
+#: The form's typed-in Param fields (not the switches, not the hidden values of the dropdowns).
+TEXT_FIELDS = "input[name^=element_]:not([type=hidden]):not([type=checkbox])"
+#: Phases build-image runs for every recipe (docs/architecture.md), in order.
+CORE_PHASES = ["resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader"]
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """The standalone rehearsal's services (Airflow on SQLite + LocalExecutor), shared by this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(MARKER_ENV, "")  # the harness sets it; restored afterwards
+        state_dir = tmp_path_factory.mktemp("ui") / "rehearsal"
+        with rh.rehearsal_services(rh.Options(state_dir=state_dir)) as services:
+            airflow = services[0]
+            rh.wait_for_dag(airflow, DAG_ID)
+            airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
+            yield services
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    """Headless Chromium; on a failing test the last page is kept as ``artifacts/ui-failure.png``."""
+    with chromium(log_path=tmp_path / "chromedriver.log") as driver:
+        yield driver
+
+
+def _wait(driver: WebDriver, seconds: float = 60) -> WebDriverWait:
+    """Wait up to ``seconds``; the React UI re-renders often, so a stale element just means retry."""
+    return WebDriverWait(
+        driver, seconds, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,)
+    )
+
+
+def login(driver: WebDriver, url: str, password: str) -> None:
+    """The Simple auth manager's sign-in form."""
+    driver.get(url + "/")
+    _wait(driver).until(ec.visibility_of_element_located((By.NAME, "username"))).send_keys(ADMIN_USER)
+    driver.find_element(By.NAME, "password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _wait(driver).until(lambda d: "/auth/login" not in d.current_url)
+
+
+def set_field(driver: WebDriver, param: str, value: str) -> None:
+    """Replace the value of a Param's text field in the trigger form."""
+    box = _wait(driver).until(ec.visibility_of_element_located((By.NAME, f"element_{param}")))
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(value)
+    _wait(driver, 5).until(
+        lambda d: d.find_element(By.NAME, f"element_{param}").get_attribute("value") == value
+    )
+
+
+def choose(driver: WebDriver, param: str, value: str) -> None:
+    """Pick ``value`` in a Param's dropdown (an ``enum``), by typing it as a person would."""
+    box = driver.find_element(By.CSS_SELECTOR, f"#element_{param} input[role=combobox]")
+    box.send_keys(value)
+    box.send_keys(Keys.ENTER)
+    chosen = driver.find_element(By.NAME, f"element_{param}")
+    _wait(driver, 5).until(lambda d: chosen.get_attribute("value") == value)
+
+
+def open_trigger_form(driver: WebDriver, url: str) -> WebElement:
+    """The DAG page's Trigger button → the form, with every section opened; returns the form."""
+    driver.get(f"{url}/dags/{DAG_ID}")
+    _wait(driver).until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]"))
+    ).click()
+    form = _wait(driver).until(
+        ec.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid=config-form]"))
+    )
+    _wait(driver).until(lambda d: form.find_elements(By.CSS_SELECTOR, "input[name^=element_]"))
+    for section in form.find_elements(By.CSS_SELECTOR, "button[id^='accordion:'][aria-expanded=false]"):
+        if not section.get_attribute("id").endswith(":advancedOptions"):
+            section.click()
+    return form
+
+
+def empty_text_fields(form: WebElement) -> list[str]:
+    """Params whose text field is empty (the form treats each as a missing required value)."""
+    return [
+        box.get_attribute("name").removeprefix("element_")
+        for box in form.find_elements(By.CSS_SELECTOR, TEXT_FIELDS)
+        if not box.get_attribute("value")
+    ]
+
+
+def submit_enabled(driver: WebDriver) -> bool:
+    """Whether the form's Trigger button can be pressed."""
+    return driver.find_element(By.CSS_SELECTOR, "[data-testid=trigger-dag-submit]").is_enabled()
+
+
+def submit(driver: WebDriver) -> str:
+    """Press Trigger; returns the id of the run the UI then shows."""
+    driver.find_element(By.CSS_SELECTOR, "[data-testid=trigger-dag-submit]").click()
+    pattern = re.compile(rf"/dags/{DAG_ID}/runs/([^/?#]+)")
+    _wait(driver).until(lambda d: pattern.search(d.current_url))
+    return urllib.parse.unquote(pattern.search(driver.current_url).group(1))
+
+
+def debian_mirror() -> str:
+    """The Debian mirror of this machine's apt sources (the rehearsal's build box is this machine)."""
+    for source in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in source.read_text().split("\n\n"):
+            fields = dict(re.findall(r"^(\w+):\s*(.+)$", stanza, re.M))
+            if "bookworm" in fields.get("Suites", "").split():
+                return fields["URIs"].split()[0]
+    raise AssertionError("no Debian bookworm mirror in /etc/apt/sources.list.d")
+
+
+def run_state(driver: WebDriver) -> str:
+    """The state badge of the run page's header ("" while it is rendering)."""
+    try:
+        header = driver.find_element(By.CSS_SELECTOR, "[data-testid=header-card]")
+        return header.find_element(By.CSS_SELECTOR, "[data-testid=state-badge]").text.strip().lower()
+    except (WebDriverException, StaleElementReferenceException):
+        return ""
+
+
+def read_log(driver: WebDriver) -> list[str]:
+    """Every line of the (virtualised) log view, read by scrolling it from top to bottom."""
+    scroller = _wait(driver).until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=virtual-scroll-container]"))
+    )
+    lines: dict[str, str] = {}
+    driver.execute_script("arguments[0].scrollTop = 0", scroller)
+    while True:
+        for item in driver.find_elements(By.CSS_SELECTOR, "[data-testid^=virtualized-item-]"):
+            try:
+                lines[item.get_attribute("data-testid")] = item.text
+            except StaleElementReferenceException:
+                continue
+        before = driver.execute_script("return arguments[0].scrollTop", scroller)
+        driver.execute_script("arguments[0].scrollTop += arguments[0].clientHeight / 2", scroller)
+        if driver.execute_script("return arguments[0].scrollTop", scroller) == before:
+            break
+    return [lines[k] for k in sorted(lines, key=lambda k: int(k.rsplit("-", 1)[1]))]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="amibake_nightly's optional text Params default to '' with type 'string'; the Airflow 3 form "
+    "treats an empty string as a missing required value and disables Trigger (make them nullable)",
+)
+def test_the_trigger_form_accepts_the_defaults(rehearsal: tuple, browser: WebDriver) -> None:
+    airflow, _ec2, _ebs, base_ami, _record_run = rehearsal
+    login(browser, airflow.url, airflow.password)
+    form = open_trigger_form(browser, airflow.url)
+    # the rehearsal's base AMI is the one value a person must type here (AWS would find one by name)
+    set_field(browser, "base_ami", base_ami)
+    assert submit_enabled(browser), f"Trigger disabled; empty fields: {empty_text_fields(form)}"
+
+
+@pytest.mark.xfail(
+    strict=True, reason="amibake_nightly sets no owner: the UI shows Airflow's default 'airflow'"
+)
+def test_the_dag_page_names_an_owner(rehearsal: tuple, browser: WebDriver) -> None:
+    airflow = rehearsal[0]
+    login(browser, airflow.url, airflow.password)
+    browser.get(f"{airflow.url}/dags/{DAG_ID}")
+    owner = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, "a[href*='owners=']")))
+    assert owner.text not in ("", "airflow")
+
+
+def test_a_person_triggers_and_watches_the_build_in_the_ui(rehearsal: tuple, browser: WebDriver) -> None:
+    airflow, ec2, _ebs, base_ami, record_run = rehearsal
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        _drive(browser, airflow, ec2, base_ami, record_run)
+    except BaseException:
+        browser.save_screenshot(str(ARTIFACTS / "ui-failure.png"))
+        raise
+
+
+def _drive(
+    driver: WebDriver, airflow: Any, ec2: Any, base_ami: str, record_run: Callable[[str], object]
+) -> None:
+    login(driver, airflow.url, airflow.password)
+
+    # The DAG's page explains itself: its tags, and its docs one click away.
+    driver.get(f"{airflow.url}/dags/{DAG_ID}")
+    _wait(driver).until(ec.visibility_of_element_located((By.XPATH, "//a[normalize-space()='amibake']")))
+    _wait(driver).until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=markdown-button]"))
+    ).click()
+    docs = _wait(driver).until(
+        lambda d: next(
+            (e for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog]") if e.is_displayed()), None
+        )
+    )
+    _wait(driver).until(lambda d: len(docs.text) > 200)  # rendered doc_md, not an empty dialog
+    _wait(driver).until(
+        lambda d: d.execute_script("return getComputedStyle(arguments[0]).opacity", docs) == "1"
+    )
+    driver.save_screenshot(str(ARTIFACTS / "ui-dag-docs.png"))
+    docs.find_element(By.CSS_SELECTOR, "button[aria-label=Close]").click()
+
+    # Trigger through the form: non-default recipe (the one that builds offline) and AMI name
+    # prefix, and the harness's base AMI.
+    form = open_trigger_form(driver, airflow.url)
+    choose(driver, "recipe", RECIPE)
+    set_field(driver, "ami_name_prefix", PREFIX)
+    set_field(driver, "base_ami", base_ami)
+    # Until the form accepts empty optional fields (see the xfail above), type what the DAG would use.
+    same_as_default = {"subnet_id": rh.default_subnet(ec2), "mirror_url": debian_mirror()}
+    for param in empty_text_fields(form):
+        set_field(driver, param, same_as_default[param])
+    run_id = submit(driver)
+    record_run(run_id)  # so the harness removes what the build left on the "box"
+    conf = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")["conf"]
+    assert (conf["recipe"], conf["ami_name_prefix"], conf["base_ami"]) == (RECIPE, PREFIX, base_ami)
+
+    # Watch the run page (grid + task list) until the run ends.
+    state = _wait(driver, RUN_TIMEOUT_S).until(
+        lambda d: run_state(d) in ("success", "failed") and run_state(d)
+    )
+    # The run's state is final before its last teardown is: wait until the task list shows every
+    # task finished, as a person would before taking the picture.
+    _wait(driver, 300).until(
+        lambda d: (
+            (cells := d.find_elements(By.CSS_SELECTOR, "[data-testid=table-cell-state]"))
+            and all(cell.text.strip().lower().replace(" ", "_") in FINAL_TASK_STATES for cell in cells)
+        )
+    )
+    build_cell = driver.find_element(By.CSS_SELECTOR, f"[id='grid-{run_id}-{BUILD_TASK}']")
+    assert build_cell.is_displayed()
+    driver.save_screenshot(str(ARTIFACTS / "ui-grid.png"))
+
+    # The build task's log shows each phase starting and ending, with its duration.
+    driver.get(f"{airflow.url}/dags/{DAG_ID}/runs/{urllib.parse.quote(run_id, safe='')}/tasks/{BUILD_TASK}")
+    _wait(driver).until(lambda d: any(PHASE_START.search(line) for line in read_log(d)))
+    lines = read_log(driver)
+    # Put the first phase lines in view for the screenshot.
+    scroller = driver.find_element(By.CSS_SELECTOR, "[data-testid=virtual-scroll-container]")
+    driver.execute_script("arguments[0].scrollTop = 0", scroller)
+    first = _wait(driver).until(
+        ec.presence_of_element_located(
+            (
+                By.XPATH,
+                "//*[starts-with(@data-testid, 'virtualized-item-')][contains(., 'phase resolve started')]",
+            )
+        )
+    )
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", first)
+    driver.save_screenshot(str(ARTIFACTS / "ui-build-log.png"))
+
+    assert state == "success", "\n".join(lines[-40:])
+    started = [m.group(1) for line in lines if (m := PHASE_START.search(line))]
+    ended = {m.group(1): float(m.group(2)) for line in lines if (m := PHASE_END.search(line))}
+    assert started[: len(CORE_PHASES)] == CORE_PHASES, lines
+    assert set(started) == set(ended), lines
