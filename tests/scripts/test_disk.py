@@ -144,23 +144,26 @@ def processes_using(path: Path) -> list[str]:
     return [line for line in out.splitlines() if str(path) in line and "ps -eo" not in line]
 
 
-def test_sigterm_runs_the_cleanup(make_volume, hanging_mirror) -> None:
-    """SIGTERM mid-debootstrap: exit 143, a fail result, no mount and no child process left."""
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)],
+                         ids=["TERM", "HUP", "INT"])
+def test_signal_runs_the_cleanup(make_volume, hanging_mirror, sig: signal.Signals, code: int) -> None:
+    """A signal mid-debootstrap (task killed, SSH gone): fail result, no mount, no child process left."""
     mirror, connected = hanging_mirror
     vol = make_volume(size_gib=1)
     proc = start_stalled_build(vol, mirror, connected)
     try:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     events, _ = parse_output(out)
-    assert proc.returncode == 143, err
-    assert events[-1] == {"event": "result", "status": "fail", "phase": "bootstrap", "rc": 143,
-                          "signal": "TERM"}
-    assert "received SIGTERM during phase bootstrap" in err
+    name = sig.name.removeprefix("SIG")
+    assert proc.returncode == code, err
+    assert events[-1] == {"event": "result", "status": "fail", "phase": "bootstrap", "rc": code,
+                          "signal": name}
+    assert f"received SIG{name} during phase bootstrap" in err
     assert vol.mountpoints() == []
     assert processes_using(vol.work) == []
     assert not (vol.work / "run" / "pid").exists()

@@ -74,7 +74,7 @@ phase_bootcheck() {
     args=(-machine accel=tcg -m 1024 -smp 2 -display none -vga none -monitor none -parallel none
         -no-reboot -net none -serial "file:$serial"
         -drive "file=$dev,format=raw,if=virtio,snapshot=on")
-    if "$qemu" -cpu help 2>/dev/null | grep -qw max; then
+    if "$qemu" -cpu help 2>/dev/null | grep -w max >/dev/null; then
         args+=(-cpu max)
     fi
     echo "+ $qemu ${args[*]}"

@@ -2,6 +2,8 @@
 # Shared helpers of build-image: option validation, progress lines, the plan-aware command runner,
 # and the mount/process clean-up every exit path uses.
 # Written for bash 4.2 (CentOS 7): no namerefs, no ${x@Q}, empty arrays expanded with ${a[@]+...}.
+# Under pipefail never end a pipeline with `grep -q`: it may exit before the writer is done, and the
+# writer's SIGPIPE then fails the pipeline (a found match reported as "not found").
 
 # Progress lines go to fd 3 (the caller's stdout); everything else to logs or stderr.
 PROGRESS_FD=3

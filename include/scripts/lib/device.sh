@@ -129,7 +129,7 @@ check_canvas_free() {
         die "$dev is a partition, not a whole disk"
     fi
     root_id=$(awk '$5 == "/" { print $3 }' /proc/self/mountinfo | tail -n1)
-    if dev_all_majmin "$dev" | grep -qx "$root_id"; then
+    if dev_all_majmin "$dev" | grep -x "$root_id" >/dev/null; then
         die "$dev holds the root filesystem of this box; refusing to touch it"
     fi
     mps=$(device_mountpoints "$dev" | paste -sd' ')

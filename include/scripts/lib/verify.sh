@@ -31,7 +31,7 @@ verify_bootloader() {
     dev=$(canvas_device)
     bios=$(bios_partition)
     # boot.img carries the string "GRUB" in its 440 bytes of boot code.
-    if head -c 440 "$dev" | grep -aq GRUB; then
+    if head -c 440 "$dev" | grep -a GRUB >/dev/null; then
         vok "GRUB boot code in the MBR of $dev"
     else
         vfail "no GRUB boot code in the MBR of $dev (bootloader not installed)"
@@ -102,7 +102,7 @@ verify_fstab() {
 
 # Each installed kernel has its modules and a matching initramfs holding the recipe's drivers.
 verify_kernels() {
-    local vmlinuz kver initrd listing drv found norm n=0
+    local vmlinuz kver initrd listing builtin drv norm missing n=0
     for vmlinuz in "$ROOT"/boot/vmlinuz-*; do
         [[ -e $vmlinuz ]] || continue
         kver=${vmlinuz##*/vmlinuz-}
@@ -118,17 +118,18 @@ verify_kernels() {
             vfail "cannot list the initramfs /$initrd"
             continue
         }
+        builtin=$(sed 's,-,_,g' "$ROOT/lib/modules/$kver/modules.builtin" 2>/dev/null || true)
+        missing=0
+        # A driver is in the initramfs as a module, or built into the kernel.
         for drv in "${RECIPE_INITRAMFS_DRIVERS[@]}"; do
             norm=${drv//-/_}
-            found=0
-            if grep -Eq "/${norm}\.ko(\.xz|\.zst|\.gz)?$" <<<"$listing"; then
-                found=1
-            elif sed 's,-,_,g' "$ROOT/lib/modules/$kver/modules.builtin" 2>/dev/null | grep -Eq "/${norm}\.ko$"; then
-                found=1
+            if ! grep -Eq "/${norm}\.ko(\.xz|\.zst|\.gz)?$" <<<"$listing" &&
+                ! grep -Eq "/${norm}\.ko$" <<<"$builtin"; then
+                vfail "initramfs /$initrd of kernel $kver lacks driver $drv"
+                missing=$((missing + 1))
             fi
-            ((found)) || vfail "initramfs /$initrd of kernel $kver lacks driver $drv"
         done
-        vok "kernel $kver: modules, initramfs /$initrd with ${RECIPE_INITRAMFS_DRIVERS[*]}"
+        ((missing)) || vok "kernel $kver: modules, initramfs /$initrd with ${RECIPE_INITRAMFS_DRIVERS[*]}"
     done
     ((n)) || vfail "no kernel in /boot"
     return 0
