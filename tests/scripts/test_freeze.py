@@ -105,3 +105,15 @@ def test_freeze_needs_a_mounted_canvas(make_volume) -> None:
     assert res.rc != 0
     assert f"freeze: nothing of {vol.volume_id}" in res.stderr
     assert not (vol.work / "run" / "guard.pid").exists()
+
+
+def test_umount_of_a_frozen_canvas_thaws_first(mounted) -> None:
+    """A frozen filesystem cannot be unmounted: umount (and a retry's disk phases) thaw it first."""
+    vol = mounted
+    assert run_build(vol, "--freeze-timeout", "600", "freeze", timeout=120).rc == 0
+    guard = int((vol.work / "run" / "guard.pid").read_text())
+    res = run_build(vol, "umount", timeout=120)
+    assert res.rc == 0, res.stderr
+    assert vol.mountpoints() == []
+    assert wait_until(lambda: not pid_alive(guard), 30)
+    assert not (vol.work / "run" / "frozen").exists()

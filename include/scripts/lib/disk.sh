@@ -34,11 +34,18 @@ fs_uuid() {
     blkid -p -o value -s UUID "$1" 2>/dev/null || true
 }
 
+# Undo what an earlier try or step left on this volume: a freeze (a frozen filesystem cannot be
+# unmounted), processes in the chroot, and every mount under $ROOT.
+release_root() {
+    thaw_canvas
+    unmount_below "$ROOT" with-root
+}
+
 phase_resolve() {
     local dev
     dev=$(canvas_device)
     echo "volume $VOLUME_ID is $dev"
-    unmount_below "$ROOT" with-root
+    release_root
     check_canvas_free "$dev" "$SIZE_GIB"
     echo "$dev is free and $SIZE_GIB GiB"
 }
@@ -46,7 +53,7 @@ phase_resolve() {
 phase_partition() {
     local dev
     dev=$(canvas_device)
-    unmount_below "$ROOT" with-root
+    release_root
     check_canvas_free "$dev" "$SIZE_GIB"
     # Old signatures of an earlier try: partitions first, then the table itself.
     local part sys
@@ -110,7 +117,7 @@ assert_xfs_features() {
 
 phase_mkfs() {
     local part uuid opts=()
-    unmount_below "$ROOT" with-root
+    release_root
     part=$(root_partition)
     [[ -b $part ]] || die "$part does not exist: run the partition phase first"
     if [[ -n $(device_mountpoints "$(canvas_device)") ]]; then
@@ -147,6 +154,6 @@ ensure_root_mounted() {
 }
 
 phase_umount() {
-    unmount_below "$ROOT" with-root
+    release_root
     echo "nothing mounted under $ROOT"
 }
