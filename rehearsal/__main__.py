@@ -441,6 +441,7 @@ def rehearsal_services(
 
     save_state()
     with ExitStack() as stack:
+        stack.enter_context(_shielded_cleanup())
         stack.callback(lambda: (state_dir / STATE_FILE).unlink(missing_ok=True))
         if opts.ec2_in_process:
             local = stack.enter_context(LocalEc2())
@@ -470,8 +471,26 @@ def rehearsal_services(
         say(f"starting Airflow at {airflow.url} (logs in {airflow.log_dir}) ...")
         airflow.start()
         ec2.control.clear_requests()  # count only the DAG's own calls
+        stack.callback(_ignore_interrupts)  # runs first when unwinding: a 2nd Ctrl-C must not cut it short
         yield airflow, ec2, ebs, base_ami, lambda run_id: (run_ids.append(run_id), save_state())
         say("stopping Airflow, the EBS emulator, sshd and the local EC2 API ...")
+
+
+def _ignore_interrupts() -> None:
+    """From here on SIGINT / SIGTERM are ignored, so the clean-up runs to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextmanager
+def _shielded_cleanup() -> Iterator[None]:
+    """Restore the SIGINT / SIGTERM handlers after a clean-up that ignored them."""
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def remove_box_dirs(names: list[str], keep_logs_in: Path) -> None:
