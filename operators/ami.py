@@ -46,6 +46,12 @@ def register_image_args(
     }
 
 
+def _snapshots_of(image: dict[str, Any]) -> set[str]:
+    """Snapshot ids an AMI points at: its block device mappings and amibake's snapshot tag."""
+    mapped = {m.get("Ebs", {}).get("SnapshotId", "") for m in image.get("BlockDeviceMappings", [])}
+    return (mapped | {naming.tags_to_dict(image.get("Tags")).get(naming.TAG_SNAPSHOT_ID, "")}) - {""}
+
+
 class RegisterHVMAmi(AmibakeOperator):
     """RegisterImage from the snapshot (HVM, gp3 root, ENA, SR-IOV, BIOS, IMDSv2); wait until available.
 
@@ -110,6 +116,11 @@ class RegisterHVMAmi(AmibakeOperator):
         tags = [*self.tags(context, Role.AMI), {"Key": naming.TAG_SNAPSHOT_ID, "Value": snapshot_id}]
         if existing:
             image_id = existing[0]["ImageId"]
+            if snapshot_id not in _snapshots_of(existing[0]):
+                raise AirflowException(
+                    f"AMI {image_id} named {name!r} was registered from another snapshot than {snapshot_id}; "
+                    "deregister it (or let the sweeper) before registering this build again"
+                )
             self.log.info("build %s: reusing AMI %s (%s) from an earlier try", build, image_id, name)
         else:
             args = register_image_args(

@@ -193,7 +193,9 @@ class LaunchBuildBox(AmibakeOperator):
             if params.instance_profile:
                 key = "Arn" if params.instance_profile.startswith("arn:") else "Name"
                 run_args["IamInstanceProfile"] = {key: params.instance_profile}
-            instance, created = hook.ensure_instance(build, run_args=run_args)
+            instance, created = hook.ensure_instance(
+                build, run_args=run_args, attempt=context["ti"].try_number
+            )
             instance_id = instance["InstanceId"]
             if created:
                 public_host_key = host_key[1] if host_key else ""

@@ -94,7 +94,9 @@ class AttachCanvas(AmibakeOperator):
         if kms_key_id:
             create_args["KmsKeyId"] = kms_key_id
         try:
-            volume, created = hook.ensure_volume(build, create_args=create_args)
+            volume, created = hook.ensure_volume(
+                build, create_args=create_args, attempt=context["ti"].try_number
+            )
             volume_id = volume["VolumeId"]
             self.log.info("build %s: %s canvas %s", build, "created" if created else "reusing", volume_id)
             self.persist_link(VolumeLink, context, volume_id=volume_id)

@@ -174,24 +174,29 @@ class BuildEc2Hook(EC2Hook):
                     raise
         return group["GroupId"]
 
-    def ensure_instance(self, build: str, *, run_args: dict[str, Any]) -> tuple[dict, bool]:
-        """The build's live box, or a new one from ``run_args``; returns (instance, created)."""
+    def ensure_instance(self, build: str, *, run_args: dict[str, Any], attempt: int) -> tuple[dict, bool]:
+        """The build's live box, or a new one from ``run_args``; returns (instance, created).
+
+        ``attempt`` (the task's try number) goes into the ClientToken: EC2 answers a repeated token
+        with the ORIGINAL instance even after it was terminated, so a later try (a cleared run)
+        needs a new token; within one try botocore's own retries reuse it.
+        """
         live = self.find_instances(build)
         if live:
             return live[0], False
-        # a new token per earlier (terminated) box, so a cleared run can launch again
-        earlier = len(self.find_instances(build, include_terminated=True))
-        token = f"amibake-{build}-box-{earlier}"
+        token = f"amibake-{build}-box-{attempt}"
         reservation = self.conn.run_instances(**run_args, MinCount=1, MaxCount=1, ClientToken=token)
         return reservation["Instances"][0], True
 
-    def ensure_volume(self, build: str, *, create_args: dict[str, Any]) -> tuple[dict, bool]:
-        """The build's canvas volume, or a new one from ``create_args``; returns (volume, created)."""
+    def ensure_volume(self, build: str, *, create_args: dict[str, Any], attempt: int) -> tuple[dict, bool]:
+        """The build's canvas volume, or a new one from ``create_args``; returns (volume, created).
+
+        ``attempt`` goes into the ClientToken for the same reason as in :meth:`ensure_instance`.
+        """
         live = [v for v in self.find_volumes(build) if v["State"] not in ("deleting", "deleted", "error")]
         if live:
             return live[0], False
-        earlier = len(self.find_volumes(build))
-        token = f"amibake-{build}-canvas-{earlier}"
+        token = f"amibake-{build}-canvas-{attempt}"
         return self.conn.create_volume(**create_args, ClientToken=token), True
 
     def attach_volume(self, volume_id: str, instance_id: str, device_name: str) -> None:

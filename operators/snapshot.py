@@ -70,6 +70,11 @@ class FrozenSnapshot(AmibakeOperator):
             if snap["State"] == "error":
                 self.log.warning("deleting failed snapshot %s of an earlier try", snap["SnapshotId"])
                 hook.delete_snapshot(snap["SnapshotId"])
+            elif snap.get("VolumeId") != volume_id:
+                # a cleared run rebuilt the canvas: an older canvas's snapshot is not this image
+                self.log.info(
+                    "ignoring snapshot %s of another canvas %s", snap["SnapshotId"], snap.get("VolumeId")
+                )
             elif snap["State"] in LIVE_SNAPSHOT_STATES and not snapshot_id:
                 snapshot_id = snap["SnapshotId"]
                 self.log.info("build %s: reusing snapshot %s (%s)", build, snapshot_id, snap["State"])

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "amibake_nightly"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def nightly(airflow_db: None) -> Any:
-    """The nightly DAG as the DAG processor loads it."""
+    """The nightly DAG as the DAG processor loads it, fresh per test (a run's conf sticks to the object)."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py"))

@@ -44,7 +44,7 @@ def test_launch_sends_the_right_requests_and_answers_on_ssh(ec2: Any, sshd: Any,
     assert run["SubnetId"] == subnet["SubnetId"]
     assert run["MetadataOptions.HttpTokens"] == "required"
     assert run["SecurityGroupId.1"] == box["security_group_id"]
-    assert run["ClientToken"] == f"amibake-{build}-box-0"
+    assert run["ClientToken"] == f"amibake-{build}-box-1"
     assert "KeyName" not in run, "no EC2 key pair: the key goes in through cloud-init"
     specs = tag_specs(run)
     assert set(specs) == {"instance", "volume", "network-interface"}

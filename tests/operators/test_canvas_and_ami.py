@@ -46,7 +46,7 @@ def test_attach_canvas_requests_and_retry(ec2: Any, box: tuple[DAG, dict]) -> No
     assert create["VolumeType"] == "gp3"
     assert create["Encrypted"] == "true"
     assert create["KmsKeyId"] == "alias/amibake-test"
-    assert create["ClientToken"] == f"amibake-{build}-canvas-0"
+    assert create["ClientToken"] == f"amibake-{build}-canvas-1"
     tags = tag_specs(create)["volume"]
     assert (tags[naming.TAG_BUILD_ID], tags[naming.TAG_ROLE], tags[naming.TAG_RECIPE]) == (
         build,
@@ -181,3 +181,18 @@ def test_register_refuses_bad_input_before_creating(ec2: Any) -> None:
     with pytest.raises(ParamError, match="^snapshot.snapshot_id: "):
         run_operator(op, make_context(dag, RUN_ID))
     assert ec2.requests == []
+
+
+def test_register_refuses_to_reuse_an_ami_of_another_snapshot(ec2: Any) -> None:
+    dag, op = _register("amibake_t_register_other", "snap-0123456789abcdef0")
+    run_operator(op, make_context(dag, RUN_ID, max_tries=1))
+    with dag:
+        again = RegisterHVMAmi(
+            task_id="register_hvm_ami_again",
+            recipe="centos7",
+            snapshot={"snapshot_id": "snap-0fedcba9876543210", "volume_id": "vol-0123456789abcdef0"},
+            size_gib=8,
+        )
+    with pytest.raises(Exception, match="registered from another snapshot"):
+        run_operator(again, make_context(dag, RUN_ID, try_number=2, max_tries=1))
+    assert len(ec2.calls("RegisterImage")) == 1
