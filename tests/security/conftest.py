@@ -1,0 +1,9 @@
+"""Security-test fixtures on top of tests/conftest.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The operator harness of tests/operators runs an operator as the task runner + triggerer would.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operators"))
