@@ -45,6 +45,11 @@ happens (the run is still marked failed when a step failed). Every resource carr
 `amibake:build-id` tag, so a retry finds what an earlier try made and creates nothing twice, and
 the sweeper DAG removes anything a crash left behind.
 
+SSH keys: the box gets the PUBLIC half of the `amibake_ssh` connection's key through cloud-init
+user data; there is no EC2 key pair to leak and the private key never leaves the connection (or
+the secrets backend behind it): not in XCom, logs or the repository. Reached on its own IP, the box
+also gets a per-build host key through user data, and every task verifies it.
+
 Environment specifics live outside the code: connections `amibake_aws` / `amibake_ssh` and the
 `[amibake]` configuration section (`ssh_address`, `ssh_cidr`, `subnet_id`, `schedule`, ...).
 """
