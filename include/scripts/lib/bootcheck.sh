@@ -71,8 +71,10 @@ phase_bootcheck() {
         freeze_canvas $((BOOT_TIMEOUT + 120))
         echo "froze the canvas filesystems for a consistent disk"
     fi
+    # reboot-timeout: when no disk is bootable SeaBIOS would retry forever; this way it reboots,
+    # and -no-reboot turns that into qemu exiting.
     args=(-machine accel=tcg -m 1024 -smp 2 -display none -vga none -monitor none -parallel none
-        -no-reboot -net none -serial "file:$serial"
+        -no-reboot -boot reboot-timeout=1000 -net none -serial "file:$serial"
         -drive "file=$dev,format=raw,if=virtio,snapshot=on")
     if "$qemu" -cpu help 2>/dev/null | grep -w max >/dev/null; then
         args+=(-cpu max)
@@ -93,7 +95,7 @@ phase_bootcheck() {
             echo "bootcheck: passed after $((SECONDS - deadline + BOOT_TIMEOUT)) s: kernel got root=UUID=$root_uuid, the booted system reports multi-user.target with that root, login prompt shown"
             return 0
         fi
-        kill -0 "$(<"$(qemu_pidfile)")" 2>/dev/null || die "bootcheck: qemu exited before the system reached multi-user"
+        kill -0 "$(<"$(qemu_pidfile)")" 2>/dev/null || die "bootcheck: qemu exited before the system reached multi-user (no bootable disk, or a reboot or panic: serial console below)"
         ((SECONDS < deadline)) || die "bootcheck: no multi-user login prompt within ${BOOT_TIMEOUT}s (--boot-timeout)"
         sleep 1
     done
