@@ -6,6 +6,7 @@ device registered under the moto volume id by rehearsal.ebs.LoopEbs, with this m
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -229,6 +230,9 @@ def test_failed_build_runs_teardowns_and_fails_the_run(
     assert ec2.calls("CreateSnapshot") == [] and ec2.calls("RegisterImage") == []
     assert _left_in_moto(ec2, build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
     _no_canvas_on_this_machine(loop_ebs, [c["VolumeId"] for c in ec2.calls("AttachVolume")])
+    key_body = sshd.private_key_pem.splitlines()[1]
+    assert key_body not in log, "the SSH private key must never reach a task log"
+    assert key_body not in json.dumps([_xcom(dag_run, t) for t in ("launch_build_box", "attach_canvas")])
 
 
 @pytest.mark.slow
