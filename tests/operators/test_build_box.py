@@ -257,3 +257,13 @@ def test_security_group_deletion_waits_out_a_lingering_interface(ec2: Any, sshd:
     )
     with pytest.raises(Exception, match="DependencyViolation"):
         hook.delete_security_groups(box["build_id"], limits=(0, 2))
+
+
+def test_launch_with_an_instance_profile(ec2: Any, sshd: Any, subnet: dict) -> None:
+    iam = ec2.boto3_client("iam")
+    iam.create_instance_profile(InstanceProfileName="amibake-builder")
+    ami = ec2.register_base_image("amibake-test-base")
+    dag, op = _launch("amibake_t_launch_profile", base_ami=ami, instance_profile="amibake-builder")
+    run_operator(op, make_context(dag, RUN_ID))
+    (run,) = ec2.calls("RunInstances")
+    assert run["IamInstanceProfile.Name"] == "amibake-builder"
