@@ -95,6 +95,22 @@ def test_failure_names_the_phase_and_shows_the_log(make_volume) -> None:
     assert "run the partition phase first" in lines[0]
 
 
+def test_a_failing_command_fails_its_phase(make_volume) -> None:
+    """errexit holds inside every phase: debootstrap failing on a dead mirror fails bootstrap itself."""
+    vol = make_volume(size_gib=1)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed again at once: connections are refused
+    mirror = f"http://127.0.0.1:{port}/debian"
+    res = run_build(vol, "--mirror", mirror, "partition", "mkfs", "mount", "bootstrap")
+    assert res.rc != 0
+    assert res.phases("phase-end") == ["partition", "mkfs", "mount"]
+    assert res.phases("phase-fail") == ["bootstrap"]
+    assert res.result == {"event": "result", "status": "fail", "phase": "bootstrap", "rc": res.rc}
+    assert "phase bootstrap: 'debootstrap --variant=minbase" in res.stderr
+    assert any("Failed getting release file" in line for line in res.other_stdout)
+    assert vol.mountpoints() == []
+
+
 @pytest.fixture
 def hanging_mirror() -> Iterator[tuple[str, threading.Event]]:
     """An HTTP 'mirror' on 127.0.0.1 that accepts connections and never answers (a stalled download)."""

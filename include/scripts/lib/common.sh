@@ -2,7 +2,8 @@
 # Shared helpers of build-image: option validation, progress lines, the plan-aware command runner,
 # and the mount/process clean-up every exit path uses.
 # Written for bash 4.2 (CentOS 7): no namerefs, no ${x@Q}, empty arrays expanded with ${a[@]+...}.
-# Under pipefail never end a pipeline with `grep -q`: it may exit before the writer is done, and the
+# Never call a function that relies on errexit from `if`, `||` or `&&`: bash ignores errexit in its
+# whole body then. Under pipefail never end a pipeline with `grep -q`: it may exit before the writer is done, and the
 # writer's SIGPIPE then fails the pipeline (a found match reported as "not found").
 
 # Progress lines go to fd 3 (the caller's stdout); everything else to logs or stderr.
@@ -59,6 +60,8 @@ run() {
         return 0
     fi
     echo "+ $*"
+    # shellcheck disable=SC2034 # read by build-image's ERR trap to name the failed command
+    RUN_CMD="$*"
     "$@"
 }
 

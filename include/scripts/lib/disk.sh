@@ -149,8 +149,11 @@ phase_mount() {
 }
 
 # Later phases run alone too: they mount the root filesystem when an earlier invocation did not.
+# (An `if`, not `||`: bash ignores errexit inside a function called from an `||` list.)
 ensure_root_mounted() {
-    mountpoint -q "$ROOT" || phase_mount
+    if ! mountpoint -q "$ROOT"; then
+        phase_mount
+    fi
 }
 
 phase_umount() {
