@@ -1,7 +1,16 @@
-"""Helpers of the fault tests: age a build's resources, list what is left of it, run the sweeper."""
+"""Helpers of the fault tests: age a build's resources, list what is left of it, run the sweeper,
+run a task try in a worker process and kill it."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -67,3 +76,80 @@ def run_sweeper(max_age_hours: float = 6) -> Any:
 
     dag = DagBag(dag_folder=str(REPO / "dags" / "amibake_sweeper.py")).dags["amibake_sweeper"]
     return dag.test(run_after=datetime.now(UTC), run_conf={"max_age_hours": max_age_hours})
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+    """Poll ``condition`` until it returns something truthy (a wait for an event, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+
+
+@dataclass
+class Worker:
+    """One task try running in its own process (tests/faults/worker.py)."""
+
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_worker(
+    tmp_path: Path, operator: str, task_id: str, kwargs: dict, dag_id: str, run_id: str
+) -> Worker:
+    """Start a worker process running ``operator`` (dotted class path) as try 1 of ``task_id``."""
+    spec = {"operator": operator, "task_id": task_id, "kwargs": kwargs, "dag_id": dag_id, "run_id": run_id}
+    spec |= {"try_number": 1, "max_tries": 3}
+    spec_file = tmp_path / f"{task_id}.json"
+    spec_file.write_text(json.dumps(spec))
+    log = tmp_path / f"{task_id}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("worker.py")), str(spec_file)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    return Worker(proc, log)
+
+
+def kill_when(worker: Worker, condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+    """SIGKILL the worker as soon as ``condition`` holds; fail if the worker ended first."""
+
+    def seen() -> Any:
+        if worker.proc.poll() is not None:
+            raise AssertionError(
+                f"worker ended (rc {worker.proc.returncode}) before {what}:\n{worker.output()[-3000:]}"
+            )
+        return condition()
+
+    try:
+        value = wait_until(seen, what, timeout)
+    finally:
+        if worker.proc.poll() is None:
+            os.kill(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait()
+    assert worker.proc.returncode == -signal.SIGKILL
+    return value
+
+
+def build_image_pids(volume_id: str) -> list[int]:
+    """Processes on this "box" running build-image for ``volume_id`` (from /proc cmdlines)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(a.endswith(b"build-image") for a in argv) and volume_id.encode() in argv:
+            found.append(int(entry.name))
+    return found
