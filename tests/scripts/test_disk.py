@@ -220,3 +220,18 @@ def test_build_image_runs_from_any_directory(make_volume, tmp_path: Path) -> Non
         env={**os.environ, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_abort_after_the_build_was_killed(make_volume, hanging_mirror) -> None:
+    """The build killed with SIGKILL (no trap runs): abort stops its orphaned phase and cleans up."""
+    mirror, connected = hanging_mirror
+    vol = make_volume(size_gib=1)
+    proc = start_stalled_build(vol, mirror, connected)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert processes_using(vol.work), "the phase should outlive its killed parent (its own session)"
+    aborted = run_build(vol, "abort")
+    assert aborted.rc == 0, aborted.stderr
+    assert vol.mountpoints() == []
+    assert processes_using(vol.work) == []
+    assert run_build(vol, "mount").rc == 0

@@ -85,14 +85,17 @@ kill_tree() {
     kill "-$sig" "$pid" 2>/dev/null || true
 }
 
-# Kill every process whose root directory is $1 (daemons a package script started in the chroot).
+# Kill every process whose root or working directory is inside $1 (daemons a package script
+# started in the chroot, a tool left working there): they would keep the mount busy.
 kill_chroot_procs() {
-    local root=$1 p link pids=() try
+    local root=$1 p link cwd pids=() try
     for try in 1 2 3 4 5 6; do
         pids=()
         for p in /proc/[0-9]*; do
+            [[ ${p#/proc/} == "$$" || ${p#/proc/} == "$BASHPID" ]] && continue
             link=$(readlink "$p/root" 2>/dev/null) || continue
-            if [[ $link == "$root" || $link == "$root"/* ]]; then
+            cwd=$(readlink "$p/cwd" 2>/dev/null) || true
+            if [[ $link == "$root" || $link == "$root"/* || $cwd == "$root" || $cwd == "$root"/* ]]; then
                 pids+=("${p#/proc/}")
             fi
         done
