@@ -117,6 +117,16 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _is_harness(pid: int) -> bool:
+    """Whether ``pid`` is a running rehearsal harness (its own environment lacks the marker,
+    which it sets for its children only, so it is recognised by its command line)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return _running(pid) and pid != os.getpid() and b"rehearsal" in argv and b"-m" in argv
+
+
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     """Wait for processes to exit; returns those still there."""
     deadline = time.monotonic() + timeout
@@ -178,12 +188,12 @@ def clean_up_earlier(state_dir: Path) -> bool:
     state = state_dir / STATE_FILE
     recorded = json.loads(state.read_text()) if state.exists() else {}
     harness = recorded.get("harness_pid")
-    strays = _marked_processes(state_dir)
-    if harness in strays:
+    if harness and _is_harness(harness):
         say(f"stopping the rehearsal still running (pid {harness}) ...")
+        did = True
         os.kill(harness, signal.SIGTERM)
-        _wait_gone([harness], 120)
-        strays = _marked_processes(state_dir)
+        _wait_gone([harness], 180)
+    strays = _marked_processes(state_dir)
     if strays:
         did = True
         sshd_dirs = _sshd_dirs(strays)
@@ -565,7 +575,7 @@ def rehearse(opts: Options) -> RunResult:
                 signal.pause()
             except KeyboardInterrupt:  # the way to stop it: the run's own result still counts
                 pass
-    if result.failed:
+    if result.failed and any((opts.state_dir / "logs").glob("box-*")):
         say(f"the box's full phase logs were kept in {opts.state_dir / 'logs'}/box-*/")
     return result
 
