@@ -6,6 +6,8 @@
 # no mirror host is written here.
 
 DEBIAN_SUITE=bookworm
+# Installed with apt inside the image after a minbase debootstrap: debootstrap's own resolver does not
+# follow virtual packages (cloud-init -> python3-cryptography -> python3-cffi-backend-api-*), apt does.
 DEBIAN_PACKAGES=(linux-image-cloud-amd64 grub-pc initramfs-tools xfsprogs systemd-sysv udev
     openssh-server cloud-init cloud-guest-utils ifupdown isc-dhcp-client sudo ca-certificates)
 DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
@@ -96,13 +98,15 @@ phase_bootstrap() {
         extra+=("--cache-dir=$AMIBAKE_PACKAGE_CACHE/debootstrap")
     fi
     run debootstrap --variant=minbase --components=main ${extra[@]+"${extra[@]}"} \
-        "--include=$(IFS=,; echo "${DEBIAN_PACKAGES[*]}")" "$DEBIAN_SUITE" "$ROOT" "$mirror"
+        "$DEBIAN_SUITE" "$ROOT" "$mirror"
     write_apt_sources "$mirror"
-    # The image is "patched": updates and security fixes on top of the release.
     chroot_enter
     bind_apt_cache
     in_chroot apt-get update
+    # The image is "patched": updates and security fixes on top of the release, then the packages.
     in_chroot env DEBIAN_FRONTEND=noninteractive apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade
+    in_chroot env DEBIAN_FRONTEND=noninteractive apt-get -y --no-install-recommends \
+        -o Dpkg::Options::=--force-confold install "${DEBIAN_PACKAGES[@]}"
     chroot_leave
 }
 
