@@ -523,17 +523,13 @@ def remove_box_dirs(names: list[str], keep_logs_in: Path) -> None:
         shutil.rmtree(path)
 
 
-def leftovers(ebs_dir: Path, state_dir: Path) -> list[str]:
-    """What is still on this machine after a rehearsal stopped (should be nothing)."""
+def leftovers(state_dir: Path) -> list[str]:
+    """What of this rehearsal is still on the machine after it stopped (should be nothing)."""
+    ebs_dir = state_dir / "ebs"
     found = [f"process {pid}" for pid in _marked_processes(state_dir)]
     found += [f"image {p}" for p in ebs_dir.glob("vol-*.img")] if ebs_dir.is_dir() else []
-    by_id = Path("/dev/disk/by-id")
-    if by_id.is_dir():
-        found += [
-            f"link {p}"
-            for p in by_id.glob("nvme-Amazon_Elastic_Block_Store_vol*")
-            if p.is_symlink() and not p.exists()
-        ]
+    loops = subprocess.run(["losetup", "-nO", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+    found += [f"loop device {line}" for line in loops.splitlines() if str(ebs_dir) in line]
     return found
 
 
@@ -672,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RehearsalError, AirflowError) as exc:
         say(f"rehearsal failed: {exc}")
         return 1
-    left = leftovers(opts.state_dir / "ebs", opts.state_dir)
+    left = leftovers(opts.state_dir)
     if left:
         say("left behind: " + ", ".join(left))
         return 1
