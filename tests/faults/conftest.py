@@ -77,6 +77,7 @@ class Rig:
         self.build = naming.build_id(self.dag_id, RUN_ID)
         self.box: dict[str, Any] = {}
         self.canvas: dict[str, Any] = {}
+        self.volumes: set[str] = set()  # every canvas attached (tests may clear the recorded requests)
 
     def dag(self) -> DAG:
         return DAG(self.dag_id, schedule=None)
@@ -91,6 +92,7 @@ class Rig:
         base = self.ec2.register_base_image("amibake-test-base")
         self.box = self.run(LaunchBuildBox, "launch_build_box", base_ami=base)
         self.canvas = self.run(AttachCanvas, "attach_canvas", box=self.box, size_gib=size_gib)
+        self.volumes.add(self.canvas["volume_id"])
         self.ebs.wait_for(self.canvas["volume_id"])
 
     @property
@@ -134,8 +136,7 @@ class Rig:
 
     def undo(self) -> None:
         """Whatever the test left: thaw, stop and unmount build-image's work, remove its dirs."""
-        for call in self.ec2.calls("AttachVolume"):
-            vol = call["VolumeId"]
+        for vol in self.volumes | {call["VolumeId"] for call in self.ec2.calls("AttachVolume")}:
             if self.ebs.devices.get(vol):
                 base = ["bash", str(defaults.PACKAGE_SCRIPTS_DIR / "build-image"), "--volume-id", vol]
                 for action in ("thaw", "abort", "umount"):
