@@ -2,9 +2,9 @@
 Selenium through Debian's chromedriver, against the rehearsal's Airflow (``./rehearse``'s services:
 moto behind the recording proxy, sshd as the build box, loop devices as the canvas).
 
-As a person would: log in, open the DAG, read its docs, trigger it through the form with a
-non-default Param, watch the run page until the run ends, open the build task's log and find
-the phase lines. Screenshots of the grid and the log go to ``artifacts/`` (gitignored; the README's
+As a person would: log in, open the DAG, read its docs, trigger it through the form with
+non-default Params, watch the run page until the run ends, open the build task's log and find
+the phase lines, and follow each AWS task's console links. Screenshots of the grid and the log go to ``artifacts/`` (gitignored; the README's
 copies live in docs/screenshots/).
 """
 
@@ -41,6 +41,13 @@ RUN_TIMEOUT_S = 1500
 FINAL_TASK_STATES = {"success", "failed", "upstream_failed", "skipped", "removed"}
 PHASE_START = re.compile(r"phase (\w+) started")
 PHASE_END = re.compile(r"phase (\w+) finished in ([0-9.]+) s")
+#: Each AWS task's page links to what it made in the AWS console (resource id prefixes).
+CONSOLE_LINKS = {
+    "launch_build_box": ("i-", "sg-"),
+    "attach_canvas": ("vol-",),
+    "frozen_snapshot": ("snap-",),
+    "register_hvm_ami": ("ami-",),
+}
 #: The form's typed-in Param fields (not the switches, not the hidden values of the dropdowns).
 TEXT_FIELDS = "input[name^=element_]:not([type=hidden]):not([type=checkbox])"
 #: Phases build-image runs for every recipe (docs/architecture.md), in order.
@@ -291,3 +298,18 @@ def _drive(
     ended = {m.group(1): float(m.group(2)) for line in lines if (m := PHASE_END.search(line))}
     assert started[: len(CORE_PHASES)] == CORE_PHASES, lines
     assert set(started) == set(ended), lines
+
+    # Each AWS task links to its instance, security group, volume, snapshot and AMI in the console.
+    run_path = f"{airflow.url}/dags/{DAG_ID}/runs/{urllib.parse.quote(run_id, safe='')}"
+    for task_id, prefixes in CONSOLE_LINKS.items():
+        driver.get(f"{run_path}/tasks/{task_id}/details")
+        _wait(driver).until(
+            lambda d, want=prefixes: (
+                {
+                    m.group(1)
+                    for a in d.find_elements(By.CSS_SELECTOR, "a[href^='https://console.aws.amazon.com/']")
+                    if (m := re.search(r"=((?:i|sg|vol|snap|ami)-)[0-9a-f]+$", a.get_attribute("href") or ""))
+                }
+                == set(want)
+            )
+        )
