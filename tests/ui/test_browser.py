@@ -4,8 +4,8 @@ moto behind the recording proxy, sshd as the build box, loop devices as the canv
 
 As a person would: log in, open the DAG, read its docs, trigger it through the form with
 non-default Params, watch the run page until the run ends, open the build task's log and find
-the phase lines, and follow each AWS task's console links. Screenshots of the grid and the log go to ``artifacts/`` (gitignored; the README's
-copies live in docs/screenshots/).
+the phase lines, and follow each AWS task's console links. Screenshots of the grid and the log
+go to ``artifacts/`` (gitignored; the README's copies live in docs/screenshots/).
 """
 
 from __future__ import annotations
