@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 
 TAG_PREFIX = "amibake:"
@@ -45,7 +45,7 @@ def build_id(dag_id: str, run_id: str) -> str:
 
 def utc_now_iso() -> str:
     """Creation time as written into the ``amibake:created-at`` tag."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 def resource_tags(
@@ -96,7 +96,7 @@ def resource_name(build: str, role: Role) -> str:
 
 def ami_name(prefix: str, run_after: datetime, build: str) -> str:
     """AMI name: prefix + UTC date and time of the run + build id, unique per run."""
-    when = run_after.astimezone(timezone.utc).strftime("%Y%m%d-%H%M")
+    when = run_after.astimezone(UTC).strftime("%Y%m%d-%H%M")
     name = f"{prefix}-{when}-{build}"
     if not AMI_NAME_RE.match(name):
         raise ValueError(f"ami name {name!r} is not a valid AMI name")
