@@ -60,7 +60,7 @@ class AttachCanvas(AmibakeOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         """Validate, create or find the volume, attach it, wait until in use."""
         size = validation.validate_size(self.size_gib, "size_gib")
-        device = validation.DEVICE_NAME_RE.match(str(self.device_name))
+        device = validation.DEVICE_NAME_RE.fullmatch(str(self.device_name))
         if not device:
             raise validation.ParamError(
                 "device_name", f"must be /dev/sdf../dev/sdp, got {self.device_name!r}"

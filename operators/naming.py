@@ -98,6 +98,6 @@ def ami_name(prefix: str, run_after: datetime, build: str) -> str:
     """AMI name: prefix + UTC date and time of the run + build id, unique per run."""
     when = run_after.astimezone(UTC).strftime("%Y%m%d-%H%M")
     name = f"{prefix}-{when}-{build}"
-    if not AMI_NAME_RE.match(name):
+    if not AMI_NAME_RE.fullmatch(name):
         raise ValueError(f"ami name {name!r} is not a valid AMI name")
     return name

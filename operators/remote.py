@@ -44,11 +44,11 @@ def build_image_argv(
     """argv of one ``build-image`` call (validated again here: this is the last stop before a shell)."""
     if action not in ACTIONS:
         raise ParamError("action", f"must be one of {', '.join(ACTIONS)}, got {action!r}")
-    if not VOLUME_ID_RE.match(volume_id):
+    if not VOLUME_ID_RE.fullmatch(volume_id):
         raise ParamError("volume_id", f"must be a volume id like vol-0123456789abcdef0, got {volume_id!r}")
     if recipe not in defaults.RECIPES:
         raise ParamError("recipe", f"must be one of {', '.join(defaults.RECIPES)}, got {recipe!r}")
-    if not DEVICE_NAME_RE.match(device_name):
+    if not DEVICE_NAME_RE.fullmatch(device_name):
         raise ParamError(
             "device_name", f"must be /dev/sdf../dev/sdp or /dev/xvdf../dev/xvdp, got {device_name!r}"
         )

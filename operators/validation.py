@@ -20,7 +20,7 @@ SUBNET_ID_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8,17}$")
 INSTANCE_ID_RE = re.compile(r"^i-[0-9a-f]{8,17}$")
 SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{8,17}$")
-INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
+INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}\.[a-z0-9-]{1,15}$")
 OWNER_RE = re.compile(r"^(self|amazon|aws-marketplace|\d{12})$")
 AMI_NAME_FILTER_RE = re.compile(r"^[A-Za-z0-9()\[\] ./'@_*?-]{1,128}$")
 INSTANCE_PROFILE_RE = re.compile(
@@ -32,6 +32,7 @@ KMS_KEY_RE = re.compile(
 )
 DEVICE_NAME_RE = re.compile(r"^/dev/(sd|xvd)[f-p]$")
 URL_FORBIDDEN_RE = re.compile(r"[\s\"'`$\\<>|;&(){}]")
+MIRROR_URL_MAX = 2048
 
 
 class ParamError(ValueError):
@@ -74,7 +75,9 @@ def _str(params: Mapping[str, Any], field: str, default: str = "") -> str:
         return default
     if not isinstance(value, str):
         raise ParamError(field, f"must be a string, got {type(value).__name__} {value!r}")
-    return value.strip()
+    if value != value.strip():
+        raise ParamError(field, f"must not start or end with white space or a newline, got {value!r}")
+    return value
 
 
 def as_bool(params: Mapping[str, Any], field: str, default: bool) -> bool:
@@ -91,7 +94,7 @@ def as_bool(params: Mapping[str, Any], field: str, default: bool) -> bool:
 
 def match_field(field: str, value: str, pattern: re.Pattern[str], what: str) -> str:
     """``value`` if it matches ``pattern``, else a ParamError saying what was expected."""
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise ParamError(field, f"must be {what}, got {value!r}")
     return value
 
@@ -117,6 +120,8 @@ def validate_mirror_url(value: str, field: str = "mirror_url") -> str:
     """An http(s) URL with a host and no characters a shell or a repo file would trip over."""
     if not value:
         return ""
+    if len(value) > MIRROR_URL_MAX:
+        raise ParamError(field, f"must be at most {MIRROR_URL_MAX} characters, got {len(value)}")
     if URL_FORBIDDEN_RE.search(value):
         raise ParamError(field, f"must not contain spaces, quotes or shell characters, got {value!r}")
     parts = urlsplit(value)
@@ -139,7 +144,7 @@ def validate_ami_prefix(value: str, recipe: str, field: str = "ami_name_prefix")
     prefix = value or defaults.default_ami_prefix(recipe)
     if len(prefix) > naming.AMI_PREFIX_MAX:
         raise ParamError(field, f"must be at most {naming.AMI_PREFIX_MAX} characters, got {len(prefix)}")
-    if not naming.AMI_NAME_RE.match(prefix):
+    if not naming.AMI_NAME_RE.fullmatch(prefix):
         raise ParamError(
             field, f"may only use letters, digits, spaces and ()[]./'@_- (3+ chars), got {prefix!r}"
         )
@@ -232,6 +237,6 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
 
 def require_id(field: str, value: Any, pattern: re.Pattern[str], what: str) -> str:
     """An AWS resource id handed over between tasks (XCom): present and well-formed."""
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ParamError(field, f"must be {what}, got {value!r}")
     return value

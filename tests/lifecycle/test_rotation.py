@@ -118,9 +118,6 @@ def test_an_ami_without_our_tags_is_never_the_new_one(ec2: Any, history: dict[st
     assert mutating(ec2) == []
 
 
-NEWLINE_BUG = pytest.mark.xfail(
-    strict=True, reason="operators/validation.py AMI_ID_RE ends in $, which accepts a trailing newline"
-)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +136,7 @@ NEWLINE_BUG = pytest.mark.xfail(
         ("new_ami_id", ""),
         ("new_ami_id", None),
         ("new_ami_id", ["ami-0123456789abcdef0"]),
-        pytest.param("new_ami_id", "ami-0123456789abcdef0\n", marks=NEWLINE_BUG),
+        pytest.param("new_ami_id", "ami-0123456789abcdef0\n"),
         ("keep", "0"),
         ("keep", -1),
         ("keep", "1.5"),
