@@ -261,6 +261,16 @@ class BuildEc2Hook(EC2Hook):
             deleted.append(volume_id)
         return deleted
 
+    def snapshot_state(self, snapshot_id: str) -> str:
+        """State of one snapshot as AWS reports it now ('' if it no longer exists)."""
+        try:
+            snaps = self.conn.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+        except Exception as exc:
+            if _error_code(exc) != "InvalidSnapshot.NotFound":
+                raise
+            return ""
+        return snaps[0]["State"] if snaps else ""
+
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete one snapshot (a failed one, so a retry takes a new one)."""
         try:

@@ -150,11 +150,25 @@ class FrozenSnapshot(AmibakeOperator):
         return snapshot["SnapshotId"]
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, str]:
-        """The snapshot completed, or failed: then it is deleted so a retry takes a new one."""
+        """The snapshot completed, or the wait ended without it.
+
+        Only a snapshot AWS reports in ``error`` is deleted (so the retry takes a new one). A wait
+        that ran out while AWS is still copying keeps the snapshot: the retry finds it and waits again
+        instead of freezing and snapshotting a second time.
+        """
         snapshot_id = event["snapshot_id"]
         if event.get("status") != "success":
-            self.log.error("snapshot %s failed: %s; deleting it", snapshot_id, event.get("message"))
-            self.ec2().delete_snapshot(snapshot_id)
+            state = self.ec2().snapshot_state(snapshot_id)
+            if state == "error":
+                self.log.error("snapshot %s failed: %s; deleting it", snapshot_id, event.get("message"))
+                self.ec2().delete_snapshot(snapshot_id)
+            else:
+                self.log.error(
+                    "gave up waiting for snapshot %s (state %s): %s; a retry waits for it again",
+                    snapshot_id,
+                    state,
+                    event.get("message"),
+                )
             raise AirflowException(f"snapshot {snapshot_id} did not complete: {event.get('message')}")
         volume_id = self.canvas["volume_id"] if isinstance(self.canvas, dict) else ""
         self.log.info("snapshot %s completed", snapshot_id)

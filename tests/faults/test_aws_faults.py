@@ -124,21 +124,11 @@ def _snapshot_ids(rig: Any) -> list[str]:
     return [s["SnapshotId"] for s in found["Snapshots"]]
 
 
-WAITER_TIMEOUT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: operators/snapshot.py FrozenSnapshot.execute_complete deletes the snapshot on ANY "
-    "non-success event, and a waiter that runs out (deferred: the trigger's 'max attempts reached' "
-    "event; in the worker: the except branch) is one, so a snapshot AWS is still copying is deleted "
-    "and the retry freezes again and takes a second one (fix: delete only when the snapshot's State "
-    "is 'error'; on a timeout raise and keep it, find_snapshots already reuses 'pending')",
-)
-
-
 @pytest.mark.parametrize(
     "deferrable",
     [
-        pytest.param(True, id="deferred", marks=WAITER_TIMEOUT_BUG),
-        pytest.param(False, id="in-worker", marks=WAITER_TIMEOUT_BUG),
+        pytest.param(True, id="deferred"),
+        pytest.param(False, id="in-worker"),
     ],
 )
 def test_a_waiter_running_out_while_aws_works_is_picked_up_by_the_next_try(
