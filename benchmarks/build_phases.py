@@ -34,7 +34,7 @@ def one_run(smoke: bool, size_gib: int, cache: str | None) -> dict[str, float]:
     """Build once on a fresh loop canvas; phase -> seconds, plus 'wall'. Always cleans up."""
     vol = LoopVolume(size_gib=size_gib)
     env = {"AMIBAKE_PACKAGE_CACHE": cache} if cache else {}
-    args = SMOKE_PHASES if smoke else ["--boot-check", "all"]
+    args = SMOKE_PHASES if smoke else ["--boot-check", "--boot-timeout", "900", "all"]
     try:
         t0 = time.monotonic()
         res = run_build(vol, *args, env=env, timeout=3600)

@@ -30,7 +30,9 @@ def built() -> Iterator[tuple[LoopVolume, BuildResult]]:
     vol = LoopVolume(size_gib=3)
     cache = os.environ.get("AMIBAKE_PACKAGE_CACHE", str(REPO / ".cache" / "packages"))
     try:
-        res = run_build(vol, "--boot-check", "all", env={"AMIBAKE_PACKAGE_CACHE": cache}, timeout=1800)
+        # A generous boot limit: TCG on 2 shared cores takes 30 s alone and minutes under load.
+        res = run_build(vol, "--boot-check", "--boot-timeout", "900", "all",
+                        env={"AMIBAKE_PACKAGE_CACHE": cache}, timeout=2400)
         yield vol, res
     finally:
         vol.teardown()
