@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, AsyncCallback, DeadlineAlert, DeadlineReference, Param, task
 
 from operators import (
     AttachCanvas,
@@ -19,7 +19,9 @@ from operators import (
     RemoteChrootBuild,
     TerminateBuildBox,
     defaults,
+    notify,
 )
+from operators.sweep import RotateAmis
 
 DAG_ID = "amibake_nightly"
 
@@ -39,6 +41,21 @@ Builds the image **from scratch** on a temporary EC2 build box and registers it 
 5. **frozen_snapshot**: freeze the canvas filesystems, CreateSnapshot, thaw at once.
 6. **register_hvm_ami**: RegisterImage (HVM, ENA, SR-IOV, legacy BIOS, IMDSv2) and announce it
    as the Asset `amibake://ami/<recipe>`.
+7. **rotate_amis**: only after the new AMI is available: keep the newest `keep_amis` of the
+   recipe, set `deprecate_at` on the next `deprecate_grace`, deregister older ones with their
+   snapshots. A failed night never gets here, so every existing AMI stays as it was.
+
+**How long it takes**: the EC2 waits take a few minutes (snapshot and AMI: 5-30 min on AWS, held
+by the triggerer, not a worker slot); the build itself takes 5-15 min for CentOS 7 (yum from the
+configured mirror). The offline rehearsal of the Debian 12 recipe takes about 3 minutes. A run
+that takes an hour longer than the average of the last runs raises a deadline alert.
+
+**When it fails**: the failed task's log names the build phase and the exit code, followed by the
+tail of that phase's output (the full phase logs stay on the box under
+`/var/tmp/amibake/<volume-id>/logs/` until the box is terminated). The teardowns have already
+removed the box, its security group and the canvas; the sweeper DAG removes anything a crash
+left. Fix the cause (a mirror, a quota, a Param) and trigger again, or clear the failed task: a
+retry reuses what the run already made.
 
 Teardowns **terminate_build_box** (with its security group) and **delete_canvas** run whatever
 happens (the run is still marked failed when a step failed). Every resource carries the
@@ -81,32 +98,28 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["amibake", "ami"],
-    default_args={"execution_timeout": timedelta(minutes=30)},
+    default_args={"owner": "amibake", "execution_timeout": timedelta(minutes=30)},
+    on_failure_callback=notify.on_failure,
+    deadline=DeadlineAlert(
+        reference=DeadlineReference.AVERAGE_RUNTIME(max_runs=10, min_runs=3),
+        interval=timedelta(hours=1),
+        callback=AsyncCallback(notify.deadline_missed),
+    ),
     params={
         "recipe": Param(
             defaults.DEFAULT_RECIPE,
             type="string",
             enum=list(defaults.RECIPES),
             title="Recipe",
-            description="Which OS image to build.",
+            description="Which OS image to build: centos7 (the product) or debian12.",
+            section="Image",
         ),
-        "base_ami": Param(
-            "",
-            type="string",
-            title="Base AMI id",
-            description="AMI of the build box; empty = newest match of owner + name below.",
-            pattern=r"^(ami-[0-9a-f]{8,17})?$",
-        ),
-        "base_ami_owner": Param(defaults.DEFAULT_BASE_AMI_OWNER, type="string", title="Base AMI owner"),
-        "base_ami_name": Param(defaults.DEFAULT_BASE_AMI_NAME, type="string", title="Base AMI name filter"),
-        "instance_type": Param(
-            defaults.DEFAULT_INSTANCE_TYPE, type="string", title="Build box instance type"
-        ),
-        "subnet_id": Param(
-            "",
-            type="string",
-            title="Subnet id",
-            description="Subnet of the build box; empty = [amibake] subnet_id.",
+        "ami_name_prefix": Param(
+            None,
+            type=["null", "string"],
+            title="AMI name prefix",
+            description="The AMI is named <prefix>-<UTC date>-<build id>. Empty = amibake-<recipe>.",
+            section="Image",
         ),
         "canvas_size_gib": Param(
             defaults.DEFAULT_CANVAS_SIZE_GIB,
@@ -114,18 +127,77 @@ with DAG(
             minimum=defaults.CANVAS_SIZE_MIN_GIB,
             maximum=defaults.CANVAS_SIZE_MAX_GIB,
             title="Image size (GiB)",
-        ),
-        "ami_name_prefix": Param(
-            "", type="string", title="AMI name prefix", description="Empty = amibake-<recipe>."
+            description="Size of the canvas volume, and so of the AMI's root volume.",
+            section="Image",
         ),
         "mirror_url": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             title="Package mirror URL",
-            description="Repository mirror for the recipe; empty = the recipe's default.",
+            description="Repository mirror for the recipe (CentOS 7: a vault or extended-support mirror "
+            "base URL). Empty = the recipe's default.",
+            section="Image",
         ),
         "boot_check": Param(
-            False, type="boolean", title="Boot-check the image under qemu before registering"
+            False,
+            type="boolean",
+            title="Boot-check before registering",
+            description="Boot the finished canvas read-only under qemu on the box and require multi-user.",
+            section="Image",
+        ),
+        "base_ami": Param(
+            None,
+            type=["null", "string"],
+            title="Base AMI id",
+            description="AMI of the build box. Empty = the newest AMI matching owner + name below.",
+            pattern=r"^ami-[0-9a-f]{8,17}$",
+            section="Build box",
+        ),
+        "base_ami_owner": Param(
+            defaults.DEFAULT_BASE_AMI_OWNER,
+            type="string",
+            title="Base AMI owner",
+            description="Account id (or self/amazon) owning the build box's base AMI.",
+            section="Build box",
+        ),
+        "base_ami_name": Param(
+            defaults.DEFAULT_BASE_AMI_NAME,
+            type="string",
+            title="Base AMI name filter",
+            description="Name pattern (* and ?) of the build box's base AMI.",
+            section="Build box",
+        ),
+        "instance_type": Param(
+            defaults.DEFAULT_INSTANCE_TYPE,
+            type="string",
+            title="Build box instance type",
+            description="EC2 instance type of the temporary build box.",
+            section="Build box",
+        ),
+        "subnet_id": Param(
+            None,
+            type=["null", "string"],
+            title="Subnet id",
+            description="Subnet of the build box. Empty = [amibake] subnet_id.",
+            section="Build box",
+        ),
+        "keep_amis": Param(
+            defaults.DEFAULT_KEEP_AMIS,
+            type="integer",
+            minimum=defaults.KEEP_AMIS_RANGE[0],
+            maximum=defaults.KEEP_AMIS_RANGE[1],
+            title="AMIs to keep",
+            description="After the new AMI is available, keep this many newest AMIs of the recipe.",
+            section="Retention",
+        ),
+        "deprecate_grace": Param(
+            defaults.DEFAULT_DEPRECATE_GRACE,
+            type="integer",
+            minimum=defaults.DEPRECATE_GRACE_RANGE[0],
+            maximum=defaults.DEPRECATE_GRACE_RANGE[1],
+            title="AMIs to deprecate",
+            description="The next this many are deprecated (deprecate_at) instead of deregistered.",
+            section="Retention",
         ),
     },
 ) as dag:
@@ -191,10 +263,20 @@ with DAG(
         execution_timeout=_wait_budget(defaults.WAIT_IMAGE_AVAILABLE),
         **AWS_STEP,
     )
+    rotate = RotateAmis(
+        task_id="rotate_amis",
+        recipe=p["recipe"],
+        new_ami_id="{{ ti.xcom_pull(task_ids='register_hvm_ami')['ami_id'] }}",
+        keep=p["keep_amis"],
+        grace=p["deprecate_grace"],
+        execution_timeout=timedelta(minutes=15),
+        **AWS_STEP,
+    )
     terminate = TerminateBuildBox(task_id="terminate_build_box", **AWS_STEP)
     delete_canvas = DeleteCanvas(task_id="delete_canvas", **AWS_STEP)
 
     launch >> attach >> build >> snapshot >> register >> terminate >> delete_canvas
+    register >> rotate  # only after the new AMI is available; a failed night rotates nothing
     terminate.as_teardown(setups=launch)
     # runs when the box was launched even if attaching failed: it finds the canvas by tags
     delete_canvas.as_teardown(setups=[launch, attach])

@@ -41,6 +41,13 @@ SRIOV_NET_SUPPORT = "simple"
 ARCHITECTURE = "x86_64"
 ASSET_ALIAS = "amibake-ami"
 
+# -- AMI rotation (after a new AMI is available) ---------------------------------------------------
+#: keep the newest N AMIs of a recipe, set deprecate_at on the next M, deregister the rest
+DEFAULT_KEEP_AMIS = 3
+KEEP_AMIS_RANGE = (1, 100)
+DEFAULT_DEPRECATE_GRACE = 2
+DEPRECATE_GRACE_RANGE = (0, 100)
+
 
 def default_ami_prefix(recipe: str) -> str:
     """AMI name prefix used when the user gives none."""
@@ -90,6 +97,10 @@ SETTINGS: dict[str, str] = {
     "instance_profile": "",
     "kms_key_id": "",
     "scripts_dir": "",
+    # failure and deadline notifications: dotted path of an Airflow notifier class (any provider's,
+    # e.g. airflow.providers.smtp.notifications.smtp.SmtpNotifier) and its keyword arguments as JSON
+    "notifier": "",
+    "notifier_kwargs": "{}",
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from operators import defaults, lifecycle, naming
-from operators.validation import AMI_ID_RE, ParamError, require_id
+from operators.validation import AMI_ID_RE, ParamError, require_id, validate_number
 
 #: Error codes that mean "already gone": the sweeper's goal is reached, not an error.
 GONE_CODES = frozenset(
@@ -37,12 +37,7 @@ GONE_CODES = frozenset(
 ACTIVE_RUN_STATES = ("queued", "running")
 #: Bounds of the sweeper's age threshold, in hours.
 MAX_AGE_HOURS_RANGE = (1.0, 24.0 * 90)
-#: Bounds of rotation's ``keep`` and ``grace`` (AMIs per recipe).
-KEEP_RANGE = (1, 100)
-GRACE_RANGE = (0, 100)
 DEFAULT_MAX_AGE_HOURS = 6
-DEFAULT_KEEP = 3
-DEFAULT_GRACE = 2
 _OURS = [{"Name": "tag-key", "Values": [naming.TAG_BUILD_ID]}]
 
 
@@ -53,23 +48,6 @@ def parse_bool(field: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ParamError(field, f"must be true or false, got {value!r}")
-
-
-def parse_number(field: str, value: Any, low: float, high: float, *, integer: bool = False) -> float:
-    """A number within [low, high] from a Param or its rendered template; errors name the field."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ParamError(field, f"must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ParamError(field, f"must be a number, got {value!r}") from None
-    if number != number or not low <= number <= high:
-        raise ParamError(field, f"must be between {low:g} and {high:g}, got {value!r}")
-    if integer:
-        if number != int(number):
-            raise ParamError(field, f"must be a whole number, got {value!r}")
-        return int(number)
-    return number
 
 
 def _client(aws_conn_id: str) -> Any:
@@ -128,7 +106,7 @@ class SweepOrphans(BaseOperator):
     def execute(self, context: Context) -> list[dict[str, Any]]:
         """Describe, decide, then remove (or only log, in a dry run)."""
         dry_run = parse_bool("dry_run", self.dry_run)
-        max_age = timedelta(hours=parse_number("max_age_hours", self.max_age_hours, *MAX_AGE_HOURS_RANGE))
+        max_age = timedelta(hours=validate_number("max_age_hours", self.max_age_hours, *MAX_AGE_HOURS_RANGE))
         client = _client(self.aws_conn_id)
         inventory = lifecycle.Inventory(
             instances=[
@@ -269,8 +247,8 @@ class RotateAmis(BaseOperator):
         *,
         recipe: str,
         new_ami_id: str,
-        keep: int | str = DEFAULT_KEEP,
-        grace: int | str = DEFAULT_GRACE,
+        keep: int | str = defaults.DEFAULT_KEEP_AMIS,
+        grace: int | str = defaults.DEFAULT_DEPRECATE_GRACE,
         aws_conn_id: str = defaults.AWS_CONN_ID,
         **kwargs: Any,
     ) -> None:
@@ -288,8 +266,8 @@ class RotateAmis(BaseOperator):
         if self.recipe not in defaults.RECIPES:
             raise ParamError("recipe", f"must be one of {', '.join(defaults.RECIPES)}, got {self.recipe!r}")
         new_ami_id = require_id("new_ami_id", self.new_ami_id, AMI_ID_RE, "an AMI id (ami-...)")
-        keep = int(parse_number("keep", self.keep, *KEEP_RANGE, integer=True))
-        grace = int(parse_number("grace", self.grace, *GRACE_RANGE, integer=True))
+        keep = int(validate_number("keep", self.keep, *defaults.KEEP_AMIS_RANGE, integer=True))
+        grace = int(validate_number("grace", self.grace, *defaults.DEPRECATE_GRACE_RANGE, integer=True))
         client = _client(self.aws_conn_id)
         try:
             plan = lifecycle.plan_rotation(

@@ -63,6 +63,8 @@ class BuildParams:
     instance_profile: str
     ssh_address: str
     ssh_cidr: str
+    keep_amis: int
+    deprecate_grace: int
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what the validate task pushes to XCom)."""
@@ -114,6 +116,23 @@ def validate_size(value: Any, field: str = "canvas_size_gib") -> int:
             f"got {size}",
         )
     return size
+
+
+def validate_number(field: str, value: Any, low: float, high: float, *, integer: bool = False) -> float:
+    """A number within [low, high] from a Param or its rendered template; errors name the field."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ParamError(field, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ParamError(field, f"must be a number, got {value!r}") from None
+    if number != number or not low <= number <= high:
+        raise ParamError(field, f"must be between {low:g} and {high:g}, got {value!r}")
+    if integer:
+        if number != int(number):
+            raise ParamError(field, f"must be a whole number, got {value!r}")
+        return int(number)
+    return number
 
 
 def validate_mirror_url(value: str, field: str = "mirror_url") -> str:
@@ -232,6 +251,22 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
         instance_profile=instance_profile,
         ssh_address=ssh_address,
         ssh_cidr=ssh_cidr,
+        keep_amis=int(
+            validate_number(
+                "keep_amis",
+                params.get("keep_amis", defaults.DEFAULT_KEEP_AMIS),
+                *defaults.KEEP_AMIS_RANGE,
+                integer=True,
+            )
+        ),
+        deprecate_grace=int(
+            validate_number(
+                "deprecate_grace",
+                params.get("deprecate_grace", defaults.DEFAULT_DEPRECATE_GRACE),
+                *defaults.DEPRECATE_GRACE_RANGE,
+                integer=True,
+            )
+        ),
     )
 
 

@@ -101,3 +101,23 @@ def subnet(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> dict:
     found = ec2.boto3_client().describe_subnets()["Subnets"][0]
     monkeypatch.setenv("AIRFLOW__AMIBAKE__SUBNET_ID", found["SubnetId"])
     return found
+
+
+@pytest.fixture
+def nightly(airflow_db: None) -> Any:
+    """The nightly DAG as the DAG processor loads it, fresh per test, ready for ``dag.test()``.
+
+    Fresh: ``dag.test(run_conf=...)`` merges the conf into the DAG object's params, so a shared object
+    would carry one test's values into the next. Without its deadline alert: Airflow 3.3.2's
+    ``dag.test()`` round-trips the DAG through serialization in memory, which leaves deadline alerts as
+    dicts where the scheduler has their database ids, and a run that succeeds then crashes in
+    ``DagRun.update_state``. The runs under a real scheduler (tests/rehearsal, tests/ui,
+    tests/distributed) keep the deadline.
+    """
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py"))
+    assert bag.import_errors == {}
+    dag = bag.dags["amibake_nightly"]
+    dag.deadline = None
+    return dag

@@ -26,14 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "amibake_nightly"
 
 
-@pytest.fixture
-def nightly(airflow_db: None) -> Any:
-    """The nightly DAG as the DAG processor loads it, fresh per test (a run's conf sticks to the object)."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py"))
-    assert bag.import_errors == {}
-    return bag.dags[DAG_ID]
 
 
 def _task_states(dag_run: Any) -> dict[str, str]:
@@ -214,7 +206,12 @@ def test_failed_build_runs_teardowns_and_fails_the_run(
     loop_ebs: Any,
     box_dirs: list[Path],
     capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    notified = tmp_path / "notified.jsonl"
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__NOTIFIER", "recording_notifier.FileNotifier")
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__NOTIFIER_KWARGS", json.dumps({"path": str(notified)}))
     dag_run, log = _run_with_dead_mirror(nightly, ec2, box_dirs, capfd)
     build = naming.build_id(DAG_ID, dag_run.run_id)
     states = _task_states(dag_run)
@@ -227,7 +224,11 @@ def test_failed_build_runs_teardowns_and_fails_the_run(
     assert reported and reported[0][0] == "bootstrap", log[-3000:]
     assert f"build-image failed in phase 'bootstrap' with exit code {reported[0][1]}" in log
     assert "Failed getting release file" in log, "the failing phase's log tail streamed into the task log"
-    assert ec2.calls("CreateSnapshot") == [] and ec2.calls("RegisterImage") == []
+    assert ec2.calls("CreateSnapshot") == ec2.calls("RegisterImage") == ec2.calls("DeregisterImage") == []
+    # the deployment's notifier heard about the failed run, once
+    assert [json.loads(line) for line in notified.read_text().splitlines()] == [
+        {"dag_id": DAG_ID, "run_id": dag_run.run_id}
+    ]
     assert _left_in_moto(ec2, build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
     _no_canvas_on_this_machine(loop_ebs, [c["VolumeId"] for c in ec2.calls("AttachVolume")])
     key_body = sshd.private_key_pem.splitlines()[1]

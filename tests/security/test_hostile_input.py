@@ -125,15 +125,6 @@ def _no_request_left(ec2: Any) -> None:
     assert ec2.requests == [], [r["action"] for r in ec2.requests]
 
 
-@pytest.fixture
-def nightly(airflow_db: None) -> Any:
-    """The nightly DAG as the DAG processor loads it, fresh per test: ``dag.test(run_conf=...)`` merges
-    the conf into the DAG object's params, so a shared object would carry one test's value into the next."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py"))
-    assert bag.import_errors == {}
-    return bag.dags["amibake_nightly"]
 
 
 @pytest.mark.parametrize(("field", "value"), [p for p in HOSTILE if p.id in THROUGH_THE_DAG])

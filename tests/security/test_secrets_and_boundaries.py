@@ -47,7 +47,7 @@ def aws_secret(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def green_run(
-    airflow_db: None,
+    nightly: Any,
     ec2: Any,
     sshd: Any,
     subnet: dict,
@@ -57,12 +57,10 @@ def green_run(
     capfd: pytest.CaptureFixture[str],
 ) -> Iterator[dict[str, Any]]:
     """The run, its captured task log and the box-side dirs (removed afterwards)."""
-    from airflow.dag_processing.dagbag import DagBag
-
     from rehearsal.ebs import LoopEbs
 
     monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", SSH_CIDR)
-    dag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py")).dags[DAG_ID]
+    dag = nightly
     dirs: list[Path] = []
     with LoopEbs(ec2.moto_url, ec2.region, tmp_path / "ebs") as ebs:
         try:
