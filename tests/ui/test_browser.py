@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+from selenium.common.exceptions import (
+    ElementClickInterceptedException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -51,6 +55,18 @@ CONSOLE_LINKS = {
 #: The form's typed-in Param fields (not the switches, not the hidden values of the dropdowns).
 TEXT_FIELDS = "input[name^=element_]:not([type=hidden]):not([type=checkbox])"
 #: Phases build-image runs for every recipe (docs/architecture.md), in order.
+#: The form's sections (Param ``section=``) and the Params in each, as the DAG declares them. The
+#: sections are one accordion that shows one section at a time: opening one closes the others.
+SECTIONS = {
+    "Image": ["recipe", "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check"],
+    "Build box": ["base_ami", "base_ami_owner", "base_ami_name", "instance_type", "subnet_id"],
+    "Retention": ["keep_amis", "deprecate_grace"],
+}
+SECTION_OF = {param: section for section, params in SECTIONS.items() for param in params}
+#: The optional text Params: nullable, default None, so their fields start empty.
+OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "mirror_url", "base_ami", "subnet_id"}
+#: Every task of a run (the task list of the run page).
+TASK_COUNT = 9
 CORE_PHASES = ["resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader"]
 
 
@@ -91,7 +107,8 @@ def login(driver: WebDriver, url: str, password: str) -> None:
 
 
 def set_field(driver: WebDriver, param: str, value: str) -> None:
-    """Replace the value of a Param's text field in the trigger form."""
+    """Replace the value of a Param's text field in the trigger form (opening its section first)."""
+    open_section(driver, SECTION_OF[param])
     box = _wait(driver).until(ec.visibility_of_element_located((By.NAME, f"element_{param}")))
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(value)
@@ -102,7 +119,10 @@ def set_field(driver: WebDriver, param: str, value: str) -> None:
 
 def choose(driver: WebDriver, param: str, value: str) -> None:
     """Pick ``value`` in a Param's dropdown (an ``enum``), by typing it as a person would."""
-    box = driver.find_element(By.CSS_SELECTOR, f"#element_{param} input[role=combobox]")
+    open_section(driver, SECTION_OF[param])
+    box = _wait(driver).until(
+        ec.visibility_of_element_located((By.CSS_SELECTOR, f"#element_{param} input[role=combobox]"))
+    )
     box.send_keys(value)
     box.send_keys(Keys.ENTER)
     chosen = driver.find_element(By.NAME, f"element_{param}")
@@ -110,7 +130,7 @@ def choose(driver: WebDriver, param: str, value: str) -> None:
 
 
 def open_trigger_form(driver: WebDriver, url: str) -> WebElement:
-    """The DAG page's Trigger button → the form, with every section opened; returns the form."""
+    """The DAG page's Trigger button → the form (its sections still closed); returns the form."""
     driver.get(f"{url}/dags/{DAG_ID}")
     _wait(driver).until(
         ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]"))
@@ -119,10 +139,44 @@ def open_trigger_form(driver: WebDriver, url: str) -> WebElement:
         ec.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid=config-form]"))
     )
     _wait(driver).until(lambda d: form.find_elements(By.CSS_SELECTOR, "input[name^=element_]"))
-    for section in form.find_elements(By.CSS_SELECTOR, "button[id^='accordion:'][aria-expanded=false]"):
-        if not section.get_attribute("id").endswith(":advancedOptions"):
-            section.click()
+    titles = [
+        b.text.strip()
+        for b in form.find_elements(By.CSS_SELECTOR, "button[id^='accordion:'][id*=':trigger:']")
+        if not b.get_attribute("id").endswith(":advancedOptions")
+    ]
+    assert titles == list(SECTIONS), titles
     return form
+
+
+def open_section(driver: WebDriver, title: str) -> None:
+    """Open one section of the form's accordion and wait until it has settled open.
+
+    The dialog and the accordion animate: a click while they move is intercepted (or lands on
+    the neighbouring section), so the trigger is scrolled to the middle of the dialog, clicked
+    only once it is clickable, clicked again if the click was intercepted, and the section counts
+    as open once its content is shown and no animation in it is running. The accordion's trigger
+    ignores a synthetic JavaScript click (it reacts to pointer events), so the click is a real one.
+    """
+    locator = (By.CSS_SELECTOR, f"button[id^='accordion:'][id$=':trigger:{title}']")
+
+    def settled_open(d: WebDriver) -> bool:
+        button = d.find_element(*locator)
+        content = d.find_element(By.ID, button.get_attribute("aria-controls"))
+        if button.get_attribute("aria-expanded") != "true":
+            d.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+            if ec.element_to_be_clickable(button)(d):
+                try:
+                    button.click()
+                except ElementClickInterceptedException:
+                    pass  # something still moves over it: try again on the next poll
+            return False
+        return d.execute_script(
+            "return arguments[0].checkVisibility() &&"
+            " arguments[0].getAnimations({subtree: true}).every(a => a.playState !== 'running')",
+            content,
+        )
+
+    _wait(driver, 30).until(settled_open, f"section {title!r} of the trigger form did not open")
 
 
 def empty_text_fields(form: WebElement) -> list[str]:
@@ -186,44 +240,43 @@ def read_log(driver: WebDriver) -> list[str]:
     return [lines[k] for k in sorted(lines, key=lambda k: int(k.rsplit("-", 1)[1]))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="amibake_nightly's optional text Params default to '' with type 'string'; the Airflow 3 form "
-    "treats an empty string as a missing required value and disables Trigger (make them nullable)",
-)
 def test_the_trigger_form_accepts_the_defaults(rehearsal: tuple, browser: WebDriver) -> None:
-    airflow, _ec2, _ebs, base_ami, _record_run = rehearsal
+    airflow = rehearsal[0]
     login(browser, airflow.url, airflow.password)
     form = open_trigger_form(browser, airflow.url)
-    # the rehearsal's base AMI is the one value a person must type here (AWS would find one by name)
-    set_field(browser, "base_ami", base_ami)
-    assert submit_enabled(browser), f"Trigger disabled; empty fields: {empty_text_fields(form)}"
+    # Each section, opened in turn, shows its own Params' fields and hides the other sections'.
+    for title, params in SECTIONS.items():
+        open_section(browser, title)
+        shown = {
+            box.get_attribute("name").removeprefix("element_")
+            for box in form.find_elements(By.CSS_SELECTOR, "input[name^=element_]")
+            if box.is_displayed() or box.find_element(By.XPATH, "..").is_displayed()
+        }
+        assert shown == set(params), (title, shown)
+    # The optional text Params are left empty (nullable, default None): Trigger stays enabled.
+    assert set(empty_text_fields(form)) == OPTIONAL_TEXT_PARAMS
+    _wait(browser, 10).until(submit_enabled, f"Trigger disabled; empty fields: {empty_text_fields(form)}")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="amibake_nightly sets no owner: the UI shows Airflow's default 'airflow'"
-)
 def test_the_dag_page_names_an_owner(rehearsal: tuple, browser: WebDriver) -> None:
     airflow = rehearsal[0]
     login(browser, airflow.url, airflow.password)
     browser.get(f"{airflow.url}/dags/{DAG_ID}")
     owner = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, "a[href*='owners=']")))
-    assert owner.text not in ("", "airflow")
+    assert owner.text == "amibake"
 
 
 def test_a_person_triggers_and_watches_the_build_in_the_ui(rehearsal: tuple, browser: WebDriver) -> None:
-    airflow, ec2, _ebs, base_ami, record_run = rehearsal
+    airflow, _ec2, _ebs, base_ami, record_run = rehearsal
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        _drive(browser, airflow, ec2, base_ami, record_run)
+        _drive(browser, airflow, base_ami, record_run)
     except BaseException:
         browser.save_screenshot(str(ARTIFACTS / "ui-failure.png"))
         raise
 
 
-def _drive(
-    driver: WebDriver, airflow: Any, ec2: Any, base_ami: str, record_run: Callable[[str], object]
-) -> None:
+def _drive(driver: WebDriver, airflow: Any, base_ami: str, record_run: Callable[[str], object]) -> None:
     login(driver, airflow.url, airflow.password)
 
     # The DAG's page explains itself: its tags, and its docs one click away.
@@ -245,19 +298,20 @@ def _drive(
     docs.find_element(By.CSS_SELECTOR, "button[aria-label=Close]").click()
 
     # Trigger through the form: non-default recipe (the one that builds offline) and AMI name
-    # prefix, and the harness's base AMI.
+    # prefix, the harness's base AMI (AWS would find one by name) and this machine's Debian mirror
+    # (the rehearsal's box is offline); the subnet is left empty, so [amibake] subnet_id is used.
     form = open_trigger_form(driver, airflow.url)
     choose(driver, "recipe", RECIPE)
     set_field(driver, "ami_name_prefix", PREFIX)
     set_field(driver, "base_ami", base_ami)
-    # Until the form accepts empty optional fields (see the xfail above), type what the DAG would use.
-    same_as_default = {"subnet_id": rh.default_subnet(ec2), "mirror_url": debian_mirror()}
-    for param in empty_text_fields(form):
-        set_field(driver, param, same_as_default[param])
+    set_field(driver, "mirror_url", debian_mirror())
+    assert empty_text_fields(form) == ["subnet_id"]
     run_id = submit(driver)
     record_run(run_id)  # so the harness removes what the build left on the "box"
-    conf = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")["conf"]
+    run = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")
+    conf = run["conf"]
     assert (conf["recipe"], conf["ami_name_prefix"], conf["base_ami"]) == (RECIPE, PREFIX, base_ami)
+    assert conf.get("subnet_id") is None, conf
 
     # Watch the run page (grid + task list) until the run ends.
     state = _wait(driver, RUN_TIMEOUT_S).until(
@@ -271,6 +325,9 @@ def _drive(
             and all(cell.text.strip().lower().replace(" ", "_") in FINAL_TASK_STATES for cell in cells)
         )
     )
+    tis = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}/taskInstances")
+    ti_states = {ti["task_id"]: ti["state"] for ti in tis["task_instances"]}
+    assert len(ti_states) == TASK_COUNT and "rotate_amis" in ti_states, ti_states
     build_cell = driver.find_element(By.CSS_SELECTOR, f"[id='grid-{run_id}-{BUILD_TASK}']")
     assert build_cell.is_displayed()
     driver.save_screenshot(str(ARTIFACTS / "ui-grid.png"))
