@@ -48,7 +48,8 @@ Builds the image **from scratch** on a temporary EC2 build box and registers it 
 **How long it takes**: the EC2 waits take a few minutes (snapshot and AMI: 5-30 min on AWS, held
 by the triggerer, not a worker slot); the build itself takes 5-15 min for CentOS 7 (yum from the
 configured mirror). The offline rehearsal of the Debian 12 recipe takes about 3 minutes. A run
-that takes an hour longer than the average of the last runs raises a deadline alert.
+that takes an hour longer than the average of the last runs, or 4 hours in all, raises a deadline
+alert.
 
 **When it fails**: the failed task's log names the build phase and the exit code, followed by the
 tail of that phase's output (the full phase logs stay on the box under
@@ -100,11 +101,20 @@ with DAG(
     tags=["amibake", "ami"],
     default_args={"owner": "amibake", "execution_timeout": timedelta(minutes=30)},
     on_failure_callback=notify.on_failure,
-    deadline=DeadlineAlert(
-        reference=DeadlineReference.AVERAGE_RUNTIME(max_runs=10, min_runs=3),
-        interval=timedelta(hours=1),
-        callback=AsyncCallback(notify.deadline_missed),
-    ),
+    deadline=[
+        # far longer than usual: an hour past the average of the last runs (from the 3rd run on)
+        DeadlineAlert(
+            reference=DeadlineReference.AVERAGE_RUNTIME(max_runs=10, min_runs=3),
+            interval=timedelta(hours=1),
+            callback=AsyncCallback(notify.deadline_missed),
+        ),
+        # and from the first night: no build should take 4 hours from being queued
+        DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT,
+            interval=timedelta(hours=4),
+            callback=AsyncCallback(notify.deadline_missed),
+        ),
+    ],
     params={
         "recipe": Param(
             defaults.DEFAULT_RECIPE,
