@@ -34,3 +34,22 @@ class FileNotifier(BaseNotifier):
         dag_run = context["dag_run"]
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(json.dumps({"dag_id": dag_run.dag_id, "run_id": dag_run.run_id}) + "\n")
+
+    async def async_notify(self, context: Any) -> None:
+        """Record a deadline alert: which run missed which deadline (runs in the triggerer).
+
+        Airflow 3.3 hands an ``AsyncCallback`` of a ``DeadlineAlert`` no task context but
+        ``{"dag_run": <the run as the REST API shows it, a dict>, "deadline": {"id", "deadline_time"}}``.
+        """
+        dag_run = context["dag_run"]
+        deadline = context.get("deadline") or {}
+        record = {
+            "kind": "deadline_missed",
+            "dag_id": dag_run["dag_id"],
+            "run_id": dag_run["dag_run_id"],
+            "deadline_id": deadline.get("id"),
+            "deadline_time": str(deadline.get("deadline_time")),
+            "context_keys": sorted(context),
+        }
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
