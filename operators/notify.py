@@ -51,9 +51,21 @@ def on_failure(context: Any) -> None:
 
 
 async def deadline_missed(**kwargs: Any) -> None:
-    """Deadline alert callback (runs in the triggerer): a build takes far longer than usual."""
+    """Deadline alert callback (runs in the triggerer): a build runs past one of its deadlines.
+
+    Airflow passes ``context={"dag_run": {...}, "deadline": {"id", "deadline_time"}}`` (the run as a
+    dict, no task). Awaiting the notifier itself renders its templates with that context first.
+    """
     context = kwargs.get("context") or kwargs
-    log.warning("amibake: a build runs far longer than usual: %s", context)
+    run = context.get("dag_run") or {}
+    deadline = context.get("deadline") or {}
+    log.warning(
+        "amibake: run %s of %s is still going past its deadline %s",
+        run.get("dag_run_id", "?"),
+        run.get("dag_id", "?"),
+        deadline.get("deadline_time", "?"),
+    )
     notifier = configured_notifier()
     if notifier is not None:
-        await notifier.async_notify(context)
+        notifier.context = context
+        await notifier

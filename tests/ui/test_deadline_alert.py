@@ -119,7 +119,8 @@ def test_a_missed_deadline_reaches_the_configured_notifier() -> None:
         assert note["run_id"] == run_id, note
         assert note["deadline_id"], note
         assert note["deadline_time"] not in ("", "None"), note
-        assert note["context_keys"] == ["dag_run", "deadline"], note
+        # Airflow's context for a missed deadline; the notifier adds its own template fields to it
+        assert {"dag_run", "deadline"} <= set(note["context_keys"]), note
         # the deadline it reports is the probe's own: 5 s after the run was queued
         run = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}")
         queued_at = datetime.fromisoformat(run["queued_at"].replace("Z", "+00:00"))
