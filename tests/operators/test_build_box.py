@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from datetime import UTC, datetime
 from typing import Any
 
+import paramiko
 import pytest
 from airflow.sdk import DAG
 from operator_harness import make_context, run_operator, tag_specs
@@ -168,7 +170,9 @@ def test_public_ip_mode_gives_the_box_a_per_build_host_key(
     config = json.loads(base64.b64decode(run["UserData"]).decode().split("\n", 1)[1])
     public = config["ssh_keys"]["ed25519_public"]
     assert public.startswith("ssh-ed25519 ")
-    assert config["ssh_keys"]["ed25519_private"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    host_private = paramiko.Ed25519Key.from_private_key(io.StringIO(config["ssh_keys"]["ed25519_private"]))
+    # the private host key the box gets is the one whose public half the tasks pin
+    assert public.split()[:2] == [host_private.get_name(), host_private.get_base64()]
     assert config["ssh_genkeytypes"] == []
     # the resumed task (or a retry) reads the host key back from the box's user data
     instance_id = ec2.boto3_client().describe_instances()["Reservations"][0]["Instances"][0]["InstanceId"]
