@@ -35,6 +35,24 @@ def check_box_and_canvas(box: Any, canvas: Any) -> tuple[str, str, str, int]:
     return instance_id, volume_id, device, validation.validate_size(canvas.get("size_gib"), "canvas.size_gib")
 
 
+def box_session(
+    box: dict, ssh_conn_id: str, *, build: str, volume_id: str, recipe: str, device: str, size: int
+) -> tuple[Any, dict[str, Any]]:
+    """The box's SSH hook, and the ``build-image`` arguments every call on this canvas shares."""
+    from operators.hooks import box_ssh_hook
+
+    ssh = box_ssh_hook(box, ssh_conn_id=ssh_conn_id, ssh_address=box["ssh_address"])
+    common = {
+        "build": build,
+        "volume_id": volume_id,
+        "recipe": recipe,
+        "device_name": device,
+        "size_gib": size,
+        "sudo": ssh.username != "root",
+    }
+    return ssh, common
+
+
 class RemoteChrootBuild(AmibakeOperator):
     """Run ``build-image ... all`` on the box against the canvas (identified by its VOLUME ID).
 
@@ -84,7 +102,6 @@ class RemoteChrootBuild(AmibakeOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Ship the scripts, abort a previous try, run the build, report the phase that failed."""
-        from operators.hooks import box_ssh_hook
         from operators.session import run_streaming, ship_directory
 
         _, volume_id, device, size = check_box_and_canvas(self.box, self.canvas)
@@ -92,18 +109,16 @@ class RemoteChrootBuild(AmibakeOperator):
         boot_check = validation.as_bool({"boot_check": self.boot_check}, "boot_check", False)
         local_scripts = Path(self.scripts_dir) if self.scripts_dir else defaults.scripts_dir()
         build = self.build_of(context)
-        ssh = box_ssh_hook(
-            self.box, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=self.box["ssh_address"]
+        ssh, common = box_session(
+            self.box,
+            self.resolved_ssh_conn_id,
+            build=build,
+            volume_id=volume_id,
+            recipe=self.recipe,
+            device=device,
+            size=size,
         )
-        common = {
-            "build": build,
-            "volume_id": volume_id,
-            "recipe": self.recipe,
-            "device_name": device,
-            "size_gib": size,
-            "mirror_url": mirror,
-            "sudo": ssh.username != "root",
-        }
+        common["mirror_url"] = mirror
         command = remote.build_image_command(action="all", boot_check=boot_check, **common)
         self._abort_argv = common
         with contextlib.closing(ssh.get_conn()) as client:

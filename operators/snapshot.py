@@ -12,7 +12,7 @@ from operators import defaults, remote
 from operators.common import AmibakeOperator
 from operators.links import SnapshotLink
 from operators.naming import Role, tag_specification
-from operators.remote_build import check_box_and_canvas
+from operators.remote_build import box_session, check_box_and_canvas
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -107,20 +107,17 @@ class FrozenSnapshot(AmibakeOperator):
         self, context: Context, build: str, volume_id: str, device: str, size: int
     ) -> str:
         """freeze on the box → CreateSnapshot → thaw (always)."""
-        from operators.hooks import box_ssh_hook
         from operators.session import run_streaming
 
-        ssh = box_ssh_hook(
-            self.box, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=self.box["ssh_address"]
+        ssh, common = box_session(
+            self.box,
+            self.resolved_ssh_conn_id,
+            build=build,
+            volume_id=volume_id,
+            recipe=self.recipe,
+            device=device,
+            size=size,
         )
-        common = {
-            "build": build,
-            "volume_id": volume_id,
-            "recipe": self.recipe,
-            "device_name": device,
-            "size_gib": size,
-            "sudo": ssh.username != "root",
-        }
         freeze = remote.build_image_command(action="freeze", freeze_timeout=self.freeze_timeout, **common)
         thaw = remote.build_image_command(action="thaw", **common)
         with contextlib.closing(ssh.get_conn()) as client:
