@@ -65,6 +65,20 @@ class _Rule:
     seconds: float = 0.0
 
 
+def tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
+    """A recorded request's flattened ``TagSpecification.N.*`` params → {resource type: {key: value}}."""
+    specs: dict[str, dict[str, str]] = {}
+    n = 1
+    while f"TagSpecification.{n}.ResourceType" in params:
+        tags, m = {}, 1
+        while f"TagSpecification.{n}.Tag.{m}.Key" in params:
+            tags[params[f"TagSpecification.{n}.Tag.{m}.Key"]] = params[f"TagSpecification.{n}.Tag.{m}.Value"]
+            m += 1
+        specs[params[f"TagSpecification.{n}.ResourceType"]] = tags
+        n += 1
+    return specs
+
+
 def _error_xml(code: str, message: str) -> bytes:
     """An EC2 error response body, as botocore parses it."""
     return (

@@ -21,6 +21,7 @@ import rehearsal.__main__ as rh
 from operators import naming
 from rehearsal.airflow_env import MARKER_ENV
 from rehearsal.distributed import CeleryAirflow
+from rehearsal.ec2_local import tag_specs
 
 #: two whole builds one after the other (debian12 with boot check), on a loaded 2-core machine
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(3600)]
@@ -31,18 +32,6 @@ DEFERRING_TASKS = ("launch_build_box", "frozen_snapshot", "register_hvm_ami")
 RUN_TIMEOUT_S = 1800
 
 
-def tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Flattened ``TagSpecification.N.*`` query parameters → {resource type: {key: value}}."""
-    specs: dict[str, dict[str, str]] = {}
-    n = 1
-    while f"TagSpecification.{n}.ResourceType" in params:
-        tags, m = {}, 1
-        while f"TagSpecification.{n}.Tag.{m}.Key" in params:
-            tags[params[f"TagSpecification.{n}.Tag.{m}.Key"]] = params[f"TagSpecification.{n}.Tag.{m}.Value"]
-            m += 1
-        specs[params[f"TagSpecification.{n}.ResourceType"]] = tags
-        n += 1
-    return specs
 
 
 @pytest.fixture

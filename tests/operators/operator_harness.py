@@ -89,15 +89,3 @@ def run_operator(op: BaseOperator, context: dict[str, Any]) -> RunRecord:
             call = lambda m=method, e=event: m(context, event=e)  # noqa: E731
 
 
-def tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Flattened TagSpecification.N.* query params → {resource type: {key: value}}."""
-    specs: dict[str, dict[str, str]] = {}
-    n = 1
-    while f"TagSpecification.{n}.ResourceType" in params:
-        tags, m = {}, 1
-        while f"TagSpecification.{n}.Tag.{m}.Key" in params:
-            tags[params[f"TagSpecification.{n}.Tag.{m}.Key"]] = params[f"TagSpecification.{n}.Tag.{m}.Value"]
-            m += 1
-        specs[params[f"TagSpecification.{n}.ResourceType"]] = tags
-        n += 1
-    return specs

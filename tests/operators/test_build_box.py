@@ -11,11 +11,12 @@ from typing import Any
 import paramiko
 import pytest
 from airflow.sdk import DAG
-from operator_harness import make_context, run_operator, tag_specs
+from operator_harness import make_context, run_operator
 
 from operators import naming
 from operators.build_box import LaunchBuildBox, TerminateBuildBox
 from operators.validation import ParamError
+from rehearsal.ec2_local import tag_specs
 
 RUN_ID = "manual__2026-11-25T02:00:00+00:00"
 

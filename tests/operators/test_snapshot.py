@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
-from operator_harness import make_context, rebuild, run_operator, tag_specs
+from operator_harness import make_context, rebuild, run_operator
 
 from operators import defaults, naming
 from operators.build_box import LaunchBuildBox
 from operators.canvas import AttachCanvas
 from operators.remote import remote_dir, remote_scripts_dir
 from operators.snapshot import FrozenSnapshot
+from rehearsal.ec2_local import tag_specs
 
 pytestmark = [
     pytest.mark.root,
