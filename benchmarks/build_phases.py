@@ -10,8 +10,8 @@ Usage (root)::
     .venv/bin/python benchmarks/build_phases.py --smoke     # disk phases only (seconds)
     .venv/bin/python benchmarks/build_phases.py --runs 2    # repeat, print each run and the median
 
-AMIBAKE_PACKAGE_CACHE (default .cache/packages in the repository) keeps downloaded packages between
-runs; pass --no-cache to time the downloads too. This prints figures; it asserts nothing.
+The offline package cache (``$AMIBAKE_PACKAGE_CACHE``, default .cache/packages) keeps downloaded
+packages between runs; pass --no-cache to time the downloads too. This prints figures; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scripts"))
 
-from loopdisk import REPO, LoopVolume, run_build  # noqa: E402
+from loopdisk import LoopVolume, run_build  # noqa: E402
+
+from rehearsal.sshd import package_cache  # noqa: E402
 
 SMOKE_PHASES = ["resolve", "partition", "mkfs", "mount", "umount"]
 
@@ -59,7 +61,7 @@ def main() -> None:
     opts = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: loop devices and mounts")
-    cache = None if opts.no_cache else os.environ.get("AMIBAKE_PACKAGE_CACHE", str(REPO / ".cache/packages"))
+    cache = None if opts.no_cache else str(package_cache())
     runs = [one_run(opts.smoke, opts.size_gib, cache) for _ in range(opts.runs)]
     phases = list(runs[0])
     kind = "smoke (disk phases)" if opts.smoke else "debian12 all --boot-check"

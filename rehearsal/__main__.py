@@ -40,7 +40,7 @@ from rehearsal.airflow_env import (
 )
 from rehearsal.ebs import LoopEbs
 from rehearsal.ec2_local import Ec2Control, LocalEc2
-from rehearsal.sshd import LocalSshd
+from rehearsal.sshd import LocalSshd, package_cache
 
 DAG_ID = "amibake_nightly"
 DEFAULT_RECIPE = "debian12"
@@ -429,6 +429,8 @@ class Options:
     conf: dict[str, Any] = field(default_factory=dict)
     #: run the local EC2 API in this process (so a benchmark can shape moto's state) instead of its own
     ec2_in_process: bool = False
+    #: where the "box" keeps downloaded packages between rehearsals (None: download everything)
+    package_cache: Path | None = field(default_factory=package_cache)
 
 
 @contextmanager
@@ -460,8 +462,9 @@ def rehearsal_services(
             ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log"))
         say(f"local EC2 API at {ec2.endpoint_url} (moto at {ec2.moto_url}, region {ec2.region})")
         base_ami = ec2.control.register_base_image(BASE_IMAGE_NAME)
-        sshd = stack.enter_context(LocalSshd(login="root"))
-        say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key)")
+        sshd = stack.enter_context(LocalSshd(login="root", package_cache=opts.package_cache))
+        cache = f"packages cached in {opts.package_cache}" if opts.package_cache else "no package cache"
+        say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key, {cache})")
         # straight to moto: the proxy records only the DAG's own EC2 calls
         ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs")
         # the "box" is this machine: what the build wrote there goes (after the EBS emulator has
@@ -599,6 +602,15 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
         help="skip the qemu boot check of the built image",
     )
     parser.add_argument(
+        "--no-package-cache",
+        dest="package_cache",
+        action="store_const",
+        const=None,
+        default=package_cache(),
+        help="download every package again instead of reusing $AMIBAKE_PACKAGE_CACHE "
+        "(default .cache/packages)",
+    )
+    parser.add_argument(
         "--keep-running",
         action="store_true",
         help="leave Airflow and the local services running after the run",
@@ -640,6 +652,7 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
         timeout=args.timeout,
         state_dir=args.state_dir.resolve(),
         conf=conf,
+        package_cache=args.package_cache,
     )
 
 

@@ -6,6 +6,10 @@ key login only (root allowed by key, no password, no keyboard-interactive), the 
 ``authorized_keys``, SFTP through ``internal-sftp``. The host key is pinned in the Airflow
 connection it describes, so the SSH provider verifies it. On exit sshd is killed and the dir removed.
 
+Given a ``package_cache`` dir, every session gets ``AMIBAKE_PACKAGE_CACHE`` (sshd's ``SetEnv``), so
+``build-image`` on this "box" keeps downloaded Debian packages between builds. Offline only: a real
+box never has it, and the DAG never sets it.
+
 Standalone: ``python -m rehearsal.sshd`` prints the connection JSON and runs until SIGINT/SIGTERM.
 """
 
@@ -15,6 +19,7 @@ import ctypes
 import getpass
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +37,18 @@ SSH_KEYGEN = "ssh-keygen"
 PRIVSEP_DIR = Path("/run/sshd")
 START_ATTEMPTS = 5
 PR_SET_PDEATHSIG = 1
+#: The variable build-image reads for its optional package cache (include/scripts/recipes/debian12.sh).
+PACKAGE_CACHE_ENV = "AMIBAKE_PACKAGE_CACHE"
+
+
+def package_cache() -> Path:
+    """Where offline builds keep downloaded packages: ``$AMIBAKE_PACKAGE_CACHE``, else ``.cache/packages``.
+
+    Shared by the rehearsal, the tests and the benchmarks, so only the first build on a machine
+    downloads everything.
+    """
+    default = Path(__file__).resolve().parents[1] / ".cache" / "packages"
+    return Path(os.environ.get(PACKAGE_CACHE_ENV) or default).resolve()
 
 
 def _die_with_parent() -> None:
@@ -45,6 +62,10 @@ def _die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
+#: What sshd_config's SetEnv takes unquoted; a path outside it is refused rather than escaped.
+_SETENV_SAFE = re.compile(r"/[A-Za-z0-9._/-]*")
+
+
 def _free_port() -> int:
     """A port nobody listens on right now (sshd may still lose a race: start() retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -55,8 +76,13 @@ def _free_port() -> int:
 class LocalSshd:
     """An sshd on 127.0.0.1:<free port> that admits one throwaway key."""
 
-    def __init__(self, *, login: str | None = None, ready_timeout: float = 20.0) -> None:
+    def __init__(
+        self, *, login: str | None = None, ready_timeout: float = 20.0, package_cache: Path | None = None
+    ) -> None:
+        if package_cache is not None and not _SETENV_SAFE.fullmatch(str(package_cache)):
+            raise ValueError(f"package cache path {str(package_cache)!r}: use letters, digits and ._-/ only")
         self.login = login or getpass.getuser()
+        self.package_cache = package_cache
         self.ready_timeout = ready_timeout
         self.port = 0
         self.host = "127.0.0.1"
@@ -80,6 +106,8 @@ class LocalSshd:
             self.host_key_type, self.host_key_b64 = (self._dir / "host_ed25519.pub").read_text().split()[:2]
             if os.geteuid() == 0:
                 PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+            if self.package_cache is not None:
+                self.package_cache.mkdir(parents=True, exist_ok=True)
             self._run_sshd()
         except BaseException:
             self.stop()
@@ -125,6 +153,7 @@ class LocalSshd:
                 "StrictModes no",
                 "Subsystem sftp internal-sftp",
                 "LogLevel ERROR",
+                *([f"SetEnv {PACKAGE_CACHE_ENV}={self.package_cache}"] if self.package_cache else []),
                 "",
             ]
         )

@@ -79,10 +79,13 @@ def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.fixture(scope="session")
 def local_sshd() -> Iterator[Any]:
-    """A real OpenSSH server on 127.0.0.1 with throwaway user and host keys."""
-    from rehearsal.sshd import LocalSshd
+    """A real OpenSSH server on 127.0.0.1 with throwaway user and host keys.
 
-    with LocalSshd() as server:
+    Its sessions share the offline package cache, so the suite's Debian builds download once.
+    """
+    from rehearsal.sshd import LocalSshd, package_cache
+
+    with LocalSshd(package_cache=package_cache()) as server:
         yield server
 
 

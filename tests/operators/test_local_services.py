@@ -16,7 +16,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from rehearsal.ec2_local import Ec2Control
-from rehearsal.sshd import LocalSshd
+from rehearsal.sshd import PACKAGE_CACHE_ENV, LocalSshd, package_cache
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,3 +153,24 @@ def test_sshd_admits_only_its_key_and_shows_its_pinned_host_key() -> None:
     assert not workdir.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_sshd_sessions_see_the_package_cache_and_an_unsafe_path_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PACKAGE_CACHE_ENV, str(tmp_path / "from-env"))
+    assert package_cache() == tmp_path / "from-env"
+    cache = tmp_path / "packages"
+    with LocalSshd(package_cache=cache) as sshd:
+        client = _client(sshd)
+        _, out, _ = client.exec_command(f"printenv {PACKAGE_CACHE_ENV}")
+        assert out.read().decode().strip() == str(cache)
+        client.close()
+    assert cache.is_dir()
+    with LocalSshd() as plain:
+        client = _client(plain)
+        _, out, _ = client.exec_command(f"printenv {PACKAGE_CACHE_ENV} || echo unset")
+        assert out.read() == b"unset\n"  # sshd's SetEnv, not the environment of this test process
+        client.close()
+    with pytest.raises(ValueError, match="package cache path"):
+        LocalSshd(package_cache=tmp_path / "two words")

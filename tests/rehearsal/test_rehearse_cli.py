@@ -19,6 +19,7 @@ from rehearsal.__main__ import (
     kill_box_processes,
 )
 from rehearsal.airflow_env import MARKER_ENV
+from rehearsal.sshd import package_cache
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,8 @@ def test_arguments_become_options(tmp_path):
     assert action == "run"
     assert (opts.recipe, opts.boot_check, opts.state_dir) == ("debian12", True, tmp_path.resolve())
     assert opts.conf == {"canvas_size_gib": 4, "mirror_url": "http://m/x"}
+    assert opts.package_cache == package_cache()
+    assert _parse_args(["--no-package-cache"])[1].package_cache is None
     assert _parse_args(["stop", "--no-boot-check"])[0] == "stop"
 
 

@@ -1,14 +1,13 @@
 """The Debian 12 recipe end to end on a loop device: every phase, the qemu boot check, and verify
 catching deliberately broken images (root, slow: one debootstrap per session, ~3-5 min here).
 
-Packages come from the mirror this machine's apt sources use. AMIBAKE_PACKAGE_CACHE (default:
-.cache/packages in the repository) keeps downloaded .debs between runs; the production path never
+Packages come from the mirror this machine's apt sources use. The offline package cache
+(``rehearsal.sshd.package_cache``) keeps downloaded .debs between runs; the production path never
 sets it.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -16,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from loopdisk import REPO, BuildResult, LoopVolume, run_build
+from loopdisk import BuildResult, LoopVolume, run_build
+
+from rehearsal.sshd import package_cache
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -28,7 +29,7 @@ ALL_PHASES = ["resolve", "partition", "mkfs", "mount", "bootstrap", "configure",
 def built() -> Iterator[tuple[LoopVolume, BuildResult]]:
     """One Debian 12 image built with `all --boot-check` on a 3 GiB loop canvas."""
     vol = LoopVolume(size_gib=3)
-    cache = os.environ.get("AMIBAKE_PACKAGE_CACHE", str(REPO / ".cache" / "packages"))
+    cache = str(package_cache())
     try:
         # A generous boot limit: TCG on 2 shared cores takes 30 s alone and minutes under load.
         res = run_build(vol, "--boot-check", "--boot-timeout", "900", "all",
