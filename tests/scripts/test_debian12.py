@@ -102,6 +102,8 @@ def test_the_boot_reached_multi_user_on_our_root(built) -> None:
     assert f"amibake-boot-ok: multi-user.target reached, root UUID={uuid}" in log
     assert "login:" in log
     assert "bootcheck: passed" in log
+    # off EC2, cloud-init gives up at once (strict_id) rather than polling 169.254.169.254 for 120 s
+    assert "cloud-init" in log and "169.254.169.254" not in log
 
 
 def test_image_contents(built) -> None:
@@ -204,12 +206,12 @@ def test_bootcheck_fails_an_unbootable_disk(built) -> None:
     with restored_bytes(vol.device, 440):
         with open(vol.device, "r+b") as dev:
             dev.write(bytes(440))
-        res = run_build(vol, "--boot-timeout", "60", "bootcheck", timeout=600)
+        res = run_build(vol, "--boot-timeout", "15", "bootcheck", timeout=600)
         assert res.rc != 0
         # The protective MBR still carries the 0x55AA signature, so SeaBIOS jumps into the zeroed
         # code and the machine hangs without a word: the time limit ends it. (A disk without the
         # signature makes SeaBIOS give up and reboot, and -no-reboot ends qemu at once.)
-        assert ("no multi-user login prompt within 60s" in res.stderr
+        assert ("no multi-user login prompt within 15s" in res.stderr
                 or "qemu exited before the system reached multi-user" in res.stderr), res.stderr
     ps = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
     assert not [line for line in ps.splitlines() if "qemu" in line and f"file={vol.device}," in line]

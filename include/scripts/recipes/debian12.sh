@@ -132,7 +132,15 @@ EOF
     printf '# amibake: boot on Xen and Nitro (EBS and ENA) and under qemu\n%s\n' \
         "${RECIPE_INITRAMFS_DRIVERS[@]}" >"$ROOT/etc/initramfs-tools/modules"
     mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
-    printf 'datasource_list: [ Ec2 ]\n' >"$ROOT/etc/cloud/cloud.cfg.d/90-amibake-datasource.cfg"
+    # Only EC2, and only where the platform says it is EC2 (DMI/hypervisor uuid "ec2...", as on every
+    # Xen and Nitro instance): elsewhere, such as the qemu boot check, cloud-init gives up at once
+    # instead of polling a metadata service that is not there for 120 s.
+    cat >"$ROOT/etc/cloud/cloud.cfg.d/90-amibake-datasource.cfg" <<'EOF'
+datasource_list: [ Ec2 ]
+datasource:
+  Ec2:
+    strict_id: true
+EOF
     # Host keys are removed before the snapshot; make fresh ones at first boot even without cloud-init.
     cat >"$ROOT/etc/systemd/system/amibake-ssh-hostkeys.service" <<'EOF'
 [Unit]
