@@ -6,9 +6,9 @@ key login only (root allowed by key, no password, no keyboard-interactive), the 
 ``authorized_keys``, SFTP through ``internal-sftp``. The host key is pinned in the Airflow
 connection it describes, so the SSH provider verifies it. On exit sshd is killed and the dir removed.
 
-Given a ``package_cache`` dir, every session gets ``AMIBAKE_PACKAGE_CACHE`` (sshd's ``SetEnv``), so
-``build-image`` on this "box" keeps downloaded Debian packages between builds. Offline only: a real
-box never has it, and the DAG never sets it.
+``session_env`` is given to every session (sshd's ``SetEnv``): the rehearsal and the tests pass
+``AMIBAKE_PACKAGE_CACHE`` so ``build-image`` on this "box" keeps downloaded Debian packages between
+builds. Offline only: a real box never has it, and the DAG never sets it.
 
 Standalone: ``python -m rehearsal.sshd`` prints the connection JSON and runs until SIGINT/SIGTERM.
 """
@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -62,8 +63,9 @@ def _die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-#: What sshd_config's SetEnv takes unquoted; a path outside it is refused rather than escaped.
-_SETENV_SAFE = re.compile(r"/[A-Za-z0-9._/-]*")
+#: What sshd_config's SetEnv takes unquoted; anything else is refused rather than escaped.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+_ENV_VALUE = re.compile(r"[A-Za-z0-9._/:-]+")
 
 
 def _free_port() -> int:
@@ -77,12 +79,17 @@ class LocalSshd:
     """An sshd on 127.0.0.1:<free port> that admits one throwaway key."""
 
     def __init__(
-        self, *, login: str | None = None, ready_timeout: float = 20.0, package_cache: Path | None = None
+        self,
+        *,
+        login: str | None = None,
+        ready_timeout: float = 20.0,
+        session_env: Mapping[str, str] | None = None,
     ) -> None:
-        if package_cache is not None and not _SETENV_SAFE.fullmatch(str(package_cache)):
-            raise ValueError(f"package cache path {str(package_cache)!r}: use letters, digits and ._-/ only")
+        self.session_env = dict(session_env or {})
+        for name, value in self.session_env.items():
+            if not (_ENV_NAME.fullmatch(name) and _ENV_VALUE.fullmatch(value)):
+                raise ValueError(f"session variable {name}={value!r}: use A-Z0-9_ names, ._/:- values")
         self.login = login or getpass.getuser()
-        self.package_cache = package_cache
         self.ready_timeout = ready_timeout
         self.port = 0
         self.host = "127.0.0.1"
@@ -106,8 +113,6 @@ class LocalSshd:
             self.host_key_type, self.host_key_b64 = (self._dir / "host_ed25519.pub").read_text().split()[:2]
             if os.geteuid() == 0:
                 PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
-            if self.package_cache is not None:
-                self.package_cache.mkdir(parents=True, exist_ok=True)
             self._run_sshd()
         except BaseException:
             self.stop()
@@ -136,6 +141,7 @@ class LocalSshd:
     def _config(self) -> str:
         assert self._dir is not None
         d = self._dir
+        setenv = " ".join(f"{name}={value}" for name, value in self.session_env.items())
         return "\n".join(
             [
                 f"Port {self.port}",
@@ -153,7 +159,8 @@ class LocalSshd:
                 "StrictModes no",
                 "Subsystem sftp internal-sftp",
                 "LogLevel ERROR",
-                *([f"SetEnv {PACKAGE_CACHE_ENV}={self.package_cache}"] if self.package_cache else []),
+                # one directive for all: sshd keeps only the first SetEnv line
+                *([f"SetEnv {setenv}"] if setenv else []),
                 "",
             ]
         )

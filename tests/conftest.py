@@ -83,9 +83,9 @@ def local_sshd() -> Iterator[Any]:
 
     Its sessions share the offline package cache, so the suite's Debian builds download once.
     """
-    from rehearsal.sshd import LocalSshd, package_cache
+    from rehearsal.sshd import PACKAGE_CACHE_ENV, LocalSshd, package_cache
 
-    with LocalSshd(package_cache=package_cache()) as server:
+    with LocalSshd(session_env={PACKAGE_CACHE_ENV: str(package_cache())}) as server:
         yield server
 
 

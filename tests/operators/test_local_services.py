@@ -155,22 +155,22 @@ def test_sshd_admits_only_its_key_and_shows_its_pinned_host_key() -> None:
         os.kill(pid, 0)
 
 
-def test_sshd_sessions_see_the_package_cache_and_an_unsafe_path_is_refused(
+def test_sshd_sessions_get_the_session_env_and_unsafe_values_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(PACKAGE_CACHE_ENV, str(tmp_path / "from-env"))
     assert package_cache() == tmp_path / "from-env"
     cache = tmp_path / "packages"
-    with LocalSshd(package_cache=cache) as sshd:
+    with LocalSshd(session_env={PACKAGE_CACHE_ENV: str(cache), "AMIBAKE_DEVICE_WAIT": "15"}) as sshd:
         client = _client(sshd)
-        _, out, _ = client.exec_command(f"printenv {PACKAGE_CACHE_ENV}")
-        assert out.read().decode().strip() == str(cache)
+        _, out, _ = client.exec_command(f"printenv {PACKAGE_CACHE_ENV} AMIBAKE_DEVICE_WAIT")
+        assert out.read().decode().split() == [str(cache), "15"]
         client.close()
-    assert cache.is_dir()
     with LocalSshd() as plain:
         client = _client(plain)
         _, out, _ = client.exec_command(f"printenv {PACKAGE_CACHE_ENV} || echo unset")
         assert out.read() == b"unset\n"  # sshd's SetEnv, not the environment of this test process
         client.close()
-    with pytest.raises(ValueError, match="package cache path"):
-        LocalSshd(package_cache=tmp_path / "two words")
+    for bad in ({PACKAGE_CACHE_ENV: str(tmp_path / "two words")}, {"lower": "1"}, {"X": "a\nb"}):
+        with pytest.raises(ValueError, match="session variable"):
+            LocalSshd(session_env=bad)

@@ -55,11 +55,12 @@ def volume_links(volumes: list[str]) -> list[Path]:
     ]
 
 
-def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers_an_ami(tmp_path):
+def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers_an_ami(tmp_path, capsys):
     state = tmp_path / "state"
     cmd = [str(REPO / "rehearse"), "--state-dir", str(state)]
 
     # 1. a run killed with SIGKILL while the build has the canvas mounted: nothing of it is cleaned up
+    started = time.monotonic()
     first = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -69,6 +70,7 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
                 break
             time.sleep(1)
         assert canvas_mounts(state), "the first run never mounted its canvas"
+        killed_after = time.monotonic() - started
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert _marked_processes(state), "killing the harness should have left its services running"
@@ -76,7 +78,11 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
         assert killed_volumes
 
         # 2. the next run cleans that up first, then runs the whole DAG
+        started = time.monotonic()
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
+        with capsys.disabled():
+            print(f"\nrehearsal: first run killed after {killed_after:.0f} s, the next one took "
+                  f"{time.monotonic() - started:.0f} s (clean-up + whole run)")
     finally:  # never leave the machine dirty, even when an assertion above failed
         subprocess.run(cmd + ["stop"], capture_output=True, timeout=300)
     out = second.stdout + second.stderr
