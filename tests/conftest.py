@@ -31,6 +31,17 @@ os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist (``./run-tests``), tests marked ``debian_build`` all go to one worker, one at a time.
+
+    Their builds bind the shared package cache over the image's apt archive, and apt refuses to run
+    while another apt holds that dir's lock.
+    """
+    for item in items:
+        if item.get_closest_marker("debian_build"):
+            item.add_marker(pytest.mark.xdist_group("debian_build"))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove the session's Airflow home."""
     if _OWN_HOME:
