@@ -6,7 +6,7 @@ does, is built with ``build-image --recipe debian12 ... all --boot-check`` and t
 
 Usage (root)::
 
-    .venv/bin/python benchmarks/build_phases.py             # full build + qemu boot check (~3-5 min)
+    .venv/bin/python benchmarks/build_phases.py             # full build + qemu boot check (~2 min)
     .venv/bin/python benchmarks/build_phases.py --smoke     # disk phases only (seconds)
     .venv/bin/python benchmarks/build_phases.py --runs 2    # repeat, print each run and the median
 

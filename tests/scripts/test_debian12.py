@@ -1,5 +1,5 @@
 """The Debian 12 recipe end to end on a loop device: every phase, the qemu boot check, and verify
-catching deliberately broken images (root, slow: one debootstrap per session, ~3-5 min here).
+catching deliberately broken images (root, slow: one debootstrap per session, ~2 min here, warm cache).
 
 Packages come from the mirror this machine's apt sources use. The offline package cache
 (``rehearsal.sshd.package_cache``) keeps downloaded .debs between runs; the production path never
@@ -31,7 +31,7 @@ def built() -> Iterator[tuple[LoopVolume, BuildResult]]:
     vol = LoopVolume(size_gib=3)
     cache = str(package_cache())
     try:
-        # A generous boot limit: TCG on 2 shared cores takes 30 s alone and minutes under load.
+        # A generous boot limit: TCG on 2 shared cores reaches a login in ~40 s alone, minutes under load.
         res = run_build(vol, "--boot-check", "--boot-timeout", "900", "all",
                         env={"AMIBAKE_PACKAGE_CACHE": cache}, timeout=2400)
         yield vol, res
