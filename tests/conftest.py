@@ -21,25 +21,22 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: Names the Airflow home this file made, so an xdist worker (which inherits the controller's
+#: environment) makes its own instead of sharing the controller's SQLite database.
+_OWN_HOME_ENV = "AMIBAKE_TESTS_AIRFLOW_HOME"
 _OWN_HOME: str | None = None
-if "AIRFLOW_HOME" not in os.environ:
+if os.environ.get("AIRFLOW_HOME", os.environ.get(_OWN_HOME_ENV)) == os.environ.get(_OWN_HOME_ENV):
     _OWN_HOME = tempfile.mkdtemp(prefix="amibake-test-airflow-")
-    os.environ["AIRFLOW_HOME"] = _OWN_HOME
+    os.environ["AIRFLOW_HOME"] = os.environ[_OWN_HOME_ENV] = _OWN_HOME
+# Each xdist worker (./run-tests runs two) keeps its own offline package cache: the builds bind it over
+# the image's apt archive, and apt refuses to run while another apt holds that dir's lock.
+if os.environ.get("PYTEST_XDIST_WORKER") and "AMIBAKE_PACKAGE_CACHE" not in os.environ:
+    _worker = os.environ["PYTEST_XDIST_WORKER"]
+    os.environ["AMIBAKE_PACKAGE_CACHE"] = str(REPO / ".cache" / "packages" / _worker)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under xdist (``./run-tests``), tests marked ``debian_build`` all go to one worker, one at a time.
-
-    Their builds bind the shared package cache over the image's apt archive, and apt refuses to run
-    while another apt holds that dir's lock.
-    """
-    for item in items:
-        if item.get_closest_marker("debian_build"):
-            item.add_marker(pytest.mark.xdist_group("debian_build"))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -126,7 +126,6 @@ def _no_canvas_on_this_machine(ebs: Any, volume_ids: list[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.root
-@pytest.mark.debian_build
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts")
 def test_green_run_builds_registers_and_leaves_nothing(
     nightly: Any, ec2: Any, sshd: Any, subnet: dict, loop_ebs: Any, box_dirs: list[Path]

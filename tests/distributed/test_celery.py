@@ -24,7 +24,7 @@ from rehearsal.distributed import CeleryAirflow
 from rehearsal.ec2_local import tag_specs
 
 #: two whole builds one after the other (debian12, the first with its boot check)
-pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.debian_build, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(3600)]
 
 DAG_ID = rh.DAG_ID
 #: Tasks that wait in the triggerer (instance running, snapshot completed, image available).

@@ -18,7 +18,6 @@ from rehearsal.__main__ import _box_processes, _marked_processes
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.debian_build,
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root"),
 ]

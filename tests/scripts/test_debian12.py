@@ -19,7 +19,7 @@ from loopdisk import BuildResult, LoopVolume, run_build
 
 from rehearsal.sshd import package_cache
 
-pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.debian_build]
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 ALL_PHASES = ["resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader", "relabel",
               "clean", "verify", "bootcheck"]

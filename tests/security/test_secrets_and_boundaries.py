@@ -26,7 +26,6 @@ from operators.remote import remote_dir
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.debian_build,
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts"),
 ]

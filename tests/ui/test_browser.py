@@ -33,7 +33,7 @@ import rehearsal.__main__ as rh
 from rehearsal.airflow_env import ADMIN_USER, MARKER_ENV
 from rehearsal.browser import chromium
 
-pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.debian_build]
+pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
