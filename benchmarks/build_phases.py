@@ -27,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scripts"
 
 from loopdisk import LoopVolume, run_build  # noqa: E402
 
-from rehearsal.sshd import package_cache  # noqa: E402
+from rehearsal.sshd import package_cache, package_cache_env  # noqa: E402
 
 SMOKE_PHASES = ["resolve", "partition", "mkfs", "mount", "umount"]
 
 
-def one_run(smoke: bool, size_gib: int, cache: str | None) -> dict[str, float]:
+def one_run(smoke: bool, size_gib: int, cache: Path | None) -> dict[str, float]:
     """Build once on a fresh loop canvas; phase -> seconds, plus 'wall'. Always cleans up."""
     vol = LoopVolume(size_gib=size_gib)
-    env = {"AMIBAKE_PACKAGE_CACHE": cache} if cache else {}
+    env = package_cache_env(cache)
     args = SMOKE_PHASES if smoke else ["--boot-check", "--boot-timeout", "900", "all"]
     try:
         t0 = time.monotonic()
@@ -61,7 +61,7 @@ def main() -> None:
     opts = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: loop devices and mounts")
-    cache = None if opts.no_cache else str(package_cache())
+    cache = None if opts.no_cache else package_cache()
     runs = [one_run(opts.smoke, opts.size_gib, cache) for _ in range(opts.runs)]
     phases = list(runs[0])
     kind = "smoke (disk phases)" if opts.smoke else "debian12 all --boot-check"

@@ -40,7 +40,7 @@ from rehearsal.airflow_env import (
 )
 from rehearsal.ebs import LoopEbs
 from rehearsal.ec2_local import Ec2Control, LocalEc2
-from rehearsal.sshd import PACKAGE_CACHE_ENV, LocalSshd, package_cache
+from rehearsal.sshd import LocalSshd, package_cache, package_cache_env
 
 DAG_ID = "amibake_nightly"
 DEFAULT_RECIPE = "debian12"
@@ -462,8 +462,7 @@ def rehearsal_services(
             ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log"))
         say(f"local EC2 API at {ec2.endpoint_url} (moto at {ec2.moto_url}, region {ec2.region})")
         base_ami = ec2.control.register_base_image(BASE_IMAGE_NAME)
-        box_env = {PACKAGE_CACHE_ENV: str(opts.package_cache)} if opts.package_cache else {}
-        sshd = stack.enter_context(LocalSshd(login="root", session_env=box_env))
+        sshd = stack.enter_context(LocalSshd(login="root", session_env=package_cache_env(opts.package_cache)))
         cache = f"packages cached in {opts.package_cache}" if opts.package_cache else "no package cache"
         say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key, {cache})")
         # straight to moto: the proxy records only the DAG's own EC2 calls

@@ -52,6 +52,11 @@ def package_cache() -> Path:
     return Path(os.environ.get(PACKAGE_CACHE_ENV) or default).resolve()
 
 
+def package_cache_env(cache: Path | None) -> dict[str, str]:
+    """The environment that makes build-image use ``cache`` (none when ``cache`` is None)."""
+    return {PACKAGE_CACHE_ENV: str(cache)} if cache else {}
+
+
 def _die_with_parent() -> None:
     """In the child before exec: have the kernel SIGTERM sshd when its parent dies.
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from rehearsal.sshd import PACKAGE_CACHE_ENV, package_cache
+
 REPO = Path(__file__).resolve().parents[1]
 #: Names the Airflow home this file made, so an xdist worker (which inherits the controller's
 #: environment) makes its own instead of sharing the controller's SQLite database.
@@ -30,9 +32,8 @@ if os.environ.get("AIRFLOW_HOME", os.environ.get(_OWN_HOME_ENV)) == os.environ.g
     os.environ["AIRFLOW_HOME"] = os.environ[_OWN_HOME_ENV] = _OWN_HOME
 # Each xdist worker (./run-tests runs two) keeps its own offline package cache: the builds bind it over
 # the image's apt archive, and apt refuses to run while another apt holds that dir's lock.
-if os.environ.get("PYTEST_XDIST_WORKER") and "AMIBAKE_PACKAGE_CACHE" not in os.environ:
-    _worker = os.environ["PYTEST_XDIST_WORKER"]
-    os.environ["AMIBAKE_PACKAGE_CACHE"] = str(REPO / ".cache" / "packages" / _worker)
+if os.environ.get("PYTEST_XDIST_WORKER") and PACKAGE_CACHE_ENV not in os.environ:
+    os.environ[PACKAGE_CACHE_ENV] = str(package_cache() / os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
@@ -91,9 +92,9 @@ def local_sshd() -> Iterator[Any]:
 
     Its sessions share the offline package cache, so the suite's Debian builds download once.
     """
-    from rehearsal.sshd import PACKAGE_CACHE_ENV, LocalSshd, package_cache
+    from rehearsal.sshd import LocalSshd, package_cache_env
 
-    with LocalSshd(session_env={PACKAGE_CACHE_ENV: str(package_cache())}) as server:
+    with LocalSshd(session_env=package_cache_env(package_cache())) as server:
         yield server
 
 

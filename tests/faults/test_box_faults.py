@@ -39,9 +39,9 @@ DEVICE_WAIT_S = 15
 @pytest.fixture(scope="module")
 def local_sshd() -> Iterator[Any]:
     """The box's sshd (overrides the session one) with a short device wait for this module's builds."""
-    from rehearsal.sshd import PACKAGE_CACHE_ENV, LocalSshd, package_cache
+    from rehearsal.sshd import LocalSshd, package_cache, package_cache_env
 
-    env = {PACKAGE_CACHE_ENV: str(package_cache()), "AMIBAKE_DEVICE_WAIT": str(DEVICE_WAIT_S)}
+    env = {**package_cache_env(package_cache()), "AMIBAKE_DEVICE_WAIT": str(DEVICE_WAIT_S)}
     with LocalSshd(session_env=env) as server:
         yield server
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from loopdisk import BuildResult, LoopVolume, run_build
 
-from rehearsal.sshd import package_cache
+from rehearsal.sshd import package_cache, package_cache_env
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -29,11 +29,10 @@ ALL_PHASES = ["resolve", "partition", "mkfs", "mount", "bootstrap", "configure",
 def built() -> Iterator[tuple[LoopVolume, BuildResult]]:
     """One Debian 12 image built with `all --boot-check` on a 3 GiB loop canvas."""
     vol = LoopVolume(size_gib=3)
-    cache = str(package_cache())
     try:
         # A generous boot limit: TCG on 2 shared cores reaches a login in ~40 s alone, minutes under load.
         res = run_build(vol, "--boot-check", "--boot-timeout", "900", "all",
-                        env={"AMIBAKE_PACKAGE_CACHE": cache}, timeout=2400)
+                        env=package_cache_env(package_cache()), timeout=2400)
         yield vol, res
     finally:
         vol.teardown()
