@@ -29,6 +29,7 @@ from typing import Any
 
 from operators import defaults
 from operators.naming import build_id
+from rehearsal import processes
 from rehearsal.airflow_env import (
     ADMIN_USER,
     MARKER_ENV,
@@ -40,7 +41,7 @@ from rehearsal.airflow_env import (
 )
 from rehearsal.ebs import LoopEbs
 from rehearsal.ec2_local import Ec2Control, LocalEc2
-from rehearsal.sshd import LocalSshd, package_cache, package_cache_env
+from rehearsal.sshd import WORK_DIR_PREFIX, LocalSshd, package_cache, package_cache_env
 
 DAG_ID = "amibake_nightly"
 DEFAULT_RECIPE = "debian12"
@@ -94,19 +95,24 @@ def _marked_processes(state_dir: Path) -> list[int]:
     return found
 
 
-def _sshd_dirs(pids: list[int]) -> list[Path]:
-    """Temp dirs of LocalSshd instances among ``pids`` (from ``sshd -f <dir>/sshd_config``)."""
-    dirs = []
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"sshd") and b"-f" in argv:
-            cfg = Path(argv[argv.index(b"-f") + 1].decode())
-            if cfg.name == "sshd_config" and cfg.parent.name.startswith("amibake-sshd-"):
-                dirs.append(cfg.parent)
-    return dirs
+def _read_state(state_dir: Path) -> dict[str, Any]:
+    """What the last harness in ``state_dir`` recorded (empty when it ended cleanly)."""
+    state = state_dir / STATE_FILE
+    return json.loads(state.read_text()) if state.exists() else {}
+
+
+def _our_sessions(state_dir: Path) -> set[int]:
+    """Sessions a rehearsal in ``state_dir`` started: those recorded in its state file, and those
+    led by a process that carries the marker (in case it was killed before it could record them)."""
+    recorded = processes.still_ours(tuple(s) for s in _read_state(state_dir).get("sessions", []))
+    led = {pid for pid in _marked_processes(state_dir) if processes.session_id(pid) == pid}
+    return (recorded | led) - {processes.session_id(os.getpid())}
+
+
+def _rehearsal_processes(state_dir: Path) -> list[int]:
+    """Every process of a rehearsal in ``state_dir``: its services with all they forked, and anything
+    else that carries the marker."""
+    return sorted(set(processes.members(_our_sessions(state_dir))) | set(_marked_processes(state_dir)))
 
 
 def _running(pid: int) -> bool:
@@ -182,31 +188,32 @@ def clean_up_earlier(state_dir: Path) -> bool:
     """Stop a rehearsal still running from ``state_dir`` and remove what a killed one left behind.
 
     Returns whether there was anything to clean. The earlier harness gets SIGTERM first so it can
-    stop its services in order; then every other marked process gets SIGTERM, then SIGKILL.
+    stop its services in order; then every process left in the sessions it started, and every
+    other marked process, gets SIGTERM, then SIGKILL.
     """
     did = False
-    state = state_dir / STATE_FILE
-    recorded = json.loads(state.read_text()) if state.exists() else {}
+    recorded = _read_state(state_dir)
     harness = recorded.get("harness_pid")
     if harness and _is_harness(harness):
         say(f"stopping the rehearsal still running (pid {harness}) ...")
         did = True
         os.kill(harness, signal.SIGTERM)
         _wait_gone([harness], 180)
-    strays = _marked_processes(state_dir)
+    strays = _rehearsal_processes(state_dir)
     if strays:
         did = True
-        sshd_dirs = _sshd_dirs(strays)
         say(f"stopping {len(strays)} processes left by an earlier rehearsal")
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            for pid in strays:
+        processes.end(_our_sessions(state_dir))
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):  # marked, outside those sessions
+            for pid in _marked_processes(state_dir):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            strays = _wait_gone(strays, wait)
-        for d in sshd_dirs:
-            shutil.rmtree(d, ignore_errors=True)
+            _wait_gone(_marked_processes(state_dir), wait)
+    for work_dir in state_dir.glob(f"{WORK_DIR_PREFIX}*"):  # the killed run's sshd keys
+        did = True
+        shutil.rmtree(work_dir, ignore_errors=True)
     ebs_dir = state_dir / "ebs"
     stale_images = [p.stem for p in ebs_dir.glob("vol-*.img")] if ebs_dir.is_dir() else []
     kill_box_processes([*recorded.get("box_dirs", []), *stale_images])
@@ -215,7 +222,7 @@ def clean_up_earlier(state_dir: Path) -> bool:
     if stale_volumes or box_dirs:
         did = True
         remove_box_dirs(box_dirs, state_dir / "logs")
-    state.unlink(missing_ok=True)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
     return did
 
 
@@ -255,8 +262,11 @@ def default_subnet(ec2: Ec2Service) -> str:
 
 
 @contextmanager
-def local_ec2(log_path: Path, timeout: float = 30.0) -> Iterator[Ec2Service]:
-    """``python -m rehearsal.ec2_local`` in its own process until the block ends."""
+def local_ec2(
+    log_path: Path, on_spawn: Callable[[int], object], timeout: float = 30.0
+) -> Iterator[Ec2Service]:
+    """``python -m rehearsal.ec2_local`` in its own session until the block ends; ``on_spawn`` gets
+    its pid at once."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rehearsal.ec2_local", "--port", "0"],
@@ -266,6 +276,7 @@ def local_ec2(log_path: Path, timeout: float = 30.0) -> Iterator[Ec2Service]:
             start_new_session=True,
         )
     try:
+        on_spawn(proc.pid)
         assert proc.stdout is not None
         line = proc.stdout.readline()  # its one line: {"endpoint_url", "moto_url", "region"}
         if not line:
@@ -445,24 +456,37 @@ def rehearsal_services(
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     os.environ[MARKER_ENV] = str(state_dir)  # inherited by every process started from here on
     run_ids: list[str] = []
+    started: list[processes.Session] = []
 
     def save_state() -> None:
-        """What a later run needs to clean up after this one if it is killed."""
-        builds = [build_id(DAG_ID, r) for r in run_ids]
-        (state_dir / STATE_FILE).write_text(json.dumps({"harness_pid": os.getpid(), "box_dirs": builds}))
+        """What a later run needs to clean up after this one if it is killed (``main`` removes it
+        once nothing is left)."""
+        state = {
+            "harness_pid": os.getpid(),
+            "box_dirs": [build_id(DAG_ID, r) for r in run_ids],
+            "sessions": started,
+        }
+        (state_dir / STATE_FILE).write_text(json.dumps(state))
+
+    def spawned(pid: int) -> None:
+        """Record a service's session the moment it exists."""
+        started.append(processes.record(pid))
+        save_state()
 
     save_state()
     with ExitStack() as stack:
         stack.enter_context(_shielded_cleanup())
-        stack.callback(lambda: (state_dir / STATE_FILE).unlink(missing_ok=True))
         if opts.ec2_in_process:
             local = stack.enter_context(LocalEc2())
             ec2 = Ec2Service(local.endpoint_url, local.moto_url, local.region)
         else:
-            ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log"))
+            ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log", spawned))
         say(f"local EC2 API at {ec2.endpoint_url} (moto at {ec2.moto_url}, region {ec2.region})")
         base_ami = ec2.control.register_base_image(BASE_IMAGE_NAME)
-        sshd = stack.enter_context(LocalSshd(login="root", session_env=package_cache_env(opts.package_cache)))
+        sshd = stack.enter_context(
+            LocalSshd(login="root", session_env=package_cache_env(opts.package_cache), parent_dir=state_dir)
+        )
+        spawned(sshd.pid)  # it also dies with this process (PR_SET_PDEATHSIG)
         cache = f"packages cached in {opts.package_cache}" if opts.package_cache else "no package cache"
         say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key, {cache})")
         # straight to moto: the proxy records only the DAG's own EC2 calls
@@ -479,7 +503,7 @@ def rehearsal_services(
             ssh_connection=sshd.connection_dict(),
             settings={**rehearsal_settings(date.today()), "subnet_id": default_subnet(ec2)},
         )
-        airflow = LocalAirflow(state_dir / "airflow", env, api_port=opts.api_port)
+        airflow = LocalAirflow(state_dir / "airflow", env, api_port=opts.api_port, on_spawn=spawned)
         stack.callback(airflow.stop)
         say(f"starting Airflow at {airflow.url} (logs in {airflow.log_dir}) ...")
         airflow.start()
@@ -529,7 +553,8 @@ def remove_box_dirs(names: list[str], keep_logs_in: Path) -> None:
 def leftovers(state_dir: Path) -> list[str]:
     """What of this rehearsal is still on the machine after it stopped (should be nothing)."""
     ebs_dir = state_dir / "ebs"
-    found = [f"process {pid}" for pid in _marked_processes(state_dir)]
+    found = [f"process {pid}" for pid in _rehearsal_processes(state_dir)]
+    found += [f"sshd work dir {d}" for d in state_dir.glob(f"{WORK_DIR_PREFIX}*")]
     found += [f"image {p}" for p in ebs_dir.glob("vol-*.img")] if ebs_dir.is_dir() else []
     loops = subprocess.run(["losetup", "-nO", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
     found += [f"loop device {line}" for line in loops.splitlines() if str(ebs_dir) in line]
@@ -675,18 +700,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = rehearse(opts)
+        code = 0 if result.state == "success" else 1
     except KeyboardInterrupt:
-        say("interrupted: everything was stopped and cleaned up")
-        return 130
+        say("interrupted: everything was stopped")
+        code = 130
     except (RehearsalError, AirflowError) as exc:
         say(f"rehearsal failed: {exc}")
-        return 1
+        code = 1
     left = leftovers(opts.state_dir)
-    if left:
-        say("left behind: " + ", ".join(left))
-        return 1
+    if left:  # the state file stays, so the next run (or ./rehearse stop) removes these
+        say("left behind (`./rehearse stop` removes it): " + ", ".join(left))
+        return code or 1
+    (opts.state_dir / STATE_FILE).unlink(missing_ok=True)
     say("all processes, loop devices, mounts and links were removed")
-    return 0 if result.state == "success" else 1
+    return code
 
 
 if __name__ == "__main__":

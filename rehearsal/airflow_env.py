@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -147,8 +147,15 @@ class LocalAirflow:
     """Airflow's processes on SQLite + LocalExecutor in ``home``, with a logged-in REST client."""
 
     def __init__(
-        self, home: Path, extra_env: Mapping[str, str], api_port: int = 0, dags_folder: Path = DAGS_FOLDER
+        self,
+        home: Path,
+        extra_env: Mapping[str, str],
+        api_port: int = 0,
+        dags_folder: Path = DAGS_FOLDER,
+        on_spawn: Callable[[int], object] | None = None,
     ) -> None:
+        """``on_spawn`` is called with each process's pid as soon as it exists (each leads its own
+        session), so a harness can record it before anything else can go wrong."""
         if not 0 <= api_port <= 65535:
             raise ValueError(f"api_port {api_port} must be between 0 and 65535")
         self.home = Path(home)
@@ -162,6 +169,7 @@ class LocalAirflow:
             **extra_env,
         }
         self.procs: dict[str, subprocess.Popen] = {}
+        self._on_spawn = on_spawn
         self._token = ""
 
     @property
@@ -194,6 +202,8 @@ class LocalAirflow:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # Ctrl-C reaches only the harness, which stops us in order
                 )
+            if self._on_spawn:
+                self._on_spawn(self.procs[name].pid)
         self._wait_healthy(ready_timeout)
         self._token = self._login()
 

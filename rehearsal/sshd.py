@@ -37,6 +37,8 @@ SSH_KEYGEN = "ssh-keygen"
 #: sshd refuses to start as root without its privilege-separation directory.
 PRIVSEP_DIR = Path("/run/sshd")
 START_ATTEMPTS = 5
+#: Name prefix of each instance's work dir (keys, config, log).
+WORK_DIR_PREFIX = "amibake-sshd-"
 PR_SET_PDEATHSIG = 1
 #: The variable build-image reads for its optional package cache (include/scripts/recipes/debian12.sh).
 PACKAGE_CACHE_ENV = "AMIBAKE_PACKAGE_CACHE"
@@ -89,13 +91,17 @@ class LocalSshd:
         login: str | None = None,
         ready_timeout: float = 20.0,
         session_env: Mapping[str, str] | None = None,
+        parent_dir: Path | None = None,
     ) -> None:
+        """``parent_dir`` holds the work dir with the keys (default: the system temp dir); a
+        harness that can be killed puts it in its state dir, where its next run removes it."""
         self.session_env = dict(session_env or {})
         for name, value in self.session_env.items():
             if not (_ENV_NAME.fullmatch(name) and _ENV_VALUE.fullmatch(value)):
                 raise ValueError(f"session variable {name}={value!r}: use A-Z0-9_ names, ._/:- values")
         self.login = login or getpass.getuser()
         self.ready_timeout = ready_timeout
+        self.parent_dir = parent_dir
         self.port = 0
         self.host = "127.0.0.1"
         self.host_key_b64 = ""
@@ -108,7 +114,7 @@ class LocalSshd:
     def start(self) -> LocalSshd:
         """Generate keys, write the config and start sshd; undo everything on failure."""
         try:
-            self._dir = Path(tempfile.mkdtemp(prefix="amibake-sshd-"))
+            self._dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=self.parent_dir))
             os.chmod(self._dir, 0o700)
             self._keygen("host_ed25519")
             self._keygen("user_ed25519")
@@ -160,7 +166,7 @@ class LocalSshd:
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
                 "UsePAM no",
-                # the key files live in a 0700 temp dir under /tmp, which StrictModes would reject
+                # the key files live in a 0700 temp dir, whose parents StrictModes may reject
                 "StrictModes no",
                 "Subsystem sftp internal-sftp",
                 "LogLevel ERROR",
@@ -232,6 +238,13 @@ class LocalSshd:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+    @property
+    def pid(self) -> int:
+        """sshd's pid (it leads its own session)."""
+        if self._proc is None:
+            raise RuntimeError("sshd is not running")
+        return self._proc.pid
 
     def __enter__(self) -> LocalSshd:
         return self.start()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from operators import defaults
+from rehearsal import processes
 from rehearsal.__main__ import _marked_processes, follow, trigger, wait_for_dag, xcom_values
 from rehearsal.airflow_env import (
     MARKER_ENV,
@@ -87,9 +88,14 @@ def test_local_airflow_runs_a_deferred_dag_through_the_rest_api(tmp_path: Path, 
         ssh_connection={"conn_type": "ssh", "host": "127.0.0.1"},
         settings=REHEARSAL_SETTINGS,
     )
-    airflow = LocalAirflow(tmp_path / "home", env, dags_folder=dags)
+    spawned: list[int] = []
+    airflow = LocalAirflow(tmp_path / "home", env, dags_folder=dags, on_spawn=spawned.append)
     try:
         airflow.start()
+        assert spawned == [proc.pid for proc in airflow.procs.values()]
+        # their sessions hold more than the marker shows: workers and log servers rewrite their
+        # process title over their environment
+        assert set(_marked_processes(tmp_path)) < set(processes.members(spawned))
         wait_for_dag(airflow, "rehearsal_probe")
         run_id = trigger(airflow, "rehearsal_probe", {})
         assert follow(airflow, "rehearsal_probe", run_id, timeout=300) == "success"
@@ -104,6 +110,7 @@ def test_local_airflow_runs_a_deferred_dag_through_the_rest_api(tmp_path: Path, 
     finally:
         airflow.stop()
     assert _marked_processes(tmp_path) == []
+    assert processes.members(spawned) == []
     assert os.environ[MARKER_ENV] == str(tmp_path)
 
 

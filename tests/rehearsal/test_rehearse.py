@@ -5,6 +5,7 @@ Slow (one Debian build with its qemu boot check, a few minutes) and root (loop d
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from rehearsal.__main__ import _box_processes, _marked_processes
+from rehearsal import processes
+from rehearsal.__main__ import STATE_FILE, _box_processes, _rehearsal_processes
+from rehearsal.sshd import WORK_DIR_PREFIX
 
 pytestmark = [
     pytest.mark.slow,
@@ -73,7 +76,10 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
         killed_after = time.monotonic() - started
         first.send_signal(signal.SIGKILL)
         first.wait()
-        assert _marked_processes(state), "killing the harness should have left its services running"
+        killed_sessions = [s[0] for s in json.loads((state / STATE_FILE).read_text())["sessions"]]
+        assert processes.members(killed_sessions), "killing the harness should have left its services running"
+        assert processes.holding([state])
+        assert list(state.glob(f"{WORK_DIR_PREFIX}*")), "the killed run's sshd keys should still be there"
         killed_volumes = [p.stem for p in (state / "ebs").glob("vol-*.img")]
         assert killed_volumes
 
@@ -95,12 +101,16 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     for task in ("remote_chroot_build", "frozen_snapshot", "register_hvm_ami", "delete_canvas"):
         assert re.search(rf"{task}\s+success", out), f"{task} did not succeed"
 
-    # 3. nothing is left: processes, loop devices, mounts, links, images, box work dirs
+    # 3. nothing is left: processes, keys, loop devices, mounts, links, images, box work dirs
     backed = re.search(r"volumes backed by loop devices: (.*)", out)
     assert backed, out[-3000:]
     volumes = killed_volumes + re.findall(r"vol-[0-9a-f]{8,17}", backed.group(1))
     box_dirs = [f"/var/tmp/amibake/{v}" for v in volumes]
-    assert _marked_processes(state) == []
+    assert processes.members(killed_sessions) == []  # the killed run's services and all they forked
+    assert _rehearsal_processes(state) == []
+    assert processes.holding([state]) == {}  # nothing holds its logs
+    assert list(state.glob(f"{WORK_DIR_PREFIX}*")) == []
+    assert not (state / STATE_FILE).exists()
     assert _box_processes(volumes) == []  # the killed run's build did not outlive it
     assert backing_loops(state) == []
     assert canvas_mounts(state) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from rehearsal import processes
 from rehearsal.__main__ import (
     STATE_FILE,
     _box_processes,
@@ -19,7 +20,7 @@ from rehearsal.__main__ import (
     kill_box_processes,
 )
 from rehearsal.airflow_env import MARKER_ENV
-from rehearsal.sshd import package_cache
+from rehearsal.sshd import WORK_DIR_PREFIX, package_cache
 
 
 @pytest.mark.parametrize(
@@ -103,3 +104,65 @@ def test_clean_up_earlier_stops_marked_strays_and_box_processes(tmp_path: Path):
         for proc in (stray, build):
             proc.kill()
             proc.wait()
+
+
+def test_clean_up_earlier_ends_recorded_sessions_whole_and_spares_a_reused_pid(tmp_path: Path):
+    """A recorded service whose environment shows no marker (Airflow's api-server rewrites its title
+    over it) is ended with everything it forked; the killed run's sshd keys are removed; a recorded
+    session id that now belongs to another process (different start time) is left alone."""
+    state = tmp_path / "state"
+    state.mkdir()
+    no_marker = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
+    service = _spawn(["bash", "-c", "sleep 300 & wait"], no_marker)
+    innocent = _spawn(["sleep", "300"], no_marker)
+    keys = state / f"{WORK_DIR_PREFIX}killed"
+    keys.mkdir()
+    (keys / "user_ed25519").write_text("throwaway\n")
+    try:
+        for _ in range(100):  # until bash has forked its sleep
+            if len(processes.members([service.pid])) == 2:
+                break
+            subprocess.run(["sleep", "0.05"])
+        forked = [pid for pid in processes.members([service.pid]) if pid != service.pid]
+        assert len(forked) == 1 and _marked_processes(state) == []
+        pid, started = processes.record(innocent.pid)
+        recorded = {"harness_pid": 2**22 + 1, "sessions": [processes.record(service.pid), [pid, started + 1]]}
+        (state / STATE_FILE).write_text(json.dumps(recorded))
+
+        assert clean_up_earlier(state) is True
+        assert service.wait(timeout=30) != 0
+        assert processes.members([service.pid]) == []  # the forked sleep went with it
+        assert not keys.exists()
+        assert innocent.poll() is None
+        assert clean_up_earlier(state) is False
+    finally:
+        for proc in (service, innocent):
+            proc.kill()
+            proc.wait()
+        processes.end([service.pid], grace=1)
+
+
+def test_holding_finds_a_process_by_its_open_log_and_the_leak_check_ends_it(tmp_path: Path):
+    """A process whose only trace is its log (no marker, no session record) is found, but not when it
+    started before the given time; ``python -m rehearsal.processes`` reports it, ends it, exits 1."""
+    log = (tmp_path / "service.log").open("wb")
+    with log:
+        service = subprocess.Popen(["sleep", "300"], stdout=log, cwd="/")
+    try:
+        started = processes.start_time(service.pid)
+        assert started is not None
+        assert processes.holding([tmp_path]) == {service.pid: "sleep 300"}
+        assert processes.holding([tmp_path], started_after=started) == {}
+        assert processes.holding([tmp_path / "elsewhere"]) == {}
+        check = subprocess.run(
+            [sys.executable, "-m", "rehearsal.processes", "--grace", "1", "--started-after", str(started - 1)]
+            + [str(tmp_path)],
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 1 and f"process {service.pid}: sleep 300" in check.stdout
+        assert service.wait(timeout=10) == -9
+        assert processes.main(["--started-after", "0", str(tmp_path)]) == 0
+    finally:
+        service.kill()
+        service.wait()
