@@ -1,6 +1,7 @@
-"""``./rehearse`` end to end, as a newcomer runs it: a killed run, then a full run that must succeed.
+"""``./rehearse`` end to end, as a newcomer runs it: a killed run, a full run kept up for the UI and
+stopped from another shell, and a run interrupted with Ctrl-C.
 
-Slow (one Debian build with its qemu boot check, a few minutes) and root (loop devices, mounts).
+Slow (Debian builds, one with its qemu boot check: a few minutes) and root (loop devices, mounts).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from operators import defaults
 from rehearsal import processes
 from rehearsal.__main__ import STATE_FILE, _box_processes, _rehearsal_processes
 from rehearsal.sshd import WORK_DIR_PREFIX
@@ -47,6 +50,14 @@ def mounts_under(*paths: str) -> list[str]:
     return [t for t in out.splitlines() if t.startswith(paths)]
 
 
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Poll ``condition`` once a second until it holds; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s"
+        time.sleep(1)
+
+
 def volume_links(volumes: list[str]) -> list[Path]:
     """The Nitro by-id links of these volumes that still exist."""
     return [
@@ -67,12 +78,11 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     first = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
+    log = tmp_path / "second.log"
+    second = None
     try:
-        for _ in range(900):  # until the build mounted the canvas (bounded: 15 min)
-            if canvas_mounts(state) or first.poll() is not None:
-                break
-            time.sleep(1)
-        assert canvas_mounts(state), "the first run never mounted its canvas"
+        wait_for(lambda: canvas_mounts(state) or first.poll() is not None, 900, "the canvas was mounted")
+        assert canvas_mounts(state), "the first run ended before it mounted its canvas"
         killed_after = time.monotonic() - started
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -83,16 +93,33 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
         killed_volumes = [p.stem for p in (state / "ebs").glob("vol-*.img")]
         assert killed_volumes
 
-        # 2. the next run cleans that up first, then runs the whole DAG
+        # 2. the next run cleans that up first, runs the whole DAG and keeps Airflow up for the UI
         started = time.monotonic()
-        second = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
+        with log.open("wb") as sink:
+            second = subprocess.Popen(cmd + ["--keep-running"], stdout=sink, stderr=subprocess.STDOUT)
+        kept = "Airflow keeps running"
+        wait_for(lambda: kept in log.read_text() or second.poll() is not None, 2400, "the run ended")
+        ran_for = time.monotonic() - started
+        assert kept in log.read_text(), log.read_text()[-6000:]
+        ui = re.search(r"Airflow UI: (http://127\.0\.0\.1:\d+)/", log.read_text())
+        assert ui, log.read_text()[-3000:]
+        with urllib.request.urlopen(f"{ui.group(1)}/api/v2/monitor/health", timeout=30) as health:
+            assert health.status == 200  # still serving after the run
+
+        # 3. `./rehearse stop` from another shell ends it; the run's own result still counts
+        stop = subprocess.run(cmd + ["stop"], capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0 and "stopped and cleaned up" in stop.stdout, stop.stdout + stop.stderr
+        assert second.wait(timeout=60) == 0, log.read_text()[-6000:]
         with capsys.disabled():
             print(f"\nrehearsal: first run killed after {killed_after:.0f} s, the next one took "
-                  f"{time.monotonic() - started:.0f} s (clean-up + whole run)")
+                  f"{ran_for:.0f} s (clean-up + whole run)")
     finally:  # never leave the machine dirty, even when an assertion above failed
         subprocess.run(cmd + ["stop"], capture_output=True, timeout=300)
-    out = second.stdout + second.stderr
-    assert second.returncode == 0, out[-6000:]
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = log.read_text()
     assert "cleaned up what an earlier rehearsal left behind" in out
     assert re.search(r"run manual__\S+: SUCCESS", out), out[-3000:]
     ami = re.search(r"AMI id:\s+(ami-[0-9a-f]{8,17})", out)
@@ -101,16 +128,15 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     for task in ("remote_chroot_build", "frozen_snapshot", "register_hvm_ami", "delete_canvas"):
         assert re.search(rf"{task}\s+success", out), f"{task} did not succeed"
 
-    # 3. nothing is left: processes, keys, loop devices, mounts, links, images, box work dirs
+    # 4. nothing is left: processes, keys, loop devices, mounts, links, images, box work dirs
     backed = re.search(r"volumes backed by loop devices: (.*)", out)
     assert backed, out[-3000:]
     volumes = killed_volumes + re.findall(r"vol-[0-9a-f]{8,17}", backed.group(1))
-    box_dirs = [f"/var/tmp/amibake/{v}" for v in volumes]
+    box_dirs = [f"{defaults.REMOTE_BASE_DIR}/{v}" for v in volumes]
     assert processes.members(killed_sessions) == []  # the killed run's services and all they forked
     assert _rehearsal_processes(state) == []
     assert processes.holding([state]) == {}  # nothing holds its logs
     assert list(state.glob(f"{WORK_DIR_PREFIX}*")) == []
-    assert not (state / STATE_FILE).exists()
     assert _box_processes(volumes) == []  # the killed run's build did not outlive it
     assert backing_loops(state) == []
     assert canvas_mounts(state) == []
@@ -118,3 +144,34 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     assert volume_links(volumes) == []
     assert list((state / "ebs").glob("*.img")) == []
     assert [d for d in box_dirs if Path(d).exists()] == []
+
+
+def test_ctrl_c_mid_build_stops_everything_and_exits_130(tmp_path):
+    """Ctrl-C while the build has the canvas mounted: the harness stops every service in order,
+    removes loops, mounts and keys, says so, and exits 130."""
+    state = tmp_path / "state"
+    cmd = [str(REPO / "rehearse"), "--state-dir", str(state), "--no-boot-check"]
+    log = tmp_path / "run.log"
+    with log.open("wb") as sink:
+        run = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: canvas_mounts(state) or run.poll() is not None, 900, "the canvas was mounted")
+        assert canvas_mounts(state), log.read_text()[-3000:]
+        volumes = [p.stem for p in (state / "ebs").glob("vol-*.img")]
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C sends: the terminal's whole foreground group
+        assert run.wait(timeout=300) == 130, log.read_text()[-3000:]
+        assert not (state / STATE_FILE).exists()  # removed by the run itself: nothing to clean up later
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        subprocess.run(cmd + ["stop"], capture_output=True, timeout=300)
+    out = log.read_text()
+    assert "interrupted: everything was stopped" in out
+    assert "all processes, loop devices, mounts and links were removed" in out, out[-3000:]
+    assert processes.holding([state]) == {}
+    assert backing_loops(state) == [] and canvas_mounts(state) == []
+    assert list(state.glob(f"{WORK_DIR_PREFIX}*")) == []
+    assert list((state / "ebs").glob("*.img")) == []
+    assert volumes and _box_processes(volumes) == []
+    assert [v for v in volumes if (Path(defaults.REMOTE_BASE_DIR) / v).exists()] == []
