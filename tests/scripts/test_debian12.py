@@ -103,6 +103,10 @@ def test_the_boot_reached_multi_user_on_our_root(built) -> None:
     assert "bootcheck: passed" in log
     # off EC2, cloud-init gives up at once (strict_id) rather than polling 169.254.169.254 for 120 s
     assert "cloud-init" in log and "169.254.169.254" not in log
+    # every unit started (cloud-config.service once failed on the default en_US.UTF-8 locale)
+    assert "FAILED" not in log and "invalid locale" not in log, [
+        line for line in log.splitlines() if "FAILED" in line or "invalid locale" in line
+    ]
 
 
 def test_image_contents(built) -> None:

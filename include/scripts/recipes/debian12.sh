@@ -135,11 +135,14 @@ EOF
     # Only EC2, and only where the platform says it is EC2 (DMI/hypervisor uuid "ec2...", as on every
     # Xen and Nitro instance): elsewhere, such as the qemu boot check, cloud-init gives up at once
     # instead of polling a metadata service that is not there for 120 s.
-    cat >"$ROOT/etc/cloud/cloud.cfg.d/90-amibake-datasource.cfg" <<'EOF'
+    # C.UTF-8 is built into glibc: cloud-init's default en_US.UTF-8 is not generated in this image,
+    # so its locale module failed and with it cloud-config.service, at every first boot.
+    cat >"$ROOT/etc/cloud/cloud.cfg.d/90-amibake.cfg" <<'EOF'
 datasource_list: [ Ec2 ]
 datasource:
   Ec2:
     strict_id: true
+locale: C.UTF-8
 EOF
     # Host keys are removed before the snapshot; make fresh ones at first boot even without cloud-init.
     cat >"$ROOT/etc/systemd/system/amibake-ssh-hostkeys.service" <<'EOF'
