@@ -194,18 +194,24 @@ class LocalAirflow:
         for name, args in PROCESSES.items():
             extra = ["--port", str(self.api_port)] if name == "api-server" else []
             with open(self.log_dir / f"{name}.log", "ab") as log:
-                self.procs[name] = subprocess.Popen(
-                    self._airflow(*args, *extra),
-                    env=self.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C reaches only the harness, which stops us in order
+                self.procs[name] = self._spawned(
+                    subprocess.Popen(
+                        self._airflow(*args, *extra),
+                        env=self.env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # Ctrl-C reaches only the harness, which stops us in order
+                    )
                 )
-            if self._on_spawn:
-                self._on_spawn(self.procs[name].pid)
         self._wait_healthy(ready_timeout)
         self._token = self._login()
+
+    def _spawned(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """Report a process just started in its own session to ``on_spawn``; returns it."""
+        if self._on_spawn:
+            self._on_spawn(proc.pid)
+        return proc
 
     def check_alive(self) -> None:
         """Raise if any Airflow process has exited."""

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from rehearsal.airflow_env import DAGS_FOLDER, AirflowError, LocalAirflow, free_port
@@ -95,7 +95,12 @@ class CeleryAirflow(LocalAirflow):
     """
 
     def __init__(
-        self, home: Path, extra_env: Mapping[str, str], api_port: int = 0, dags_folder: Path = DAGS_FOLDER
+        self,
+        home: Path,
+        extra_env: Mapping[str, str],
+        api_port: int = 0,
+        dags_folder: Path = DAGS_FOLDER,
+        on_spawn: Callable[[int], object] | None = None,
     ) -> None:
         self.db_port = free_port()
         self.redis_port = free_port()
@@ -106,7 +111,7 @@ class CeleryAirflow(LocalAirflow):
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         }
-        super().__init__(home, {**extra_env, **distributed}, api_port, dags_folder)
+        super().__init__(home, {**extra_env, **distributed}, api_port, dags_folder, on_spawn)
         self._backing: dict[str, subprocess.Popen] = {}
         self._pg_dir: Path | None = None
 
@@ -117,29 +122,33 @@ class CeleryAirflow(LocalAirflow):
         self._start_redis()
         super().start(ready_timeout)
         with open(self.log_dir / "worker.log", "ab") as log:
-            self.procs["worker"] = subprocess.Popen(
-                self._airflow(*WORKER_ARGS),
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            self.procs["worker"] = self._spawned(
+                subprocess.Popen(
+                    self._airflow(*WORKER_ARGS),
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
         self._wait_worker(ready_timeout)
 
     def _spawn(self, name: str, argv: list[str], user: str | None = None) -> subprocess.Popen:
         """Start a backing service in its own session, its output in ``<log_dir>/<name>.log``."""
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                user=user,
-                group=user,
-                extra_groups=[] if user else None,
-                cwd=self._pg_dir if user else None,
+            proc = self._spawned(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    user=user,
+                    group=user,
+                    extra_groups=[] if user else None,
+                    cwd=self._pg_dir if user else None,
+                )
             )
         self._backing[name] = proc
         return proc

@@ -88,25 +88,37 @@ def end(session_ids: Iterable[int], grace: float = 15.0) -> list[int]:
     return members(ids)
 
 
+def _ancestry() -> set[int]:
+    """This process and its ancestors (a leak check must not count the shell that runs it)."""
+    pid, found = os.getpid(), set()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        fields = _stat(pid)
+        pid = int(fields[1]) if fields else 0
+    return found
+
+
 def holding(paths: Sequence[Path], started_after: int = 0) -> dict[int, str]:
     """Live processes (pid → command line) whose working dir or an open file lies under one of
-    ``paths``, among those started after ``started_after`` (clock ticks since boot): whatever a
-    service's title or environment says, it still holds its log."""
+    ``paths``, among those started after ``started_after`` (clock ticks since boot), except this
+    process and its ancestors: whatever a service's title or environment says, it still holds its log."""
     roots = [str(p) for p in paths]
+    mine = _ancestry()
     found = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit() or int(proc.name) in mine:
             continue
         fields = _stat(int(proc.name))
         if not fields or fields[0] == "Z" or int(fields[19]) <= started_after:
             continue
         try:
             targets = [os.readlink(link) for link in (proc / "cwd", *(proc / "fd").iterdir())]
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            name = f"[{(proc / 'comm').read_text().strip()}]"  # when the command line reads empty
         except OSError:
             continue
         if any(t == root or t.startswith(f"{root}/") for t in targets for root in roots):
-            found[int(proc.name)] = cmdline.strip()
+            found[int(proc.name)] = cmdline or name
     return found
 
 

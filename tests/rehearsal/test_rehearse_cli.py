@@ -151,7 +151,7 @@ def test_holding_finds_a_process_by_its_open_log_and_the_leak_check_ends_it(tmp_
     try:
         started = processes.start_time(service.pid)
         assert started is not None
-        assert processes.holding([tmp_path]) == {service.pid: "sleep 300"}
+        assert list(processes.holding([tmp_path])) == [service.pid]
         assert processes.holding([tmp_path], started_after=started) == {}
         assert processes.holding([tmp_path / "elsewhere"]) == {}
         check = subprocess.run(
@@ -160,9 +160,18 @@ def test_holding_finds_a_process_by_its_open_log_and_the_leak_check_ends_it(tmp_
             capture_output=True,
             text=True,
         )
-        assert check.returncode == 1 and f"process {service.pid}: sleep 300" in check.stdout
+        assert check.returncode == 1 and f"process {service.pid}: sleep" in check.stdout
         assert service.wait(timeout=10) == -9
         assert processes.main(["--started-after", "0", str(tmp_path)]) == 0
+        # the shell that runs the check (here: with its cwd in the dir) is not a leak
+        script = 'cd "$2" && "$1" -m rehearsal.processes --started-after 0 "$2"; echo "rc=$?"'
+        in_dir = subprocess.run(
+            ["bash", "-c", script, "check", sys.executable, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        assert in_dir.stdout == "rc=0\n", in_dir.stdout + in_dir.stderr
     finally:
         service.kill()
         service.wait()

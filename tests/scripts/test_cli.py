@@ -159,14 +159,17 @@ def test_gpg_fingerprint_check(tmp_path: Path) -> None:
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
     env = {**os.environ, "GNUPGHOME": str(home)}
-    subprocess.run(
-        ["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "amibake test <t@example.invalid>",
-         "ed25519", "sign", "1d"], check=True, capture_output=True, env=env,
-    )
-    key = tmp_path / "key.asc"
-    subprocess.run(["gpg", "--batch", "--armor", "--output", str(key), "--export"], check=True, env=env)
-    colons = subprocess.run(["gpg", "--batch", "--with-colons", "--list-keys"], capture_output=True,
-                            text=True, check=True, env=env).stdout
+    try:
+        subprocess.run(
+            ["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "amibake test <t@example.invalid>",
+             "ed25519", "sign", "1d"], check=True, capture_output=True, env=env,
+        )
+        key = tmp_path / "key.asc"
+        subprocess.run(["gpg", "--batch", "--armor", "--output", str(key), "--export"], check=True, env=env)
+        colons = subprocess.run(["gpg", "--batch", "--with-colons", "--list-keys"], capture_output=True,
+                                text=True, check=True, env=env).stdout
+    finally:  # generating the key started a gpg-agent for this home
+        subprocess.run(["gpgconf", "--kill", "all"], env=env, check=False)
     fpr = next(line.split(":")[9] for line in colons.splitlines() if line.startswith("fpr:"))
     libs = ("recipes/centos7.sh",)
     ok = bash_lib(f"check_gpg_fingerprint {key} {fpr}", libs=libs)
