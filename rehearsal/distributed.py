@@ -17,10 +17,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from rehearsal.airflow_env import DAGS_FOLDER, AirflowError, LocalAirflow, free_port
+from rehearsal.airflow_env import AirflowError, LocalAirflow, free_port
 
 #: PostgreSQL refuses to run as root; as root we run it as Debian's ``postgres`` user.
 PG_USER = "postgres"
@@ -94,14 +95,8 @@ class CeleryAirflow(LocalAirflow):
     and PostgreSQL, and removes their data.
     """
 
-    def __init__(
-        self,
-        home: Path,
-        extra_env: Mapping[str, str],
-        api_port: int = 0,
-        dags_folder: Path = DAGS_FOLDER,
-        on_spawn: Callable[[int], object] | None = None,
-    ) -> None:
+    def __init__(self, home: Path, extra_env: Mapping[str, str], **kwargs: Any) -> None:
+        """As ``LocalAirflow`` (same keyword arguments), plus the Celery and database settings."""
         self.db_port = free_port()
         self.redis_port = free_port()
         db_url = f"postgresql+psycopg2://{DB_NAME}@127.0.0.1:{self.db_port}/{DB_NAME}"
@@ -111,7 +106,7 @@ class CeleryAirflow(LocalAirflow):
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         }
-        super().__init__(home, {**extra_env, **distributed}, api_port, dags_folder, on_spawn)
+        super().__init__(home, {**extra_env, **distributed}, **kwargs)
         self._backing: dict[str, subprocess.Popen] = {}
         self._pg_dir: Path | None = None
 
