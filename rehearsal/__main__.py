@@ -174,14 +174,7 @@ def _box_processes(ids: list[str]) -> list[int]:
 
 def kill_box_processes(ids: list[str]) -> None:
     """End the box-side processes of these builds / volumes (SIGTERM, then SIGKILL)."""
-    pids = _box_processes(ids)
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        pids = _wait_gone(pids, wait)
+    processes.terminate(lambda: _box_processes(ids), grace=10)
 
 
 def clean_up_earlier(state_dir: Path) -> bool:
@@ -204,13 +197,7 @@ def clean_up_earlier(state_dir: Path) -> bool:
         did = True
         say(f"stopping {len(strays)} processes left by an earlier rehearsal")
         processes.end(_our_sessions(state_dir))
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):  # marked, outside those sessions
-            for pid in _marked_processes(state_dir):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            _wait_gone(_marked_processes(state_dir), wait)
+        processes.terminate(lambda: _marked_processes(state_dir))  # marked, outside those sessions
     for work_dir in state_dir.glob(f"{WORK_DIR_PREFIX}*"):  # the killed run's sshd keys
         did = True
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ import argparse
 import os
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 #: (session id = the leader's pid, the leader's start time in clock ticks since boot)
@@ -71,21 +71,25 @@ def members(session_ids: Iterable[int]) -> list[int]:
     return sorted(found)
 
 
-def end(session_ids: Iterable[int], grace: float = 15.0) -> list[int]:
-    """SIGTERM every member of these sessions, SIGKILL what is left after ``grace`` s; returns the
-    processes that are still there after that (should be none)."""
-    ids = set(session_ids)
+def terminate(find: Callable[[], list[int]], grace: float = 15.0) -> list[int]:
+    """SIGTERM every process ``find`` returns, SIGKILL what it returns after ``grace`` s (asking
+    again catches what they forked meanwhile); returns what is still there after that."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids = members(ids)
-        for pid in pids:
+        for pid in find():
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while members(ids) and time.monotonic() < deadline:
+        while find() and time.monotonic() < deadline:
             time.sleep(0.2)
-    return members(ids)
+    return find()
+
+
+def end(session_ids: Iterable[int], grace: float = 15.0) -> list[int]:
+    """End every member of these sessions (see ``terminate``)."""
+    ids = set(session_ids)
+    return terminate(lambda: members(ids), grace)
 
 
 def _ancestry() -> set[int]:
