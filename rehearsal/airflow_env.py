@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from operators import defaults
+from rehearsal import processes
 
 REPO = Path(__file__).resolve().parent.parent
 #: Everything a rehearsal writes (gitignored).
@@ -169,6 +170,7 @@ class LocalAirflow:
             **extra_env,
         }
         self.procs: dict[str, subprocess.Popen] = {}
+        self._sessions: dict[int, processes.Session] = {}  # by leader pid, for stop()
         self._on_spawn = on_spawn
         self._token = ""
 
@@ -208,7 +210,8 @@ class LocalAirflow:
         self._token = self._login()
 
     def _spawned(self, proc: subprocess.Popen) -> subprocess.Popen:
-        """Report a process just started in its own session to ``on_spawn``; returns it."""
+        """Record a process just started in its own session, and report it to ``on_spawn``."""
+        self._sessions[proc.pid] = processes.record(proc.pid)
         if self._on_spawn:
             self._on_spawn(proc.pid)
         return proc
@@ -261,7 +264,8 @@ class LocalAirflow:
         return json.loads(payload) if payload else None
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM each process group, SIGKILL what is left after ``grace`` seconds."""
+        """SIGTERM each process's group, wait up to ``grace`` s for them, then end whatever is left in
+        their sessions (executor workers, task runners) and return only once it is gone."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 _signal_group(proc.pid, signal.SIGTERM)
@@ -272,7 +276,7 @@ class LocalAirflow:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            _signal_group(proc.pid, signal.SIGKILL)  # task runners and workers left in the group
+        processes.end(processes.still_ours(self._sessions[proc.pid] for proc in self.procs.values()), grace=5)
         self.procs.clear()
 
 
