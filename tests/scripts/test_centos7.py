@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from loopdisk import LoopVolume, run_build
 
 pytestmark = pytest.mark.root
@@ -109,6 +110,10 @@ def test_centos7_plan_and_files(make_volume) -> None:
     assert dracut[1:] == ['hostonly="no"', 'add_drivers+=" nvme xen-blkfront xen-netfront ena "']
     unit = (root / "etc/systemd/system/amibake-boot-ok.service").read_text()
     assert "After=multi-user.target" in unit and "WantedBy=multi-user.target" in unit
+    # cloud-init: EC2 only, and only on a platform that identifies as EC2, so the boot check's qemu
+    # (no network) does not wait 120 s for a metadata service (cloud-init 18.5's identify_aws)
+    cloud = yaml.safe_load((root / "etc/cloud/cloud.cfg.d/90-amibake.cfg").read_text())
+    assert cloud == {"datasource_list": ["Ec2"], "datasource": {"Ec2": {"strict_id": True}}}
 
     # Build-only files are gone and only the root filesystem is mounted.
     assert not (root / "etc/resolv.conf").exists()

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 from loopdisk import BuildResult, LoopVolume, run_build
 
 from rehearsal.sshd import package_cache, package_cache_env
@@ -127,6 +128,9 @@ def test_image_contents(built) -> None:
     assert list((root / "boot/grub/i386-pc").glob("core.img"))
     sources = (root / "etc/apt/sources.list.d/debian.sources").read_text()
     assert "Suites: bookworm bookworm-updates" in sources
+    cloud = yaml.safe_load((root / "etc/cloud/cloud.cfg.d/90-amibake.cfg").read_text())
+    ec2_only = {"datasource_list": ["Ec2"], "datasource": {"Ec2": {"strict_id": True}}}
+    assert cloud == {**ec2_only, "locale": "C.UTF-8"}
 
 
 def test_verify_passes_on_the_built_image(built) -> None:

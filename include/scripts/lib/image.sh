@@ -70,6 +70,18 @@ EOF
     in_chroot systemctl enable amibake-boot-ok.service
 }
 
+# cloud-init looks for EC2 only, and only where the platform says it is EC2 (a DMI or hypervisor uuid
+# "ec2...", as on every Xen and Nitro instance): elsewhere, such as the qemu boot check (no network),
+# it gives up at once instead of polling a metadata service that is not there for 120 s. Arguments
+# are extra cloud-config lines of the recipe.
+write_cloud_init_config() {
+    mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
+    {
+        echo "# written by amibake"
+        printf '%s\n' "datasource_list: [ Ec2 ]" "datasource:" "  Ec2:" "    strict_id: true" "$@"
+    } >"$ROOT/etc/cloud/cloud.cfg.d/90-amibake.cfg"
+}
+
 # Clean-up every image needs before its snapshot: identity, keys, logs, temporary files.
 clean_common() {
     [[ -e $ROOT/etc/machine-id ]] && : >"$ROOT/etc/machine-id"

@@ -153,6 +153,7 @@ EOF
         echo
         centos_repo_sections "$(centos_mirror)" "file:///etc/pki/rpm-gpg/$CENTOS_GPG_KEY"
     } >"$ROOT/etc/yum.repos.d/CentOS-Base.repo"
+    write_cloud_init_config # EL7's glibc has en_US.UTF-8, cloud-init's default locale
     chroot_enter
     in_chroot chkconfig network on
     install_boot_marker

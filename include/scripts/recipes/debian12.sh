@@ -131,19 +131,9 @@ EOF
     printf 'allow-hotplug eth0\niface eth0 inet dhcp\n' >"$ROOT/etc/network/interfaces.d/eth0"
     printf '# amibake: boot on Xen and Nitro (EBS and ENA) and under qemu\n%s\n' \
         "${RECIPE_INITRAMFS_DRIVERS[@]}" >"$ROOT/etc/initramfs-tools/modules"
-    mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
-    # Only EC2, and only where the platform says it is EC2 (DMI/hypervisor uuid "ec2...", as on every
-    # Xen and Nitro instance): elsewhere, such as the qemu boot check, cloud-init gives up at once
-    # instead of polling a metadata service that is not there for 120 s.
     # C.UTF-8 is built into glibc: cloud-init's default en_US.UTF-8 is not generated in this image,
     # so its locale module failed and with it cloud-config.service, at every first boot.
-    cat >"$ROOT/etc/cloud/cloud.cfg.d/90-amibake.cfg" <<'EOF'
-datasource_list: [ Ec2 ]
-datasource:
-  Ec2:
-    strict_id: true
-locale: C.UTF-8
-EOF
+    write_cloud_init_config "locale: C.UTF-8"
     # Host keys are removed before the snapshot; make fresh ones at first boot even without cloud-init.
     cat >"$ROOT/etc/systemd/system/amibake-ssh-hostkeys.service" <<'EOF'
 [Unit]
