@@ -127,8 +127,9 @@ def holding(paths: Sequence[Path], started_after: int = 0) -> dict[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print (and kill) the processes that started after a given time and still hold one of the
-    paths after a grace period (one being stopped may take a moment); exit 1 if there were any."""
+    """Name the processes that started after a given time and still hold one of the paths after a
+    grace period (one being stopped may take a moment); exit 1 if there are any. They are left
+    running: one may be somebody's own work in the same checkout."""
     parser = argparse.ArgumentParser(prog="python -m rehearsal.processes", description=main.__doc__)
     parser.add_argument("--started-after", type=int, required=True, help="clock ticks since boot")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to wait for them to exit")
@@ -139,11 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
     for pid, cmdline in sorted(left.items()):
         print(f"process {pid}: {cmdline[:160]}")
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return 1 if left else 0
 
 
