@@ -446,8 +446,8 @@ def rehearsal_services(
     started: list[processes.Session] = []
 
     def save_state() -> None:
-        """What a later run needs to clean up after this one if it is killed (``main`` removes it
-        once nothing is left)."""
+        """What a later run needs to clean up after this one if it is killed (removed once nothing
+        is left)."""
         state = {
             "harness_pid": os.getpid(),
             "box_dirs": [build_id(DAG_ID, r) for r in run_ids],
@@ -463,6 +463,7 @@ def rehearsal_services(
     save_state()
     with ExitStack() as stack:
         stack.enter_context(_shielded_cleanup())
+        stack.callback(_forget_if_clean, state_dir)  # runs after every service below has stopped
         if opts.ec2_in_process:
             local = stack.enter_context(LocalEc2())
             ec2 = Ec2Service(local.endpoint_url, local.moto_url, local.region)
@@ -498,6 +499,12 @@ def rehearsal_services(
         stack.callback(_ignore_interrupts)  # runs first when unwinding: a 2nd Ctrl-C must not cut it short
         yield airflow, ec2, ebs, base_ami, lambda run_id: (run_ids.append(run_id), save_state())
         say("stopping Airflow, the EBS emulator, sshd and the local EC2 API ...")
+
+
+def _forget_if_clean(state_dir: Path) -> None:
+    """Remove the state file once nothing of the run is left; otherwise the next run needs it."""
+    if not leftovers(state_dir):
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def _ignore_interrupts() -> None:
@@ -698,7 +705,6 @@ def main(argv: list[str] | None = None) -> int:
     if left:  # the state file stays, so the next run (or ./rehearse stop) removes these
         say("left behind (`./rehearse stop` removes it): " + ", ".join(left))
         return code or 1
-    (opts.state_dir / STATE_FILE).unlink(missing_ok=True)
     say("all processes, loop devices, mounts and links were removed")
     return code
 

@@ -43,9 +43,12 @@ def celery_rehearsal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     """
     monkeypatch.setattr(rh, "LocalAirflow", CeleryAirflow)
     monkeypatch.setenv(MARKER_ENV, "")  # the harness sets it; restored afterwards
-    with rh.rehearsal_services(rh.Options(state_dir=tmp_path / "rehearsal")) as services:
+    state_dir = tmp_path / "rehearsal"
+    with rh.rehearsal_services(rh.Options(state_dir=state_dir)) as services:
         assert isinstance(services[0], CeleryAirflow)
         yield services
+    assert rh.leftovers(state_dir) == []
+    assert not (state_dir / rh.STATE_FILE).exists()  # nothing left, so nothing for a next run to clean
 
 
 def _run(airflow: Any, run_id: str) -> dict[str, Any]:
