@@ -115,14 +115,6 @@ def _rehearsal_processes(state_dir: Path) -> list[int]:
     return sorted(set(processes.members(_our_sessions(state_dir))) | set(_marked_processes(state_dir)))
 
 
-def _running(pid: int) -> bool:
-    """Whether a process exists and is not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _is_harness(pid: int) -> bool:
     """Whether ``pid`` is a running rehearsal harness (its own environment lacks the marker,
     which it sets for its children only, so it is recognised by its command line)."""
@@ -130,7 +122,7 @@ def _is_harness(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return _running(pid) and pid != os.getpid() and b"rehearsal" in argv and b"-m" in argv
+    return processes.running(pid) and pid != os.getpid() and b"rehearsal" in argv and b"-m" in argv
 
 
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
@@ -139,7 +131,7 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in alive if _running(p)]
+        alive = [p for p in alive if processes.running(p)]
     return alive
 
 

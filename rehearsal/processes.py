@@ -32,6 +32,12 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
+def running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie waiting to be reaped."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
 def session_id(pid: int) -> int | None:
     """The session a process belongs to, or None when it is gone."""
     fields = _stat(pid)
