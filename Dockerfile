@@ -5,10 +5,10 @@ ARG AIRFLOW_VERSION=3.3.2
 FROM apache/airflow:${AIRFLOW_VERSION}-python3.11 AS airflow
 ARG AIRFLOW_VERSION
 
-# The package (operators/, rehearsal/) and the scripts it ships to the build box.
+# The package (operators/ only: the offline harness rehearsal/ stays out) and the scripts it ships
+# to the build box.
 COPY --chown=airflow:0 pyproject.toml /opt/amibake/
 COPY --chown=airflow:0 operators /opt/amibake/operators
-COPY --chown=airflow:0 rehearsal /opt/amibake/rehearsal
 COPY --chown=airflow:0 include /opt/amibake/include
 # Pinning apache-airflow to the image's version keeps pip from up- or downgrading Airflow itself.
 RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" /opt/amibake

@@ -21,7 +21,7 @@ from operators import (
     defaults,
     notify,
 )
-from operators.sweep import RotateAmis
+from operators.rotate import RotateAmis
 
 DAG_ID = "amibake_nightly"
 
@@ -215,8 +215,8 @@ with DAG(
     @task(multiple_outputs=True, retries=0, execution_timeout=timedelta(minutes=2))
     def validate_params(params: dict | None = None) -> dict:
         """Check every value before anything is created; the error names the field."""
-        from operators.common import settings
-        from operators.validation import validate_build
+        from operators.base import settings
+        from operators.rules.validation import validate_build
 
         return validate_build(params or {}, settings()).as_dict()
 

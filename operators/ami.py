@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowException
 
-from operators import defaults, naming, validation
-from operators.common import AmibakeOperator
-from operators.links import AmiLink
-from operators.naming import Role, tag_specification
+from operators import defaults
+from operators.base import AmibakeOperator
+from operators.links.ec2 import AmiLink
+from operators.rules import naming, validation
+from operators.rules.naming import Role, tag_specification
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -55,7 +56,7 @@ def _snapshots_of(image: dict[str, Any]) -> set[str]:
 class RegisterHVMAmi(AmibakeOperator):
     """RegisterImage from the snapshot (HVM, gp3 root, ENA, SR-IOV, BIOS, IMDSv2); wait until available.
 
-    The name is prefix + UTC date/time of the run + build id (:func:`operators.naming.ami_name`).
+    The name is prefix + UTC date/time of the run + build id (:func:`operators.rules.naming.ami_name`).
     An AMI this build already registered (found by tag or by name) is reused. When available, an
     asset event for ``amibake://ami/<recipe>`` is emitted through the ``amibake-ami`` alias, with
     ``{"ami_id", "ami_name", "snapshot_id", "recipe", "region"}`` in its extra.
@@ -135,7 +136,7 @@ class RegisterHVMAmi(AmibakeOperator):
         self._ensure_tags(image_id, tags)
         self.persist_link(AmiLink, context, image_id=image_id)
         if self.deferrable:
-            from operators.triggers import ImageAvailableTrigger
+            from operators.triggers.ec2 import ImageAvailableTrigger
 
             self.defer(
                 trigger=ImageAvailableTrigger(

@@ -18,10 +18,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from operators import defaults, validation
-from operators.common import AmibakeOperator, settings
-from operators.links import EC2InstanceLink, SecurityGroupLink
-from operators.naming import Role, tag_specification
+from operators import defaults
+from operators.base import AmibakeOperator, settings
+from operators.links.ec2 import EC2InstanceLink, SecurityGroupLink
+from operators.rules import validation
+from operators.rules.naming import Role, tag_specification
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -205,7 +206,7 @@ class LaunchBuildBox(AmibakeOperator):
                 self.log.info("build %s: reusing build box %s from an earlier try", build, instance_id)
             self.persist_link(EC2InstanceLink, context, instance_id=instance_id)
             if self.deferrable:
-                from operators.triggers import InstanceRunningTrigger
+                from operators.triggers.ec2 import InstanceRunningTrigger
 
                 # no defer kwargs: the resumed method rebuilds everything from the instance id
                 self.defer(
@@ -265,7 +266,7 @@ class LaunchBuildBox(AmibakeOperator):
     ) -> dict[str, Any]:
         state = self._box_state(context, instance_id, host_key)
         if self.deferrable:
-            from operators.triggers import SshReachableTrigger
+            from operators.triggers.ssh import SshReachableTrigger
 
             self.defer(
                 trigger=SshReachableTrigger(
@@ -303,7 +304,7 @@ class LaunchBuildBox(AmibakeOperator):
 
     def _verify_login(self, state: dict[str, Any], *, wait: bool) -> dict[str, Any]:
         """Log in with the connection's key (cloud-init may still be installing it: retry a while)."""
-        from operators.hooks import box_ssh_hook
+        from operators.hooks.box import box_ssh_hook
 
         deadline = time.monotonic() + (self.ssh_ready_timeout if wait else defaults.SSH_CONNECT_TIMEOUT_S)
         while True:

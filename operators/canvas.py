@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from operators import defaults, validation
-from operators.common import AmibakeOperator
-from operators.links import VolumeLink
-from operators.naming import Role, tag_specification
+from operators import defaults
+from operators.base import AmibakeOperator
+from operators.links.ec2 import VolumeLink
+from operators.rules import validation
+from operators.rules.naming import Role, tag_specification
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

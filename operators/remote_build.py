@@ -9,48 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowException
 
-from operators import defaults, remote, validation
-from operators.common import AmibakeOperator
+from operators import defaults
+from operators.base import AmibakeOperator
+from operators.rules import remote, validation
+from operators.rules.records import check_box_and_canvas
 
 if TYPE_CHECKING:
     import paramiko
     from airflow.sdk import Context
-
-
-def check_box_and_canvas(box: Any, canvas: Any) -> tuple[str, str, str, int]:
-    """(instance id, volume id, device name, size GiB) from the upstream XComs, or a ParamError."""
-    if not isinstance(box, dict):
-        raise validation.ParamError("box", f"must be LaunchBuildBox's XCom (a dict), got {box!r}")
-    if not isinstance(canvas, dict):
-        raise validation.ParamError("canvas", f"must be AttachCanvas's XCom (a dict), got {canvas!r}")
-    instance_id = validation.require_id(
-        "box.instance_id", box.get("instance_id"), validation.INSTANCE_ID_RE, "an instance id"
-    )
-    volume_id = validation.require_id(
-        "canvas.volume_id", canvas.get("volume_id"), validation.VOLUME_ID_RE, "a volume id"
-    )
-    device = validation.match_field(
-        "canvas.device_name", str(canvas.get("device_name")), validation.DEVICE_NAME_RE, "/dev/sdf../dev/sdp"
-    )
-    return instance_id, volume_id, device, validation.validate_size(canvas.get("size_gib"), "canvas.size_gib")
-
-
-def box_session(
-    box: dict, ssh_conn_id: str, *, build: str, volume_id: str, recipe: str, device: str, size: int
-) -> tuple[Any, dict[str, Any]]:
-    """The box's SSH hook, and the ``build-image`` arguments every call on this canvas shares."""
-    from operators.hooks import box_ssh_hook
-
-    ssh = box_ssh_hook(box, ssh_conn_id=ssh_conn_id, ssh_address=box["ssh_address"])
-    common = {
-        "build": build,
-        "volume_id": volume_id,
-        "recipe": recipe,
-        "device_name": device,
-        "size_gib": size,
-        "sudo": ssh.username != "root",
-    }
-    return ssh, common
 
 
 class RemoteChrootBuild(AmibakeOperator):
@@ -102,7 +68,7 @@ class RemoteChrootBuild(AmibakeOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Ship the scripts, abort a previous try, run the build, report the phase that failed."""
-        from operators.session import run_streaming, ship_directory
+        from operators.hooks.box import box_session, run_streaming, ship_directory
 
         _, volume_id, device, size = check_box_and_canvas(self.box, self.canvas)
         mirror = validation.validate_mirror_url(self.mirror_url or "")
@@ -151,7 +117,7 @@ class RemoteChrootBuild(AmibakeOperator):
 
     def _abort(self, client: paramiko.SSHClient, why: str) -> None:
         """Run ``build-image abort`` (stop a running build, undo its mounts); log, never raise."""
-        from operators.session import run_streaming
+        from operators.hooks.box import run_streaming
 
         if self._abort_argv is None:
             return
@@ -174,7 +140,7 @@ class RemoteChrootBuild(AmibakeOperator):
                 self.log.info("the build's SSH channel was already closing")
         if self._abort_argv is None:
             return
-        from operators.hooks import box_ssh_hook
+        from operators.hooks.box import box_ssh_hook
 
         try:
             ssh = box_ssh_hook(

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowException
 
-from operators import defaults, remote
-from operators.common import AmibakeOperator
-from operators.links import SnapshotLink
-from operators.naming import Role, tag_specification
-from operators.remote_build import box_session, check_box_and_canvas
+from operators import defaults
+from operators.base import AmibakeOperator
+from operators.links.ec2 import SnapshotLink
+from operators.rules import remote
+from operators.rules.naming import Role, tag_specification
+from operators.rules.records import check_box_and_canvas
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -60,7 +61,7 @@ class FrozenSnapshot(AmibakeOperator):
 
     def execute(self, context: Context) -> dict[str, str]:
         """Reuse or take the snapshot, then wait for it."""
-        from operators.hooks import LIVE_SNAPSHOT_STATES
+        from operators.hooks.ec2 import LIVE_SNAPSHOT_STATES
 
         _, volume_id, device, size = check_box_and_canvas(self.box, self.canvas)
         hook = self.ec2()
@@ -82,7 +83,7 @@ class FrozenSnapshot(AmibakeOperator):
             snapshot_id = self._freeze_and_snapshot(context, build, volume_id, device, size)
         self.persist_link(SnapshotLink, context, snapshot_id=snapshot_id)
         if self.deferrable:
-            from operators.triggers import SnapshotCompletedTrigger
+            from operators.triggers.ec2 import SnapshotCompletedTrigger
 
             self.defer(
                 trigger=SnapshotCompletedTrigger(
@@ -107,7 +108,7 @@ class FrozenSnapshot(AmibakeOperator):
         self, context: Context, build: str, volume_id: str, device: str, size: int
     ) -> str:
         """freeze on the box → CreateSnapshot → thaw (always)."""
-        from operators.session import run_streaming
+        from operators.hooks.box import box_session, run_streaming
 
         ssh, common = box_session(
             self.box,

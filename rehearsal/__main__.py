@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from operators import defaults
-from operators.naming import build_id
+from operators.rules.naming import build_id
 from rehearsal import processes
 from rehearsal.airflow_env import (
     ADMIN_USER,

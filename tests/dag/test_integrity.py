@@ -47,7 +47,7 @@ def test_parsing_imports_nothing_heavy() -> None:
     """
     heavy = (
         "boto3", "botocore.client", "botocore.session", "paramiko", "aiobotocore", "moto",
-        "airflow.providers.amazon.aws.hooks", "airflow.providers.ssh.hooks", "operators.hooks",
+        "airflow.providers.amazon.aws.hooks", "airflow.providers.ssh.hooks", "operators.hooks.ec2",
     )  # fmt: skip
     code = (
         "import runpy, sys, json; runpy.run_path(sys.argv[1]); heavy = tuple(json.loads(sys.argv[2])); "

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from operators import defaults, naming
-from operators.naming import Role
-from operators.remote import remote_dir
+from operators import defaults
+from operators.rules import naming
+from operators.rules.naming import Role
+from operators.rules.remote import remote_dir
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "amibake_nightly"

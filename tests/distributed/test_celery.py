@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import rehearsal.__main__ as rh
-from operators import naming
+from operators.rules import naming
 from rehearsal.airflow_env import MARKER_ENV
 from rehearsal.distributed import CeleryAirflow
 from rehearsal.ec2_local import tag_specs

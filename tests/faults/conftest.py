@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 from airflow.sdk import DAG
 
-from operators import defaults, naming
+from operators import defaults
 from operators.build_box import LaunchBuildBox, TerminateBuildBox
 from operators.canvas import AttachCanvas, DeleteCanvas
-from operators.naming import Role
-from operators.remote import remote_dir, remote_scripts_dir
+from operators.rules import naming
+from operators.rules.naming import Role
+from operators.rules.remote import remote_dir, remote_scripts_dir
 
 # The operator harness of tests/operators runs an operator as the task runner + triggerer would.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operators"))

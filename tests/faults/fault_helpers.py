@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from operators import naming
+from operators.rules import naming
 
 REPO = Path(__file__).resolve().parents[2]
 READS = ("Describe", "Get")

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from fault_helpers import left, nothing_left
 
-from operators import naming
 from operators.ami import RegisterHVMAmi
-from operators.naming import Role
+from operators.rules import naming
+from operators.rules.naming import Role
 from operators.snapshot import FrozenSnapshot
 
 pytestmark = [

@@ -97,7 +97,7 @@ def test_worker_killed_mid_build_then_retried(rig: Any) -> None:
     kwargs = _build_op_kwargs(rig)
     worker = start_worker(
         rig.tmp_path,
-        "operators.remote_build.RemoteChrootBuild",
+        "operators.rules.remote_build.RemoteChrootBuild",
         "remote_chroot_build",
         kwargs,
         rig.dag_id,

@@ -16,9 +16,9 @@ from airflow.sdk import DAG
 from fault_helpers import age, images, left, nothing_left, run_sweeper, touched
 from operator_harness import make_context, run_operator
 
-from operators import naming
 from operators.build_box import LaunchBuildBox
 from operators.canvas import AttachCanvas
+from operators.rules import naming
 
 RUN_ID = "scheduled__2026-11-25T02:00:00+00:00"
 

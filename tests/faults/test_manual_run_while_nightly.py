@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from fault_helpers import wait_until
 
-from operators import naming
+from operators.rules import naming
 from rehearsal.__main__ import _q, trigger, wait_for_dag
 from rehearsal.airflow_env import LocalAirflow, amibake_env, rehearsal_settings
 

@@ -20,11 +20,11 @@ from airflow.sdk import DAG, BaseOperator
 from fault_helpers import kill_when, left, nothing_left, start_worker, wait_until
 from operator_harness import make_context, run_operator
 
-from operators import naming
 from operators.ami import RegisterHVMAmi
 from operators.build_box import LaunchBuildBox, TerminateBuildBox
 from operators.canvas import AttachCanvas, DeleteCanvas
-from operators.naming import Role
+from operators.rules import naming
+from operators.rules.naming import Role
 from rehearsal.ec2_local import tag_specs
 
 RUN_ID = "scheduled__2026-11-25T02:00:00+00:00"

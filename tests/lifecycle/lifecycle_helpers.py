@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from operators import naming
-from operators.naming import Role
+from operators.rules import naming
+from operators.rules.naming import Role
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 OLD = NOW - timedelta(hours=30)

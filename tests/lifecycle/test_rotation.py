@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from lifecycle_helpers import NOW, all_ids, ids, make_ami, make_snapshot, mutating
 
-from operators.lifecycle import RotationRefused
-from operators.validation import ParamError
+from operators.rules.lifecycle import RotationRefused
+from operators.rules.validation import ParamError
 
 
 def night(n: int) -> datetime:
@@ -40,7 +40,7 @@ def next_minute(when: datetime) -> datetime:
 
 
 def rotate(**kwargs: Any) -> Any:
-    from operators.sweep import RotateAmis
+    from operators.rotate import RotateAmis
 
     args = {"recipe": "centos7", "keep": "2", "grace": "1", **kwargs}  # templates render to strings
     return RotateAmis(task_id="rotate", **args).execute({})

@@ -11,9 +11,9 @@ from airflow.sdk import DAG
 from lifecycle_helpers import ids, make_snapshot, mutating
 from operator_harness import make_context, run_operator
 
-from operators import naming
 from operators.ami import RegisterHVMAmi
-from operators.sweep import RotateAmis
+from operators.rotate import RotateAmis
+from operators.rules import naming
 
 
 def test_rotating_amis_registered_by_the_pipeline(ec2: Any, tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from operators import lifecycle, naming
-from operators.lifecycle import Inventory, RotationRefused, plan_rotation, plan_sweep
+from operators.rules import lifecycle, naming
+from operators.rules.lifecycle import Inventory, RotationRefused, plan_rotation, plan_sweep
 
 NOW = datetime(2026, 11, 25, 12, 0, 30, tzinfo=UTC)
 AGE = timedelta(hours=6)

@@ -23,7 +23,7 @@ from lifecycle_helpers import (
     set_instance_state,
 )
 
-from operators.validation import ParamError
+from operators.rules.validation import ParamError
 
 DAG_FILE = Path(__file__).resolve().parents[2] / "dags" / "amibake_sweeper.py"
 

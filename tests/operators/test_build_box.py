@@ -13,9 +13,9 @@ import pytest
 from airflow.sdk import DAG
 from operator_harness import make_context, run_operator
 
-from operators import naming
 from operators.build_box import LaunchBuildBox, TerminateBuildBox
-from operators.validation import ParamError
+from operators.rules import naming
+from operators.rules.validation import ParamError
 from rehearsal.ec2_local import tag_specs
 
 RUN_ID = "manual__2026-11-25T02:00:00+00:00"
@@ -236,7 +236,7 @@ def test_terminate_build_box_removes_box_and_group(ec2: Any, sshd: Any, subnet: 
 
 def test_security_group_deletion_waits_out_a_lingering_interface(ec2: Any, sshd: Any, subnet: dict) -> None:
     """EC2 refuses to delete a group while a terminated box's interface still uses it: retry."""
-    from operators.hooks import BuildEc2Hook
+    from operators.hooks.ec2 import BuildEc2Hook
 
     ami = ec2.register_base_image("amibake-test-base")
     dag, op = _launch("amibake_t_sg_linger", base_ami=ami)

@@ -9,11 +9,12 @@ import pytest
 from airflow.sdk import DAG, Asset, AssetAlias
 from operator_harness import make_context, run_operator
 
-from operators import defaults, naming
+from operators import defaults
 from operators.ami import RegisterHVMAmi
 from operators.build_box import LaunchBuildBox
 from operators.canvas import AttachCanvas, DeleteCanvas
-from operators.validation import ParamError
+from operators.rules import naming
+from operators.rules.validation import ParamError
 from rehearsal.ec2_local import tag_specs
 
 RUN_ID = "scheduled__2026-11-25T02:00:00+00:00"

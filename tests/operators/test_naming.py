@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from operators import naming
-from operators.naming import Role
+from operators.rules import naming
+from operators.rules.naming import Role
 
 
 def test_build_id_is_stable_per_run_and_differs_between_runs() -> None:

@@ -6,8 +6,8 @@ import shlex
 
 import pytest
 
-from operators.remote import BuildProgress, build_image_argv, build_image_command, parse_progress
-from operators.validation import ParamError
+from operators.rules.remote import BuildProgress, build_image_argv, build_image_command, parse_progress
+from operators.rules.validation import ParamError
 
 BASE = {
     "build": "0123456789ab",

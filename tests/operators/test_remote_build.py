@@ -25,10 +25,10 @@ from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowException
 from operator_harness import make_context, run_operator
 
-from operators import naming
-from operators.remote import remote_dir
 from operators.remote_build import RemoteChrootBuild
-from operators.validation import ParamError
+from operators.rules import naming
+from operators.rules.remote import remote_dir
+from operators.rules.validation import ParamError
 
 RUN_ID = "manual__2026-11-25T03:00:00+00:00"
 VOLUME = "vol-0123456789abcdef0"

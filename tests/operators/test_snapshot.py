@@ -19,10 +19,11 @@ from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 from operator_harness import make_context, rebuild, run_operator
 
-from operators import defaults, naming
+from operators import defaults
 from operators.build_box import LaunchBuildBox
 from operators.canvas import AttachCanvas
-from operators.remote import remote_dir, remote_scripts_dir
+from operators.rules import naming
+from operators.rules.remote import remote_dir, remote_scripts_dir
 from operators.snapshot import FrozenSnapshot
 from rehearsal.ec2_local import tag_specs
 

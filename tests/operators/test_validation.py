@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from operators import defaults
-from operators.validation import ParamError, validate_build, validate_cidr, validate_mirror_url
+from operators.rules.validation import ParamError, validate_build, validate_cidr, validate_mirror_url
 
 SETTINGS = {"ssh_address": "public_ip", "ssh_cidr": "203.0.113.0/24", "subnet_id": "subnet-0123456789abcdef0"}
 

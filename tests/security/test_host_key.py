@@ -1,6 +1,6 @@
 """The box's SSH host key is verified: a wrong or unknown key is refused, unless the connection opts out.
 
-Real sshd on 127.0.0.1, reached through ``operators.hooks.box_ssh_hook`` exactly as every task does.
+Real sshd on 127.0.0.1, reached through ``operators.hooks.ec2.box_ssh_hook`` exactly as every task does.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from operators.hooks import box_ssh_hook
+from operators.hooks.box import box_ssh_hook
 
 
 def _connect_with(monkeypatch: pytest.MonkeyPatch, sshd: Any, **extra: Any) -> None:

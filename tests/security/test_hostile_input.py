@@ -21,13 +21,13 @@ import pytest
 from airflow.sdk import DAG
 from operator_harness import make_context, run_operator
 
-from operators import naming, remote
 from operators.ami import RegisterHVMAmi
+from operators.base import settings
 from operators.build_box import LaunchBuildBox
 from operators.canvas import AttachCanvas
-from operators.common import settings
 from operators.remote_build import RemoteChrootBuild
-from operators.validation import ParamError, validate_build
+from operators.rules import naming, remote
+from operators.rules.validation import ParamError, validate_build
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = "manual__2026-11-25T05:00:00+00:00"

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from operators import defaults, naming
-from operators.remote import remote_dir
+from operators import defaults
+from operators.rules import naming
+from operators.rules.remote import remote_dir
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,10 +1,11 @@
-"""SSH work on the build box over the SSH provider's paramiko client: ship files, stream commands.
+"""The one door to the build box: the SSH provider's hook for it, shipping files, streaming commands.
 
 Imported by tasks at run time only (it imports paramiko).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import posixpath
@@ -13,10 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from operators.remote import BuildProgress
+from operators import defaults
+from operators.rules.remote import BuildProgress
+
+if TYPE_CHECKING:
+    from airflow.providers.ssh.hooks.ssh import SSHHook
 
 #: How long one read may block before the loop checks the deadline again (not a silence timeout).
 READ_SLICE_S = 1.0
@@ -140,3 +146,42 @@ def _emit(line: str, result: CommandResult, log: logging.Logger) -> None:
         )
     else:
         log.info("build-image: %s", {k: v for k, v in event.items() if k != "event"} | {"event": kind})
+
+
+def box_ssh_hook(box: dict[str, Any], *, ssh_conn_id: str, ssh_address: str) -> SSHHook:
+    """The SSH provider's hook for the build box described by ``LaunchBuildBox``'s XCom.
+
+    ``ssh_address=connection`` uses the connection's own host, port and pinned host key (a tunnel on
+    AWS, this machine in the rehearsal). Otherwise the box's public or private IP on port 22,
+    verified against the per-build host key the box got through cloud-init.
+    """
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    if ssh_address == "connection":
+        return SSHHook(ssh_conn_id=ssh_conn_id, conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S)
+    hook = SSHHook(
+        ssh_conn_id=ssh_conn_id,
+        remote_host=box["address"],
+        port=22,
+        conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S,
+    )
+    key_type, key_b64 = box["host_key"].split()[:2]
+    hook.host_key = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
+    hook.no_host_key_check = False
+    return hook
+
+
+def box_session(
+    box: dict, ssh_conn_id: str, *, build: str, volume_id: str, recipe: str, device: str, size: int
+) -> tuple[Any, dict[str, Any]]:
+    """The box's SSH hook, and the ``build-image`` arguments every call on this canvas shares."""
+    ssh = box_ssh_hook(box, ssh_conn_id=ssh_conn_id, ssh_address=box["ssh_address"])
+    common = {
+        "build": build,
+        "volume_id": volume_id,
+        "recipe": recipe,
+        "device_name": device,
+        "size_gib": size,
+        "sudo": ssh.username != "root",
+    }
+    return ssh, common

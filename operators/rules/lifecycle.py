@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from operators import naming
+from operators.rules import naming
 
 #: Image states that mean "registration never completed".
 HALF_REGISTERED_STATES = frozenset({"failed", "error", "invalid"})

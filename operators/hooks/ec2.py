@@ -2,27 +2,21 @@
 
 ``BuildEc2Hook`` is the provider's ``EC2Hook`` (client API) plus the operations amibake needs.
 Every create is preceded by a lookup of what this build already made (by its ``amibake:build-id``
-and ``amibake:role`` tags, see :mod:`operators.naming`), so a retried task reuses it instead of
+and ``amibake:role`` tags, see :mod:`operators.rules.naming`), so a retried task reuses it instead of
 making a second one; where EC2 offers a ``ClientToken`` it is derived from the build id as well.
 Only resources carrying the ``amibake:build-id`` tag are ever deleted here.
-
-``box_ssh_hook`` builds the SSH provider's hook for the build box from the SSH connection and the
-box's XCom, so every task reaches the box the same way.
 """
 
 from __future__ import annotations
 
-import base64
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
-from operators import defaults, naming
-from operators.naming import Role
-
-if TYPE_CHECKING:
-    from airflow.providers.ssh.hooks.ssh import SSHHook
+from operators import defaults
+from operators.rules import naming
+from operators.rules.naming import Role
 
 LIVE_INSTANCE_STATES = ["pending", "running", "stopping", "stopped"]
 LIVE_SNAPSHOT_STATES = ("pending", "completed")
@@ -288,27 +282,3 @@ def _admits_ssh_from(group: dict, cidr: str) -> bool:
         and any(r.get("CidrIp") == cidr for r in perm.get("IpRanges", []))
         for perm in group.get("IpPermissions", [])
     )
-
-
-def box_ssh_hook(box: dict[str, Any], *, ssh_conn_id: str, ssh_address: str) -> SSHHook:
-    """The SSH provider's hook for the build box described by ``LaunchBuildBox``'s XCom.
-
-    ``ssh_address=connection`` uses the connection's own host, port and pinned host key (a tunnel on
-    AWS, this machine in the rehearsal). Otherwise the box's public or private IP on port 22,
-    verified against the per-build host key the box got through cloud-init.
-    """
-    import paramiko
-    from airflow.providers.ssh.hooks.ssh import SSHHook
-
-    if ssh_address == "connection":
-        return SSHHook(ssh_conn_id=ssh_conn_id, conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S)
-    hook = SSHHook(
-        ssh_conn_id=ssh_conn_id,
-        remote_host=box["address"],
-        port=22,
-        conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S,
-    )
-    key_type, key_b64 = box["host_key"].split()[:2]
-    hook.host_key = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
-    hook.no_host_key_check = False
-    return hook

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from operators import defaults, naming
+from operators import defaults
+from operators.rules import naming
 
 AMI_ID_RE = re.compile(r"^ami-[0-9a-f]{8,17}$")
 SUBNET_ID_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from operators import defaults, naming
-from operators.naming import Role
+from operators import defaults
+from operators.rules import naming
+from operators.rules.naming import Role
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from operators.hooks import BuildEc2Hook
+    from operators.hooks.ec2 import BuildEc2Hook
 
 
 def settings() -> dict[str, str]:
@@ -64,7 +65,7 @@ class AmibakeOperator(BaseOperator):
 
     def ec2(self) -> BuildEc2Hook:
         """The EC2 hook of this task (built on first use, in the worker)."""
-        from operators.hooks import BuildEc2Hook
+        from operators.hooks.ec2 import BuildEc2Hook
 
         if getattr(self, "_ec2", None) is None:
             self._ec2 = BuildEc2Hook(aws_conn_id=self.resolved_aws_conn_id, region_name=self.region_name)

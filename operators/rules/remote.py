@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from operators import defaults
-from operators.validation import DEVICE_NAME_RE, VOLUME_ID_RE, ParamError, validate_mirror_url, validate_size
+from operators.rules.validation import (
+    DEVICE_NAME_RE,
+    VOLUME_ID_RE,
+    ParamError,
+    validate_mirror_url,
+    validate_size,
+)
 
 PROGRESS_PREFIX = "AMIBAKE "
 ACTIONS = ("all", "freeze", "thaw", "umount", "abort")

@@ -1,0 +1,1 @@
+"""AWS console links of amibake's resources (operator extra links)."""
