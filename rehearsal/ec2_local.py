@@ -37,7 +37,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 # moto preloads ~1,300 AMIs (each with a snapshot) unless told not to; that confuses clean-up
@@ -63,6 +63,21 @@ class _Rule:
     http_status: int = 400
     message: str = ""
     seconds: float = 0.0
+
+
+class Extension(Protocol):
+    """One AWS behaviour the local EC2 API adds on top of moto (IAM, lifecycle rules, boxes ...).
+
+    Extensions run in the order given to :class:`LocalEc2`, after the request was recorded and the
+    injected "before" faults were applied: ``before`` may answer the call itself (an AWS error, a
+    ``DryRunOperation``) by returning ``(http status, XML body)``; otherwise the call goes to moto and
+    every extension's ``after`` sees (and may rewrite) moto's answer. ``moto`` is a boto3 EC2 client
+    straight to moto (not recorded), for looking up state.
+    """
+
+    def before(self, action: str, params: dict[str, str], moto: Any) -> tuple[int, bytes] | None: ...
+
+    def after(self, action: str, params: dict[str, str], status: int, body: bytes, moto: Any) -> bytes: ...
 
 
 def tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -91,8 +106,16 @@ def _error_xml(code: str, message: str) -> bytes:
 class LocalEc2:
     """moto ``ThreadedMotoServer`` + recording proxy, both threads bound to 127.0.0.1."""
 
-    def __init__(self, *, region: str = DEFAULT_REGION, port: int = 0, moto_port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        region: str = DEFAULT_REGION,
+        port: int = 0,
+        moto_port: int = 0,
+        extensions: list[Extension] | None = None,
+    ) -> None:
         self.region = region
+        self.extensions: list[Extension] = list(extensions or [])
         self._port = port
         self._moto_port = moto_port
         self._lock = threading.Lock()
@@ -295,9 +318,22 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
                     {"Content-Type": "text/xml"},
                 )
                 return
-            self._forward(body)
+            if action and ec2.extensions:
+                moto = ec2.boto3_client()
+                for ext in ec2.extensions:
+                    answer = ext.before(action, params, moto)
+                    if answer is not None:
+                        self._send(answer[0], answer[1], {"Content-Type": "text/xml"})
+                        return
+                status, headers, data = self._forward(body)
+                for ext in ec2.extensions:
+                    data = ext.after(action, params, status, data, moto)
+                self._send(status, data, headers)
+                return
+            self._send(*self._forward(body))
 
-        def _forward(self, body: bytes) -> None:
+        def _forward(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+            """Send the request on to moto; its answer as (status, body, headers)."""
             target = urlsplit(ec2.moto_url)
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=300)
             try:
@@ -308,7 +344,7 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
                 out = {
                     k: v for k, v in resp.getheaders() if k.lower() not in _HOP_HEADERS | {"content-length"}
                 }
-                self._send(resp.status, data, out)
+                return resp.status, data, out
             finally:
                 conn.close()
 
