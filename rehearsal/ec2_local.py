@@ -19,8 +19,17 @@ Standalone (other processes: the rehearsal, benchmarks)::
 prints one JSON line ``{"endpoint_url": ..., "moto_url": ..., "region": ...}`` and serves the
 control API under ``/_amibake/``: ``GET requests`` (JSON list), ``DELETE requests``,
 ``POST faults`` / ``POST latency`` (JSON bodies as :meth:`LocalEc2.add_fault` /
-:meth:`LocalEc2.add_latency`), ``POST reset``, ``GET info``, ``POST base-images`` (``{"name"}``
-→ ``{"image_id"}``). :class:`Ec2Control` is a small client for it.
+:meth:`LocalEc2.add_latency`), ``POST rules`` (:meth:`LocalEc2.configure_rule`), ``POST reset``,
+``GET info``, ``POST base-images`` (``{"name", "owner", "deprecated"}`` → ``{"image_id"}``).
+:class:`Ec2Control` is a small client for it.
+
+AWS behaviours moto lacks are :class:`Extension` s: :func:`standard_extensions` composes them (the
+IAM policy of :mod:`rehearsal.iam`, the AWS rules of :mod:`rehearsal.aws_rules`, the boxes of
+:mod:`rehearsal.boxes`). The AWS rules are on unless ``extensions=[]`` (``--moto-only``).
+
+Faults come "before" moto (the request is refused, nothing happened) or "after" it (moto acted, then
+the answer is lost: an AWS error, or the connection closed without an answer), so a test can prove
+that a retry after a lost answer creates nothing twice.
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
@@ -51,6 +62,7 @@ FAKE_ACCESS_KEY = "testing"
 FAKE_SECRET_KEY = "testing"
 CONTROL_PREFIX = "/_amibake/"
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+_XML = {"Content-Type": "text/xml"}
 
 
 @dataclass
@@ -63,6 +75,8 @@ class _Rule:
     http_status: int = 400
     message: str = ""
     seconds: float = 0.0
+    when: str = "before"  # "after": moto acted, then the answer is lost
+    drop_connection: bool = False  # an "after" fault that closes the connection without an answer
 
 
 class Extension(Protocol):
@@ -72,7 +86,8 @@ class Extension(Protocol):
     injected "before" faults were applied: ``before`` may answer the call itself (an AWS error, a
     ``DryRunOperation``) by returning ``(http status, XML body)``; otherwise the call goes to moto and
     every extension's ``after`` sees (and may rewrite) moto's answer. ``moto`` is a boto3 EC2 client
-    straight to moto (not recorded), for looking up state.
+    straight to moto (not recorded), for looking up state. An extension may also have ``reset()``
+    (called by :meth:`LocalEc2.reset`) and ``close()`` (called by :meth:`LocalEc2.stop`).
     """
 
     def before(self, action: str, params: dict[str, str], moto: Any) -> tuple[int, bytes] | None: ...
@@ -92,6 +107,45 @@ def tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
         specs[params[f"TagSpecification.{n}.ResourceType"]] = tags
         n += 1
     return specs
+
+
+def _error_code_of(body: bytes) -> str:
+    """The ``<Code>`` of an EC2 error answer ('' if there is none)."""
+    start = body.find(b"<Code>")
+    end = body.find(b"</Code>", start)
+    return body[start + 6 : end].decode(errors="replace") if start >= 0 and end > start else ""
+
+
+def _fault_label(rule: _Rule | None) -> str | None:
+    """How a recorded call was faulted: ``CODE`` (before moto), ``after:CODE`` or ``after:dropped``."""
+    if rule is None:
+        return None
+    if rule.when == "before":
+        return rule.error_code
+    return "after:dropped" if rule.drop_connection else f"after:{rule.error_code}"
+
+
+def standard_extensions(
+    *,
+    policy: dict[str, Any] | None = None,
+    boxes: Extension | None = None,
+    **delays: float,
+) -> list[Extension]:
+    """The local EC2 API's extensions in the order they must run: the IAM policy (if one is given:
+    it answers ``UnauthorizedOperation`` before DryRun is answered), the AWS rules moto lacks
+    (``delays``: ``consistency_s``, ``snapshot_s``, ``linger_s``, see :func:`rehearsal.aws_rules.aws_rules`),
+    then the boxes (if given: they start on moto's RunInstances answer)."""
+    from rehearsal.aws_rules import aws_rules
+
+    found: list[Extension] = []
+    if policy is not None:
+        from rehearsal.iam import IamEnforcer
+
+        found.append(IamEnforcer(policy))
+    found.extend(aws_rules(**delays))
+    if boxes is not None:
+        found.append(boxes)
+    return found
 
 
 def _error_xml(code: str, message: str) -> bytes:
@@ -114,8 +168,11 @@ class LocalEc2:
         moto_port: int = 0,
         extensions: list[Extension] | None = None,
     ) -> None:
+        """``extensions``: None = :func:`standard_extensions` (the AWS rules); ``[]`` = plain moto."""
         self.region = region
-        self.extensions: list[Extension] = list(extensions or [])
+        self.extensions: list[Extension] = standard_extensions() if extensions is None else list(extensions)
+        self._rule_defaults: list[tuple[Any, str, Any]] = []
+        self._moto_client: Any = None
         self._port = port
         self._moto_port = moto_port
         self._lock = threading.Lock()
@@ -149,7 +206,9 @@ class LocalEc2:
         return self
 
     def stop(self) -> None:
-        """Stop the proxy and moto; safe to call twice."""
+        """Stop the proxy, every extension that has a ``close()`` (boxes), and moto; safe to call twice."""
+        for ext in self.extensions:
+            getattr(ext, "close", lambda: None)()
         if self._proxy is not None:
             self._proxy.shutdown()
             self._proxy.server_close()
@@ -180,12 +239,23 @@ class LocalEc2:
         with self._lock:
             self._requests.clear()
 
-    def _record(self, action: str, params: dict[str, str], fault: str | None) -> None:
+    def _record(self, action: str, params: dict[str, str], fault: str | None) -> dict[str, Any]:
+        """Record one call; the entry gets ``status`` (and ``error``) once it is answered."""
         entry: dict[str, Any] = {"action": action, "params": params, "time": time.time()}
         if fault:
             entry["fault"] = fault
         with self._lock:
             self._requests.append(entry)
+        return entry
+
+    def _answered(self, entry: dict[str, Any] | None, status: int, body: bytes) -> None:
+        """Note the HTTP status (and AWS error code) a recorded call was answered with."""
+        if entry is None:
+            return
+        with self._lock:
+            entry["status"] = status
+            if status >= 300:
+                entry["error"] = _error_code_of(body)
 
     # -- faults ------------------------------------------------------------------------------
     def add_fault(
@@ -195,10 +265,31 @@ class LocalEc2:
         http_status: int = 503,
         times: int | None = 1,
         message: str = "injected by amibake LocalEc2",
+        when: str = "before",
+        drop_connection: bool = False,
     ) -> None:
-        """Answer the next ``times`` calls of ``action`` with this AWS error (None = every call)."""
+        """Answer the next ``times`` calls of ``action`` with this AWS error (None = every call).
+
+        ``when="before"``: instead of moto (nothing happens). ``when="after"``: moto acts first, then
+        its answer is replaced by the error or, with ``drop_connection``, the connection is closed
+        without an answer (a response lost on the way back: botocore retries it).
+        """
+        if when not in ("before", "after"):
+            raise ValueError(f"when must be 'before' or 'after', got {when!r}")
+        if drop_connection and when != "after":
+            raise ValueError("drop_connection needs when='after'")
         with self._lock:
-            self._rules.append(_Rule(action, times, error_code, int(http_status), message))
+            self._rules.append(
+                _Rule(
+                    action,
+                    times,
+                    error_code,
+                    int(http_status),
+                    message,
+                    when=when,
+                    drop_connection=drop_connection,
+                )
+            )
 
     def add_latency(self, action: str, seconds: float, times: int | None = None) -> None:
         """Delay the next ``times`` calls of ``action`` (None = every call) by ``seconds``."""
@@ -210,12 +301,17 @@ class LocalEc2:
         with self._lock:
             self._rules.clear()
 
-    def _take_rules(self, action: str) -> tuple[_Rule | None, float]:
-        """Consume the first matching fault and the total delay for one call."""
+    def _take_rules(self, action: str, when: str = "before") -> tuple[_Rule | None, float]:
+        """Consume the first matching fault of ``when`` ("before" also: the total delay).
+
+        "after" faults are taken only once the call succeeded: a lost answer is one of a done call.
+        """
         fault, delay = None, 0.0
         with self._lock:
             for rule in list(self._rules):
-                if rule.action != action:
+                if rule.action != action or (rule.error_code is not None and rule.when != when):
+                    continue
+                if rule.error_code is None and when != "before":
                     continue
                 if rule.error_code is not None and fault is not None:
                     continue
@@ -229,15 +325,51 @@ class LocalEc2:
                         self._rules.remove(rule)
         return fault, delay
 
+    # -- the AWS rules -----------------------------------------------------------------------
+    def rule(self, name: str) -> Any:
+        """The extension whose class is called ``name`` (e.g. ``"EventualConsistency"``)."""
+        for ext in self.extensions:
+            if type(ext).__name__ == name:
+                return ext
+        raise LookupError(f"no extension {name!r} in this local EC2 API")
+
+    def configure_rule(self, name: str, **settings: Any) -> None:
+        """Change a rule's tunables until the next :meth:`reset` (``delay=2.0``; the throttling rule
+        takes ``category``, ``capacity``, ``refill``)."""
+        ext = self.rule(name)
+        if hasattr(ext, "configure"):
+            ext.configure(**settings)
+            return
+        for key, value in settings.items():
+            if key.startswith("_") or not hasattr(ext, key):
+                raise ValueError(f"{name} has no setting {key!r}")
+            with self._lock:
+                self._rule_defaults.append((ext, key, getattr(ext, key)))
+            setattr(ext, key, value)
+
     # -- state -------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Wipe moto's state, the recorded calls, faults and delays."""
+        """Wipe moto's state, the recorded calls, faults and delays, and reset every extension that
+        has a ``reset()`` (boxes: all terminated)."""
+        with self._lock:
+            changed, self._rule_defaults = self._rule_defaults, []
+        for ext, key, value in reversed(changed):
+            setattr(ext, key, value)
+        for ext in self.extensions:
+            getattr(ext, "reset", lambda: None)()
         req = urllib.request.Request(f"{self.moto_url}/moto-api/reset", method="POST", data=b"")
         with urllib.request.urlopen(req, timeout=30):
             pass
         with self._lock:
             self._requests.clear()
             self._rules.clear()
+
+    def moto_client(self) -> Any:
+        """One shared EC2 client straight to moto, for the extensions (boto3 clients are thread-safe)."""
+        with self._lock:
+            if self._moto_client is None:
+                self._moto_client = self.boto3_client()
+            return self._moto_client
 
     def boto3_client(self, service: str = "ec2", *, recorded: bool = False) -> Any:
         """A boto3 client for assertions; straight to moto (not recorded) unless ``recorded``."""
@@ -251,18 +383,48 @@ class LocalEc2:
             aws_secret_access_key=FAKE_SECRET_KEY,
         )
 
-    def register_base_image(self, name: str) -> str:
-        """Register an HVM base AMI (moto preloads none here) and return its id."""
-        ec2 = self.boto3_client()
-        image = ec2.register_image(
-            Name=name,
-            Description="amibake local base image",
-            Architecture="x86_64",
-            RootDeviceName="/dev/xvda",
-            VirtualizationType="hvm",
-            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
+    def register_base_image(self, name: str, *, owner: str = "", deprecated: bool = False) -> str:
+        """An HVM base AMI with an 8 GiB root snapshot (moto preloads none here); returns its id.
+
+        ``owner``: another account's public AMI (as CentOS's ``125523088429``) instead of one of this
+        account. ``deprecated``: made three years ago and deprecated two years after, as AWS does
+        with public AMIs; DescribeImages then hides it from other accounts unless IncludeDeprecated.
+        """
+        from moto.ec2.models import ec2_backends
+
+        from rehearsal import aws_rules
+
+        backend = ec2_backends[aws_rules.ACCOUNT_ID][self.region]
+        owner_id = owner or aws_rules.ACCOUNT_ID
+        volume = backend.create_volume(size=8, zone_name=f"{self.region}a")
+        snapshot = backend.create_snapshot(volume.id, f"root of {name}", owner_id)
+        backend.delete_volume(volume.id)
+        created = datetime.now(UTC) - timedelta(days=3 * 365)
+        image = aws_rules.new_image(
+            backend,
+            name=name,
+            description="amibake local base image",
+            root_device="/dev/xvda",
+            mappings=[
+                {
+                    "DeviceName": "/dev/xvda",
+                    "Ebs": {
+                        "SnapshotId": snapshot.id,
+                        "VolumeSize": 8,
+                        "VolumeType": "gp2",
+                        "DeleteOnTermination": True,
+                        "Encrypted": False,
+                    },
+                }
+            ],
+            owner_id=owner_id,
+            public=owner_id != aws_rules.ACCOUNT_ID,
+            ena=True,
+            creation_date=created if deprecated else None,
         )
-        return image["ImageId"]
+        if deprecated:
+            image.deprecation_time = aws_rules.iso_time(created + timedelta(days=2 * 365))
+        return image.id
 
     def connection_extra(self) -> dict[str, str]:
         """The ``amibake_aws`` connection extra that points the Amazon provider here."""
@@ -306,31 +468,50 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
                 params.update(parse_qsl(body.decode(), keep_blank_values=True))
             action = params.pop("Action", None)
             params.pop("Version", None)
-            fault, delay = ec2._take_rules(action) if action else (None, 0.0)
-            if action:
-                ec2._record(action, params, fault.error_code if fault else None)
+            if not action:
+                self._send(*self._forward(body))
+                return
+            fault, delay = ec2._take_rules(action)
+            entry = ec2._record(action, params, _fault_label(fault))
             if delay:
                 time.sleep(delay)
             if fault is not None:
-                self._send(
+                status, data, headers = (
                     fault.http_status,
                     _error_xml(fault.error_code or "", fault.message),
-                    {"Content-Type": "text/xml"},
+                    _XML,
                 )
-                return
-            if action and ec2.extensions:
-                moto = ec2.boto3_client()
-                for ext in ec2.extensions:
-                    answer = ext.before(action, params, moto)
-                    if answer is not None:
-                        self._send(answer[0], answer[1], {"Content-Type": "text/xml"})
-                        return
-                status, headers, data = self._forward(body)
-                for ext in ec2.extensions:
-                    data = ext.after(action, params, status, data, moto)
-                self._send(status, data, headers)
-                return
-            self._send(*self._forward(body))
+            else:
+                status, data, headers = self._through_extensions(action, params, body)
+            lost = ec2._take_rules(action, "after")[0] if 200 <= status < 300 else None
+            if lost is not None:
+                with ec2._lock:
+                    entry["fault"] = _fault_label(lost)
+                if lost.drop_connection:
+                    ec2._answered(entry, 0, b"")
+                    self.close_connection = True  # no answer at all: the client sees the connection close
+                    return
+                status, data, headers = (
+                    lost.http_status,
+                    _error_xml(lost.error_code or "", lost.message),
+                    _XML,
+                )
+            ec2._answered(entry, status, data)
+            self._send(status, data, headers)
+
+        def _through_extensions(
+            self, action: str, params: dict[str, str], body: bytes
+        ) -> tuple[int, bytes, dict[str, str]]:
+            """An extension's ``before`` may answer; else moto does, and each ``after`` may rewrite that."""
+            moto = ec2.moto_client()
+            for ext in ec2.extensions:
+                answer = ext.before(action, params, moto)
+                if answer is not None:
+                    return answer[0], answer[1], _XML
+            status, data, headers = self._forward(body)
+            for ext in ec2.extensions:
+                data = ext.after(action, params, status, data, moto)
+            return status, data, headers
 
         def _forward(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
             """Send the request on to moto; its answer as (status, body, headers)."""
@@ -370,7 +551,10 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
             elif what == "info" and self.command == "GET":
                 self._send(200, json.dumps(ec2.info()).encode())
             elif what == "base-images" and self.command == "POST":
-                self._send(200, json.dumps({"image_id": ec2.register_base_image(payload["name"])}).encode())
+                self._send(200, json.dumps({"image_id": ec2.register_base_image(**payload)}).encode())
+            elif what == "rules" and self.command == "POST":
+                ec2.configure_rule(payload.pop("rule"), **payload)
+                self._send(200, b"{}")
             else:
                 self._send(404, json.dumps({"error": f"unknown control call {self.command} {what}"}).encode())
 
@@ -415,12 +599,21 @@ class Ec2Control:
         error_code: str = "RequestLimitExceeded",
         http_status: int = 503,
         times: int | None = 1,
+        when: str = "before",
+        drop_connection: bool = False,
     ) -> None:
         """See :meth:`LocalEc2.add_fault`."""
         self._call(
             "POST",
             "faults",
-            {"action": action, "error_code": error_code, "http_status": http_status, "times": times},
+            {
+                "action": action,
+                "error_code": error_code,
+                "http_status": http_status,
+                "times": times,
+                "when": when,
+                "drop_connection": drop_connection,
+            },
         )
 
     def add_latency(self, action: str, seconds: float, times: int | None = None) -> None:
@@ -435,9 +628,14 @@ class Ec2Control:
         """``endpoint_url``, ``moto_url``, ``region``."""
         return self._call("GET", "info")
 
-    def register_base_image(self, name: str) -> str:
+    def register_base_image(self, name: str, *, owner: str = "", deprecated: bool = False) -> str:
         """See :meth:`LocalEc2.register_base_image`."""
-        return self._call("POST", "base-images", {"name": name})["image_id"]
+        payload = {"name": name, "owner": owner, "deprecated": deprecated}
+        return self._call("POST", "base-images", payload)["image_id"]
+
+    def configure_rule(self, rule: str, **settings: Any) -> None:
+        """See :meth:`LocalEc2.configure_rule`."""
+        self._call("POST", "rules", {"rule": rule, **settings})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,13 +644,69 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="proxy port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--moto-port", type=int, default=0, help="moto's own port (0 = any free port)")
     parser.add_argument("--region", default=DEFAULT_REGION)
+    parser.add_argument(
+        "--boxes",
+        type=Path,
+        metavar="DIR",
+        help="give every instance a box (rehearsal.boxes), its files in DIR",
+    )
+    parser.add_argument(
+        "--box-env", action="append", default=[], metavar="NAME=VALUE", help="a box session variable"
+    )
+    parser.add_argument("--box-logs", type=Path, metavar="DIR", help="keep the boxes' build logs here")
+    parser.add_argument(
+        "--iam-policy", type=Path, metavar="FILE", help="enforce this IAM policy (JSON) on every call"
+    )
+    parser.add_argument(
+        "--moto-only", action="store_true", help="no AWS rules: moto as it is (they are on by default)"
+    )
+    from rehearsal import aws_rules
+
+    for flag, default, what in (
+        ("--consistency-s", aws_rules.CONSISTENCY_S, "a new instance, volume or snapshot stays unknown"),
+        ("--snapshot-s", aws_rules.SNAPSHOT_S, "a new snapshot stays pending"),
+        (
+            "--linger-s",
+            aws_rules.LINGER_S,
+            "a terminated instance's network interface keeps its security group",
+        ),
+    ):
+        parser.add_argument(
+            flag, type=float, default=default, metavar="SECONDS", help=f"{what} (default {default})"
+        )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535 or not 0 <= args.moto_port <= 65535:
         parser.error("--port and --moto-port must be between 0 and 65535")
+    if min(args.consistency_s, args.snapshot_s, args.linger_s) < 0:
+        parser.error("--consistency-s, --snapshot-s and --linger-s must be >= 0")
+    policy = None
+    if args.iam_policy:
+        try:
+            policy = json.loads(args.iam_policy.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--iam-policy {args.iam_policy}: {exc}")
+    boxes = None
+    if args.boxes:
+        from rehearsal.boxes import Boxes
+
+        box_env = dict(item.partition("=")[::2] for item in args.box_env)
+        boxes = Boxes(parent_dir=args.boxes, session_env=box_env, keep_logs=args.box_logs)
+    if args.moto_only:
+        if policy is not None or boxes is not None:
+            parser.error("--moto-only cannot be combined with --iam-policy or --boxes")
+        extensions: list[Extension] = []
+    else:
+        extensions = standard_extensions(
+            policy=policy,
+            boxes=boxes,
+            consistency_s=args.consistency_s,
+            snapshot_s=args.snapshot_s,
+            linger_s=args.linger_s,
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with LocalEc2(region=args.region, port=args.port, moto_port=args.moto_port) as ec2:
+    with LocalEc2(region=args.region, port=args.port, moto_port=args.moto_port, extensions=extensions) as ec2:
         print(json.dumps(ec2.info()), flush=True)
         stop.wait()
     return 0

@@ -9,7 +9,6 @@ moto sees it, as AWS does with RequestLimitExceeded); the slow snapshot is moto'
 from __future__ import annotations
 
 import os
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +41,6 @@ PIPELINE_ACTIONS = (
     "DescribeSnapshots",
     "CreateSnapshot",
     "RegisterImage",
-    "CreateTags",
     "TerminateInstances",
     "DeleteSecurityGroup",
     "DeleteVolume",
@@ -91,29 +89,13 @@ def test_throttling_and_5xx_on_every_call_are_retried_without_a_duplicate(rig: A
 
 @contextmanager
 def _snapshots_kept_pending(rig: Any) -> Iterator[None]:
-    """Hold every snapshot of the canvas in ``pending`` in moto's backend (AWS still copying blocks)."""
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.ec2.models import ec2_backends
-
-    backend = ec2_backends[DEFAULT_ACCOUNT_ID][rig.ec2.region]
-    stop = threading.Event()
-
-    def keep() -> None:
-        while not stop.wait(0.01):
-            for snap in list(backend.snapshots.values()):
-                if snap.volume is not None and snap.volume.id == rig.volume_id:
-                    snap.status = "pending"
-
-    thread = threading.Thread(target=keep, daemon=True)
-    thread.start()
+    """Hold every new snapshot in ``pending`` (AWS still copying blocks): the local EC2 API's
+    snapshot rule made slow, then finished."""
+    rig.ec2.configure_rule("SnapshotProgress", duration=3600)
     try:
         yield
     finally:
-        stop.set()
-        thread.join(timeout=10)
-        for snap in backend.snapshots.values():
-            if snap.volume is not None and snap.volume.id == rig.volume_id:
-                snap.status = "completed"  # AWS finished
+        rig.ec2.configure_rule("SnapshotProgress", duration=0)  # AWS finished
 
 
 def _snapshot_ids(rig: Any) -> list[str]:
