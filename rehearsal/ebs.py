@@ -24,11 +24,13 @@ from types import TracebackType
 import boto3
 from botocore.config import Config
 
+from operators.rules.contract import CONTRACT
+
 log = logging.getLogger(__name__)
 
-BY_ID_DIR = Path("/dev/disk/by-id")
-#: Link prefix udev gives an EBS volume on a Nitro instance; the build script looks for it.
-NVME_LINK_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
+#: The Nitro by-id link rule udev applies and the build script looks for (include/scripts/contract.env).
+BY_ID_DIR = Path(CONTRACT.nvme_byid_dir)
+NVME_LINK_PREFIX = CONTRACT.nvme_byid_prefix
 VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8,32}$")
 GIB = 1024**3
 

@@ -12,21 +12,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from operators import defaults
+from operators.rules.contract import CONTRACT
 from operators.rules.validation import (
     DEVICE_NAME_RE,
     VOLUME_ID_RE,
     ParamError,
     validate_mirror_url,
     validate_size,
+    validate_whole,
 )
 
-PROGRESS_PREFIX = "AMIBAKE "
+PROGRESS_PREFIX = CONTRACT.progress_prefix
+# The events and statuses read below; CONTRACT.event() fails at import on a name the box never emits.
+PHASE_START, PHASE_END, PHASE_FAIL = (CONTRACT.event(e) for e in ("phase-start", "phase-end", "phase-fail"))
+FROZEN, RESULT = CONTRACT.event("frozen"), CONTRACT.event("result")
+# From inside the bootcheck phase: one per boot stage (with its seconds), one per instance-check item.
+BOOT_STAGE, CHECK = CONTRACT.event("boot-stage"), CONTRACT.event("check")
+CHECK_FAIL = "FAIL"
+STATUS_OK, STATUS_FAIL = CONTRACT.status("ok"), CONTRACT.status("fail")
 ACTIONS = ("all", "freeze", "thaw", "umount", "abort")
 
 
 def remote_dir(build: str) -> str:
     """Per-build directory on the box."""
-    return f"{defaults.REMOTE_BASE_DIR}/{build}"
+    return f"{CONTRACT.box_work_dir}/{build}"
 
 
 def remote_scripts_dir(build: str) -> str:
@@ -52,11 +61,11 @@ def build_image_argv(
         raise ParamError("action", f"must be one of {', '.join(ACTIONS)}, got {action!r}")
     if not VOLUME_ID_RE.fullmatch(volume_id):
         raise ParamError("volume_id", f"must be a volume id like vol-0123456789abcdef0, got {volume_id!r}")
-    if recipe not in defaults.RECIPES:
-        raise ParamError("recipe", f"must be one of {', '.join(defaults.RECIPES)}, got {recipe!r}")
+    if recipe not in CONTRACT.recipes:
+        raise ParamError("recipe", f"must be one of {', '.join(CONTRACT.recipes)}, got {recipe!r}")
     if not DEVICE_NAME_RE.fullmatch(device_name):
         raise ParamError(
-            "device_name", f"must be /dev/sdf../dev/sdp or /dev/xvdf../dev/xvdp, got {device_name!r}"
+            "device_name", f"must match {DEVICE_NAME_RE.pattern} (AWS's EBS names), got {device_name!r}"
         )
     argv = ["sudo", "-n"] if sudo else []
     argv += [
@@ -76,7 +85,8 @@ def build_image_argv(
     if action == "all":
         argv.append("--boot-check" if boot_check else "--no-boot-check")
     if freeze_timeout is not None:
-        argv += ["--freeze-timeout", str(int(freeze_timeout))]
+        low, high = CONTRACT.freeze_timeout_min_s, CONTRACT.freeze_timeout_max_s
+        argv += ["--freeze-timeout", str(validate_whole("freeze_timeout", freeze_timeout, low, high, " s"))]
     argv.append(action)
     return argv
 
@@ -109,6 +119,8 @@ class BuildProgress:
     failed_log: str | None = None
     result: dict[str, Any] | None = None
     frozen: list[str] = field(default_factory=list)
+    boot_stages: dict[str, float] = field(default_factory=dict)
+    checks: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def feed(self, line: str) -> dict[str, Any] | None:
         """Take one output line; return its event if it was a progress line."""
@@ -117,19 +129,23 @@ class BuildProgress:
             return None
         kind = event.get("event")
         phase = event.get("phase")
-        if kind == "phase-start":
+        if kind == PHASE_START:
             self.current_phase = phase
-        elif kind == "phase-end":
+        elif kind == PHASE_END:
             self.finished[str(phase)] = float(event.get("seconds", 0.0))
             self.current_phase = None
-        elif kind == "phase-fail":
+        elif kind == PHASE_FAIL:
             self.failed_phase, self.failed_rc, self.failed_log = phase, event.get("rc"), event.get("log")
             self.current_phase = None
-        elif kind == "frozen":
+        elif kind == FROZEN:
             self.frozen = list(event.get("mountpoints", []))
-        elif kind == "result":
+        elif kind == BOOT_STAGE:
+            self.boot_stages[str(event.get("stage"))] = float(event.get("seconds", 0.0))
+        elif kind == CHECK:
+            self.checks[str(event.get("item"))] = (str(event.get("status")), str(event.get("detail", "")))
+        elif kind == RESULT:
             self.result = event
-            if event.get("status") == "fail":
+            if event.get("status") == STATUS_FAIL:
                 self.failed_phase = event.get("phase", self.failed_phase)
                 self.failed_rc = event.get("rc", self.failed_rc)
         return event
@@ -137,11 +153,17 @@ class BuildProgress:
     @property
     def ok(self) -> bool:
         """True once the run reported ``result: ok``."""
-        return bool(self.result and self.result.get("status") == "ok")
+        return bool(self.result and self.result.get("status") == STATUS_OK)
+
+    @property
+    def failed_checks(self) -> list[str]:
+        """Boot-check items that failed, in the order they were reported."""
+        return [item for item, (status, _) in self.checks.items() if status == CHECK_FAIL]
 
     def failure(self, exit_code: int) -> str:
         """A one-line explanation of a failed run, naming the phase and the exit code."""
         phase = self.failed_phase or self.current_phase or "unknown (no phase reported)"
         rc = self.failed_rc if self.failed_rc is not None else exit_code
         where = f"; full log on the box: {self.failed_log}" if self.failed_log else ""
-        return f"build-image failed in phase {phase!r} with exit code {rc}{where}"
+        checks = f"; failed checks: {', '.join(self.failed_checks)}" if self.failed_checks else ""
+        return f"build-image failed in phase {phase!r} with exit code {rc}{checks}{where}"

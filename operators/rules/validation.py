@@ -11,14 +11,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from operators import defaults
 from operators.rules import naming
+from operators.rules.contract import CONTRACT
 
-AMI_ID_RE = re.compile(r"^ami-[0-9a-f]{8,17}$")
+# Checked by the box too: one home, include/scripts/contract.env.
+AMI_ID_RE = CONTRACT.ami_id_re
+VOLUME_ID_RE = CONTRACT.volume_id_re
+DEVICE_NAME_RE = CONTRACT.device_name_re
 SUBNET_ID_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
-VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8,17}$")
 INSTANCE_ID_RE = re.compile(r"^i-[0-9a-f]{8,17}$")
 SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{8,17}$")
 INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}\.[a-z0-9-]{1,15}$")
@@ -31,9 +33,23 @@ KMS_KEY_RE = re.compile(
     r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}|alias/[\w/-]{1,250}"
     r"|arn:aws[\w-]*:kms:[a-z0-9-]+:\d{12}:(key/[\w-]+|alias/[\w/-]+))$"
 )
-DEVICE_NAME_RE = re.compile(r"^/dev/(sd|xvd)[f-p]$")
-URL_FORBIDDEN_RE = re.compile(r"[\s\"'`$\\<>|;&(){}]")
-MIRROR_URL_MAX = 2048
+
+
+#: The fields of the nightly DAG's trigger form (its Params; tests check the two agree). A run's conf
+#: may hold these and nothing else.
+TRIGGER_PARAMS = frozenset(
+    {
+        "recipe", "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check", "base_ami",
+        "base_ami_owner", "base_ami_name", "instance_type", "subnet_id", "keep_amis", "deprecate_grace",
+    }
+)  # fmt: skip
+#: Values that are the operator's to set, never a trigger's: where each one is set instead.
+OPERATOR_ONLY = {
+    "encrypted": "[amibake] encrypted",
+    "instance_profile": "[amibake] instance_profile",
+    "kms_key_id": "[amibake] kms_key_id",
+    "device_name": "nowhere (amibake attaches the canvas at /dev/sdf)",
+}
 
 
 class ParamError(ValueError):
@@ -102,21 +118,20 @@ def match_field(field: str, value: str, pattern: re.Pattern[str], what: str) -> 
     return value
 
 
+def validate_whole(field: str, value: Any, low: int, high: int, unit: str = "") -> int:
+    """A whole number in [low, high], read the way the box reads one (contract UINT_RE: digits only)."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not CONTRACT.uint_re.fullmatch(text):
+        raise ParamError(field, f"must be a whole number, got {value!r}")
+    number = int(text)
+    if not low <= number <= high:
+        raise ParamError(field, f"must be between {low} and {high}{unit}, got {number}")
+    return number
+
+
 def validate_size(value: Any, field: str = "canvas_size_gib") -> int:
-    """Canvas size in GiB: an integer within the supported range."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ParamError(field, f"must be an integer, got {value!r}")
-    try:
-        size = int(value)
-    except ValueError:
-        raise ParamError(field, f"must be an integer, got {value!r}") from None
-    if not defaults.CANVAS_SIZE_MIN_GIB <= size <= defaults.CANVAS_SIZE_MAX_GIB:
-        raise ParamError(
-            field,
-            f"must be between {defaults.CANVAS_SIZE_MIN_GIB} and {defaults.CANVAS_SIZE_MAX_GIB} GiB, "
-            f"got {size}",
-        )
-    return size
+    """Canvas size in GiB: the contract's range (what CreateVolume takes for gp3)."""
+    return validate_whole(field, value, CONTRACT.canvas_size_min_gib, CONTRACT.canvas_size_max_gib, " GiB")
 
 
 def validate_number(field: str, value: Any, low: float, high: float, *, integer: bool = False) -> float:
@@ -136,18 +151,39 @@ def validate_number(field: str, value: Any, low: float, high: float, *, integer:
     return number
 
 
+def _hide_credentials(url: str) -> str:
+    """``url`` with anything before an ``@`` in its authority replaced, for error messages."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
+    return url
+
+
 def validate_mirror_url(value: str, field: str = "mirror_url") -> str:
-    """An http(s) URL with a host and no characters a shell or a repo file would trip over."""
+    """The contract's mirror URL rule (the box applies the same one): http(s)://host[:port][/path].
+
+    No ``user:password@`` (credentials never go in a URL; the message does not repeat them), no
+    query, ``=`` or fragment, nothing a shell or a repo file would trip over. The verdict is the
+    contract's regular expression; the checks before it only name the reason.
+    """
     if not value:
         return ""
-    if len(value) > MIRROR_URL_MAX:
-        raise ParamError(field, f"must be at most {MIRROR_URL_MAX} characters, got {len(value)}")
-    if URL_FORBIDDEN_RE.search(value):
-        raise ParamError(field, f"must not contain spaces, quotes or shell characters, got {value!r}")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ParamError(field, f"must be an http:// or https:// URL with a host, got {value!r}")
-    return value
+    if len(value) > CONTRACT.mirror_url_max:
+        raise ParamError(field, f"must be at most {CONTRACT.mirror_url_max} characters, got {len(value)}")
+    if CONTRACT.mirror_url_re.fullmatch(value):
+        return value
+    shown = _hide_credentials(value)
+    scheme, _, rest = value.partition("://")
+    if scheme not in ("http", "https"):
+        reason = "must start with http:// or https://"
+    elif "@" in rest.partition("/")[0]:
+        reason = "must not hold credentials (user:password@); give the box a mirror it can read without"
+    elif any(c in rest for c in "?=#"):
+        reason = "must not have a query or fragment (?, = or #)"
+    else:
+        reason = "must be http(s)://host[:port][/path] with letters, digits and ._~%+-/ in the path"
+    raise ParamError(field, f"{reason}, got {shown!r}")
 
 
 def validate_cidr(value: str, field: str = "ssh_cidr") -> str:
@@ -169,6 +205,23 @@ def validate_ami_prefix(value: str, recipe: str, field: str = "ami_name_prefix")
             field, f"may only use letters, digits, spaces and ()[]./'@_- (3+ chars), got {prefix!r}"
         )
     return prefix
+
+
+def refuse_undeclared(params: Mapping[str, Any]) -> None:
+    """Refuse a run whose conf holds keys the trigger form does not declare (the error names them).
+
+    Whoever may trigger the DAG must not choose the box's IAM role, the encryption or the device:
+    those come from ``[amibake]`` configuration only (:data:`OPERATOR_ONLY`).
+    """
+    unknown = sorted(set(params) - TRIGGER_PARAMS)
+    if not unknown:
+        return
+    where = "; ".join(f"{k} is set in {OPERATOR_ONLY[k]}" for k in unknown if k in OPERATOR_ONLY)
+    raise ParamError(
+        unknown[0],
+        f"not a trigger parameter: {', '.join(unknown)} refused before anything is created "
+        f"(the form has {', '.join(sorted(TRIGGER_PARAMS))})" + (f"; {where}" if where else ""),
+    )
 
 
 def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> BuildParams:
@@ -206,7 +259,7 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
         DEVICE_NAME_RE,
         "a secondary EBS device name /dev/sdf../dev/sdp",
     )
-    encrypted = as_bool(params, "encrypted", True)
+    encrypted = as_bool(params, "encrypted", as_bool(settings, "encrypted", True))
     kms_key_id = _str(params, "kms_key_id") or settings.get("kms_key_id", "")
     if kms_key_id:
         match_field("kms_key_id", kms_key_id, KMS_KEY_RE, "a KMS key id, alias or ARN")
@@ -248,7 +301,7 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
         kms_key_id=kms_key_id,
         ami_name_prefix=validate_ami_prefix(_str(params, "ami_name_prefix"), recipe),
         mirror_url=validate_mirror_url(_str(params, "mirror_url")),
-        boot_check=as_bool(params, "boot_check", False),
+        boot_check=as_bool(params, "boot_check", defaults.DEFAULT_BOOT_CHECK),
         instance_profile=instance_profile,
         ssh_address=ssh_address,
         ssh_cidr=ssh_cidr,

@@ -27,16 +27,23 @@ def test_defaults_fill_in() -> None:
         ("base_ami", "ami-XYZ"),
         ("instance_type", "t3 medium"),
         ("subnet_id", "subnet-; rm -rf /"),
-        ("canvas_size_gib", 1),
-        ("canvas_size_gib", 100000),
+        ("canvas_size_gib", 0),
+        ("canvas_size_gib", 16385),
         ("canvas_size_gib", "eight"),
+        ("canvas_size_gib", " 8"),
+        ("canvas_size_gib", 8.5),
         ("canvas_size_gib", True),
         ("ami_name_prefix", "bad*name"),
         ("ami_name_prefix", "x" * 97),
         ("mirror_url", "ftp://mirror.example/"),
         ("mirror_url", "http://mirror.example/$(reboot)"),
         ("mirror_url", "http://mirror.example/ x"),
+        ("mirror_url", "https://user:pass@mirror.example/centos"),
+        ("mirror_url", "https://mirror.example/centos?token=abc"),
+        ("mirror_url", "https://mirror.example/centos#top"),
+        ("mirror_url", "file:///srv/mirror"),
         ("device_name", "/dev/sda"),
+        ("device_name", "/dev/sdq"),
         ("kms_key_id", "not a key"),
         ("boot_check", "maybe"),
         ("instance_profile", "bad profile"),
@@ -86,6 +93,24 @@ def test_cidr_and_mirror_rules() -> None:
         validate_cidr("10.0.0.1/8")  # host bits set: probably a typo
     assert validate_mirror_url("https://vault.centos.org/7.9.2009") == "https://vault.centos.org/7.9.2009"
     assert validate_mirror_url("") == ""
+
+
+def test_mirror_errors_name_the_reason_without_credentials() -> None:
+    """One rule with the box (contract.env); the message says why and never repeats a password."""
+    with pytest.raises(ParamError, match=r"^mirror_url: must not hold credentials") as err:
+        validate_mirror_url("https://user:s3cret@mirror.example/centos")
+    assert "s3cret" not in str(err.value) and "https://***@mirror.example/centos" in str(err.value)
+    with pytest.raises(ParamError, match=r"^mirror_url: must not have a query or fragment"):
+        validate_mirror_url("https://mirror.example/centos?a=b")
+    with pytest.raises(ParamError, match=r"^mirror_url: must start with http:// or https://"):
+        validate_mirror_url("file:///srv/mirror")
+    assert validate_mirror_url("http://127.0.0.1:8080/debian/") == "http://127.0.0.1:8080/debian/"
+
+
+def test_canvas_size_is_gp3_range() -> None:
+    """1..16384 GiB: what CreateVolume takes for gp3 (contract.env), on both sides."""
+    assert validate_build({"canvas_size_gib": 1}, SETTINGS).canvas_size_gib == 1
+    assert validate_build({"canvas_size_gib": 16384}, SETTINGS).canvas_size_gib == 16384
 
 
 def test_form_strings_are_accepted() -> None:

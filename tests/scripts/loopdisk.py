@@ -16,10 +16,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from operators.rules.contract import CONTRACT
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGE = REPO / "include" / "scripts" / "build-image"
-BYID_DIR = Path("/dev/disk/by-id")
-PROGRESS_PREFIX = "AMIBAKE "
+BYID_DIR = Path(CONTRACT.nvme_byid_dir)
+PROGRESS_PREFIX = CONTRACT.progress_prefix
 #: Every LoopVolume made in this process, so a test session can prove none was left behind.
 CREATED: list[LoopVolume] = []
 
@@ -31,7 +33,7 @@ def new_volume_id() -> str:
 
 def byid_link(volume_id: str) -> Path:
     """The Nitro by-id link of a volume id (what udev makes and build-image looks up)."""
-    return BYID_DIR / f"nvme-Amazon_Elastic_Block_Store_{volume_id.replace('-', '')}"
+    return Path(CONTRACT.nvme_byid_link(volume_id))
 
 
 def mountinfo() -> list[tuple[str, str]]:

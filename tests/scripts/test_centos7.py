@@ -1,17 +1,18 @@
-"""The CentOS 7 recipe without EL7: disk phases run for real on a loop device; the yum, rpm, grub2,
-dracut and setfiles steps (which need an EL7 box and the CentOS repositories, unreachable here) are
-recorded as a command plan (AMIBAKE_PLAN) and asserted exactly; every file the recipe writes is real
-and asserted as text (root)."""
+"""The CentOS 7 recipe without EL7: disk phases run for real on a loop device; the yum, rpm, curl and
+chroot steps (which need an EL7 box and the CentOS repositories, unreachable here) go to recording
+stand-ins first on PATH (el7box.py) and are asserted exactly as a command plan; every file the
+recipe writes is real and asserted as text, the key's fingerprint check runs for real on the real
+CentOS 7 key, and the bootloader's root=UUID check runs on the grub.cfg the stand-in writes (root)."""
 
 from __future__ import annotations
 
 import configparser
-import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from el7box import El7Box
 from loopdisk import LoopVolume, run_build
 
 pytestmark = pytest.mark.root
@@ -19,25 +20,34 @@ pytestmark = pytest.mark.root
 VAULT = "https://vault.centos.org/7.9.2009"
 KVER = "3.10.0-1160.119.1.el7.x86_64"
 PACKAGES = ["@core", "kernel", "grub2", "grub2-tools", "dracut-config-generic", "dracut-norescue", "chrony",
-            "cloud-init", "cloud-utils-growpart", "openssh-server", "selinux-policy-targeted",
+            "cloud-init", "cloud-utils-growpart", "gdisk", "openssh-server", "selinux-policy-targeted",
             "policycoreutils", "xfsprogs", "rsync", "tar", "yum-utils"]
+#: What yum leaves in /etc/shadow for root before the recipe locks it (a usable password hash here,
+#: so the test sees the lock replace it).
+SHADOW = "root:$6$salt$0123456789abcdef:19000:0:99999:7:::\nbin:*:19000:0:99999:7:::\n"
 EXCLUDES = ["NetworkManager*", "plymouth*", "biosdevname", "iprutils", "aic94xx-firmware", "alsa-firmware",
             "alsa-tools-firmware", "ivtv-firmware", "iwl*-firmware", "libertas-*-firmware"]
 
 
-def planned_build(vol: LoopVolume, *extra: str) -> list[list[str]]:
-    """Disk phases for real, then bootstrap..clean as a plan; returns the planned command lines."""
+def yum_leftovers(root: Path) -> None:
+    """Stand-in for what `yum install` leaves that later phases read (yum cannot run here): the
+    kernel's module directory (configure builds its initramfs) and /etc/shadow (configure locks root)."""
+    (root / "lib" / "modules" / KVER).mkdir(parents=True)
+    (root / "boot" / "grub2").mkdir(parents=True)
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc" / "shadow").write_text(SHADOW)
+
+
+def planned_build(vol: LoopVolume, *extra: str, box: El7Box | None = None) -> list[list[str]]:
+    """Disk phases for real, then bootstrap..clean with the EL7 stand-ins; returns the plan."""
     assert run_build(vol, *extra, "partition", "mkfs", "mount", recipe="centos7").rc == 0
-    plan = vol.tmp / "plan.txt"
-    env = {"AMIBAKE_PLAN": str(plan)}
-    res = run_build(vol, *extra, "bootstrap", recipe="centos7", env=env)
+    box = box or El7Box(vol.tmp)
+    res = run_build(vol, *extra, "bootstrap", recipe="centos7", env=box.env)
     assert res.rc == 0, res.stderr + "\n".join(res.other_stdout)
-    # Stand-in for what `yum install kernel` leaves (yum cannot run here): the kernel's module
-    # directory, from which configure learns which initramfs to build.
-    (vol.work / "root" / "lib" / "modules" / KVER).mkdir(parents=True)
-    res = run_build(vol, *extra, "configure", "bootloader", "relabel", "clean", recipe="centos7", env=env)
+    yum_leftovers(vol.work / "root")
+    res = run_build(vol, *extra, "configure", "bootloader", "relabel", "clean", recipe="centos7", env=box.env)
     assert res.rc == 0, res.stderr + "\n".join(res.other_stdout)
-    return [shlex.split(line) for line in plan.read_text().splitlines()]
+    return box.plan()
 
 
 def repo_sections(text: str) -> configparser.RawConfigParser:
@@ -57,13 +67,11 @@ def test_centos7_plan_and_files(make_volume) -> None:
     excludes = [arg for x in EXCLUDES for arg in ("-x", x)]
     assert plan == [
         ["curl", "-fsSL", "--retry", "3", "-o", key, f"{VAULT}/os/x86_64/RPM-GPG-KEY-CentOS-7"],
-        ["check_gpg_fingerprint", key, "6341AB2753D78A78A7C27BB124C6A8A7F4A80EB5"],
         ["rpm", "--root", str(root), "--initdb"],
         ["rpm", "--root", str(root), "--import", key],
         [*yum, "install", *PACKAGES, *excludes],
         [*yum, "update", *excludes],
         ["chroot", str(root), "chkconfig", "network", "on"],
-        ["chroot", str(root), "systemctl", "enable", "amibake-boot-ok.service"],
         ["chroot", str(root), "dracut", "-f", f"/boot/initramfs-{KVER}.img", KVER],
         ["chroot", str(root), "grub2-install", "--target=i386-pc", dev],
         ["chroot", str(root), "grub2-mkconfig", "-o", "/boot/grub2/grub.cfg"],
@@ -95,8 +103,9 @@ def test_centos7_plan_and_files(make_volume) -> None:
     assert fstab == [f"UUID={uuid} / xfs defaults,noatime 0 0"]
 
     grub = (root / "etc/default/grub").read_text()
+    # 255: the highest nvme_core.io_timeout a kernel before 4.15 (CentOS 7's 3.10) accepts
     assert ('GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 net.ifnames=0 '
-            'nvme_core.io_timeout=4294967295 crashkernel=auto"') in grub
+            'nvme_core.io_timeout=255 crashkernel=auto"') in grub
     assert 'GRUB_TERMINAL="console serial"' in grub
     assert "GRUB_DEVICE" not in grub, "the build-time root=UUID override was left in the image"
     assert not (root / "etc/default/grub.amibake-orig").exists()
@@ -108,8 +117,13 @@ def test_centos7_plan_and_files(make_volume) -> None:
     assert (root / "etc/sysconfig/network").read_text() == "NETWORKING=yes\nNOZEROCONF=yes\n"
     dracut = (root / "etc/dracut.conf.d/amibake.conf").read_text().splitlines()
     assert dracut[1:] == ['hostonly="no"', 'add_drivers+=" nvme xen-blkfront xen-netfront ena "']
-    unit = (root / "etc/systemd/system/amibake-boot-ok.service").read_text()
-    assert "After=multi-user.target" in unit and "WantedBy=multi-user.target" in unit
+    assert (root / "etc/sysconfig/kernel").read_text() == "UPDATEDEFAULT=yes\nDEFAULTKERNEL=kernel\n"
+    assert (root / "etc/shadow").read_text().splitlines() == ["root:!!:19000:0:99999:7:::",
+                                                              "bin:*:19000:0:99999:7:::"]
+    # grub.cfg as the stand-in grub2-mkconfig wrote it, from the build-time GRUB_DEVICE override
+    cfg = (root / "boot/grub2/grub.cfg").read_text()
+    assert f"root=UUID={uuid} ro" in cfg and "/dev/loop" not in cfg
+    assert "GPG key" in (work / "logs/bootstrap.log").read_text()
     # cloud-init: EC2 only, and only on a platform that identifies as EC2, so the boot check's qemu
     # (no network) does not wait 120 s for a metadata service (cloud-init 18.5's identify_aws)
     cloud = yaml.safe_load((root / "etc/cloud/cloud.cfg.d/90-amibake.cfg").read_text())
@@ -142,7 +156,7 @@ def test_verify_reads_selinux_labels(make_volume) -> None:
     labels = {"etc/passwd": "passwd_file_t", "etc/shadow": "shadow_t", "usr/sbin/sshd": "sshd_exec_t"}
     for rel in [*labels, "usr/lib/systemd/systemd"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text("")
+        (root / rel).touch()
     for rel, typ in labels.items():
         subprocess.run(["setfattr", "-n", "security.selinux", "-v", f"system_u:object_r:{typ}:s0",
                         str(root / rel)], check=True)
@@ -153,3 +167,33 @@ def test_verify_reads_selinux_labels(make_volume) -> None:
     for rel in labels:
         assert f"SELinux label of /{rel}" not in log
     assert "xfs features of" in log and "ro_compat=0 incompat=0x1 (as the centos7 target needs)" in log
+    assert "ok: SELinux labels" not in log, "a failed label was also reported as ok"
+    assert "root password locked ('!!')" in log
+    # growpart and sgdisk: yum cannot install them here, so verify names both as missing
+    assert "/usr/bin/growpart missing: cloud-utils-growpart" in log
+    assert "/usr/sbin/sgdisk missing: gdisk (growpart needs sgdisk for a GPT disk)" in log
+
+
+def test_bootloader_fails_without_root_uuid(make_volume) -> None:
+    """No seam skips the root=UUID check: a grub2-mkconfig that names the loop device fails the build."""
+    vol = make_volume(size_gib=2)
+    assert run_build(vol, "partition", "mkfs", "mount", recipe="centos7").rc == 0
+    box = El7Box(vol.tmp, ignore_grub_device=True)
+    assert run_build(vol, "bootstrap", recipe="centos7", env=box.env).rc == 0
+    yum_leftovers(vol.work / "root")
+    res = run_build(vol, "configure", "bootloader", recipe="centos7", env=box.env)
+    assert res.rc != 0
+    assert res.phases("phase-fail") == ["bootloader"]
+    assert f"/boot/grub2/grub.cfg still has root={vol.partition(2)} instead of root=UUID=" in res.stderr
+
+
+def test_bootstrap_refuses_a_wrong_signing_key(make_volume) -> None:
+    """The downloaded key's fingerprint is checked for real: another key stops bootstrap before rpm."""
+    vol = make_volume(size_gib=2)
+    assert run_build(vol, "partition", "mkfs", "mount", recipe="centos7").rc == 0
+    box = El7Box(vol.tmp)
+    (box.dir / "key.asc").write_text("not a key\n")
+    res = run_build(vol, "bootstrap", recipe="centos7", env=box.env)
+    assert res.rc != 0
+    assert "has fingerprint 'none', expected 6341AB2753D78A78A7C27BB124C6A8A7F4A80EB5" in res.stderr
+    assert [cmd[0] for cmd in box.plan()] == ["curl"]

@@ -17,8 +17,8 @@ GOOD = ["--recipe", "debian12", "--volume-id", "vol-0123456789abcdef0", "--size-
 def bash_lib(
     code: str, *, env: dict | None = None, libs: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
-    """Run bash code with lib/common.sh (and the given lib or recipe files) sourced."""
-    sources = " ".join(f'. "{SCRIPTS / lib}";' for lib in ("lib/common.sh", *libs))
+    """Run bash code with contract.env, lib/common.sh (and the given lib or recipe files) sourced."""
+    sources = " ".join(f'. "{SCRIPTS / lib}";' for lib in ("contract.env", "lib/common.sh", *libs))
     return subprocess.run(
         ["bash", "-c", f"set -euo pipefail; {sources} {code}"],
         capture_output=True, text=True, env={**os.environ, **(env or {})},
@@ -32,6 +32,14 @@ def bash_lib(
         (["--volume-id", "vol-XYZ", "resolve"], "--volume-id"),
         (["--volume-id", "vol-0123456789abcdef0;rm -rf /", "resolve"], "--volume-id"),
         ([*GOOD, "--device-name", "/dev/sda", "resolve"], "--device-name"),
+        ([*GOOD, "--device-name", "/dev/sdb", "resolve"], "--device-name"),
+        ([*GOOD, "--device-name", "/dev/xvdq", "resolve"], "--device-name"),
+        (["--volume-id", "vol-0123456789abcdef0", "--size-gib", "16385", "resolve"], "--size-gib"),
+        (["--volume-id", "vol-0123456789", "resolve"], "--volume-id"),
+        ([*GOOD, "--mirror", "file:///srv/mirror", "bootstrap"], "--mirror"),
+        ([*GOOD, "--mirror", "https://user:secret@host/debian", "bootstrap"], "--mirror"),
+        ([*GOOD, "--mirror", "https://host/debian?token=x", "bootstrap"], "--mirror"),
+        ([*GOOD, "--mirror", "https://host/debian#frag", "bootstrap"], "--mirror"),
         ([*GOOD, "--device-name", "../../etc/passwd", "resolve"], "--device-name"),
         (["--volume-id", "vol-0123456789abcdef0", "--size-gib", "0", "resolve"], "--size-gib"),
         (["--volume-id", "vol-0123456789abcdef0", "--size-gib", "8x", "resolve"], "--size-gib"),
@@ -177,3 +185,21 @@ def test_gpg_fingerprint_check(tmp_path: Path) -> None:
     wrong = bash_lib(f'check_gpg_fingerprint {key} "$CENTOS_GPG_FINGERPRINT"', libs=libs)
     assert wrong.returncode != 0
     assert "expected 6341AB2753D78A78A7C27BB124C6A8A7F4A80EB5" in wrong.stderr
+
+
+def test_mirror_credentials_are_not_repeated(tmp_path: Path) -> None:
+    """A refused mirror URL with user:password@ is named without the password (logs, task output)."""
+    cmd = ["bash", str(BUILD_IMAGE), "--work-dir", str(tmp_path / "w"), *GOOD,
+           "--mirror", "https://user:s3cret@mirror.example.org/debian", "bootstrap"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "--mirror: 'https://***@mirror.example.org/debian' holds credentials" in proc.stderr
+    assert "s3cret" not in proc.stderr + proc.stdout
+
+
+def test_progress_refuses_an_event_outside_the_contract() -> None:
+    """progress only prints events of contract.env: the Airflow side parses exactly those."""
+    ok = bash_lib("progress phase-start '\"phase\":\"tools\"' 3>&1")
+    assert ok.stdout == 'AMIBAKE {"event":"phase-start","phase":"tools"}\n'
+    bad = bash_lib("progress phase-begin 3>&1")
+    assert bad.returncode != 0 and "'phase-begin' is not in contract.env PROGRESS_EVENTS" in bad.stderr

@@ -67,9 +67,9 @@ def test_nvme_serial(make_volume, tmp_path: Path) -> None:
 
 
 def test_xen_name(make_volume) -> None:
-    """Without link or NVMe serial, --device-name /dev/sdq is found as /dev/xvdq."""
+    """Without link or NVMe serial, --device-name /dev/sdp is found as /dev/xvdp."""
     vol = make_volume(link=False)
-    node = free_node("xvd", ["xvdq", "xvdr", "xvds"])
+    node = free_node("xvd", ["xvdp", "xvdo", "xvdn"])
     mknod_alias(vol, node)
     res = run_build(vol, "--device-name", f"/dev/sd{node[-1]}", "resolve", env={"AMIBAKE_DEVICE_WAIT": "3"})
     assert res.rc == 0, res.stderr
@@ -79,7 +79,7 @@ def test_xen_name(make_volume) -> None:
 def test_absent_volume_fails_after_bounded_wait(make_volume) -> None:
     """A volume that never appears fails the phase with a message naming the volume id."""
     vol = make_volume(link=False)
-    res = run_build(vol, "--device-name", "/dev/sdz", "resolve", env={"AMIBAKE_DEVICE_WAIT": "2"})
+    res = run_build(vol, "--device-name", "/dev/sdp", "resolve", env={"AMIBAKE_DEVICE_WAIT": "2"})
     assert res.rc != 0
     assert res.phases("phase-fail") == ["resolve"]
     assert res.result == {"event": "result", "status": "fail", "phase": "resolve", "rc": res.rc}

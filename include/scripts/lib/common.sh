@@ -1,10 +1,12 @@
 # shellcheck shell=bash
-# Shared helpers of build-image: option validation, progress lines, the plan-aware command runner,
-# and the mount/process clean-up every exit path uses.
+# Shared helpers of build-image: option validation (the rules of contract.env), progress lines, the
+# command runner, and the mount/process clean-up every exit path uses.
 # Written for bash 4.2 (CentOS 7): no namerefs, no ${x@Q}, empty arrays expanded with ${a[@]+...}.
 # Never call a function that relies on errexit from `if`, `||` or `&&`: bash ignores errexit in its
 # whole body then. Under pipefail never end a pipeline with `grep -q`: it may exit before the writer is done, and the
 # writer's SIGPIPE then fails the pipeline (a found match reported as "not found").
+
+# Needs contract.env sourced first (build-image does): the contract with the Airflow side.
 
 # Progress lines go to fd 3 (the caller's stdout); everything else to logs or stderr.
 PROGRESS_FD=3
@@ -35,9 +37,12 @@ json_list() {
     printf '[%s]' "$out"
 }
 
-# Emit one progress line: progress '"event":"x","k":...' (the body of a JSON object).
+# Emit one progress line: progress EVENT ['"k":v,...'] (the rest of the JSON object). EVENT must be one
+# of contract.env's PROGRESS_EVENTS: the Airflow side reads exactly those.
 progress() {
-    printf 'AMIBAKE {%s}\n' "$1" >&"$PROGRESS_FD"
+    local event=$1 rest=${2:-}
+    [[ " $PROGRESS_EVENTS " == *" $event "* ]] || die "progress: '$event' is not in contract.env PROGRESS_EVENTS"
+    printf '%s{"event":"%s"%s}\n' "$PROGRESS_PREFIX" "$event" "${rest:+,$rest}" >&"$PROGRESS_FD"
 }
 
 # Seconds since the epoch with nanoseconds (bash 4.2 has no EPOCHREALTIME).
@@ -50,15 +55,10 @@ elapsed() {
     awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'
 }
 
-# Run a command, or, when AMIBAKE_PLAN names a file, only append its quoted command line there.
-# The CentOS 7 recipe's yum/rpm/grub2 steps cannot run off an EL7 box; the plan lets tests assert them.
+# Run a command, echoing it to the phase log first; a failure is named by the phase's ERR trap.
+# (Tests of steps that need an EL7 box put recording stand-ins for yum, rpm, chroot... first on PATH:
+# this function has no test mode.)
 run() {
-    if [[ -n ${AMIBAKE_PLAN:-} ]]; then
-        local line
-        printf -v line '%q ' "$@"
-        printf '%s\n' "${line% }" >>"$AMIBAKE_PLAN"
-        return 0
-    fi
     echo "+ $*"
     # shellcheck disable=SC2034 # read by build-image's ERR trap to name the failed command
     RUN_CMD="$*"
@@ -67,10 +67,31 @@ run() {
 
 # --- validation -------------------------------------------------------------------------------
 
-valid_volume_id() { [[ $1 =~ ^vol-([0-9a-f]{8}|[0-9a-f]{17})$ ]]; }
-valid_device_name() { [[ $1 =~ ^/dev/(sd|xvd)[b-z]$ ]]; }
-valid_uint_range() { [[ $1 =~ ^[0-9]{1,6}$ ]] && ((10#$1 >= $2 && 10#$1 <= $3)); }
-valid_url() { [[ $1 =~ ^(https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|file://)(/[A-Za-z0-9._~%+/-]*)?$ ]]; }
+# The patterns are contract.env's (sourced by build-image), the same ones the Airflow side applies.
+valid_volume_id() { [[ $1 =~ $VOLUME_ID_RE ]]; }
+valid_device_name() { [[ $1 =~ $DEVICE_NAME_RE ]]; }
+valid_uint_range() { [[ $1 =~ $UINT_RE ]] && ((10#$1 >= $2 && 10#$1 <= $3)); }
+valid_mirror_url() { ((${#1} <= MIRROR_URL_MAX)) && [[ $1 =~ $MIRROR_URL_RE ]]; }
+
+# Why a mirror URL is refused, without repeating credentials (operators/rules/validation.py gives
+# the same reasons).
+mirror_url_problem() {
+    local url=$1 scheme rest authority
+    scheme=${url%%://*}
+    rest=${url#*://}
+    authority=${rest%%/*}
+    if ((${#url} > MIRROR_URL_MAX)); then
+        echo "longer than $MIRROR_URL_MAX characters"
+    elif [[ $url != *://* || ($scheme != http && $scheme != https) ]]; then
+        echo "'$url' does not start with http:// or https://"
+    elif [[ $authority == *@* ]]; then
+        echo "'$scheme://***@${authority##*@}${rest:${#authority}}' holds credentials (user:password@); give the box a mirror it can read without"
+    elif [[ $rest == *[?=#]* ]]; then
+        echo "'$url' has a query or fragment (?, = or #)"
+    else
+        echo "'$url' is not http(s)://host[:port][/path] with letters, digits and ._~%+-/ in the path"
+    fi
+}
 valid_abs_path() { [[ $1 =~ ^/[A-Za-z0-9._/+-]*$ && $1 != *..* && $1 != / ]]; }
 
 # --- processes and mounts ---------------------------------------------------------------------

@@ -2,16 +2,15 @@
 # Volume id -> block device, partition node names, and the "is this disk safe to wipe" checks.
 # This file is the one place of the volume-id -> device mapping (docs/architecture.md).
 
-# Production locations; tests may point AMIBAKE_SYS_BLOCK at a directory shaped like /sys/block to
-# exercise the NVMe-serial lookup (there is no NVMe disk here). The by-id directory is never overridden.
-BYID_DIR=/dev/disk/by-id
+# Test knobs (include/scripts/README.md, "Test seams"): AMIBAKE_SYS_BLOCK points the NVMe-serial
+# lookup at a directory shaped like /sys/block (there is no NVMe disk off EC2); AMIBAKE_DEVICE_WAIT
+# shortens the wait for an attachment (EBS and the offline emulator attach asynchronously).
 SYS_BLOCK=${AMIBAKE_SYS_BLOCK:-/sys/block}
-# How long to wait for an attachment to show up (EBS and the offline emulator attach asynchronously).
 DEVICE_WAIT=${AMIBAKE_DEVICE_WAIT:-120}
 
-# The Nitro by-id link name of a volume id.
+# The Nitro by-id link of a volume id (contract.env's rule: prefix + volume id without its dash).
 byid_link() {
-    echo "$BYID_DIR/nvme-Amazon_Elastic_Block_Store_${1/-/}"
+    echo "$NVME_BYID_DIR/$NVME_BYID_PREFIX${1/-/}"
 }
 
 # Xen block device names for a requested /dev/sdX: xvdX, then -- only on a box whose kernel shifted its

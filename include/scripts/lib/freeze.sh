@@ -71,10 +71,10 @@ cmd_freeze() {
     local mps=()
     freeze_canvas "$FREEZE_TIMEOUT"
     mapfile -t mps <"$(frozen_state)"
-    progress "\"event\":\"frozen\",\"mountpoints\":$(json_list "${mps[@]}"),\"guard_seconds\":$FREEZE_TIMEOUT"
+    progress frozen "\"mountpoints\":$(json_list "${mps[@]}"),\"guard_seconds\":$FREEZE_TIMEOUT"
 }
 
 cmd_thaw() {
     thaw_canvas
-    progress "\"event\":\"thawed\",\"mountpoints\":$(json_list ${THAWED[@]+"${THAWED[@]}"})"
+    progress thawed "\"mountpoints\":$(json_list ${THAWED[@]+"${THAWED[@]}"})"
 }

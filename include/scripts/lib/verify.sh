@@ -136,7 +136,7 @@ verify_kernels() {
 
 # SELinux labels present on key files (setfiles ran during the build, not at first boot).
 verify_selinux() {
-    local f ctx
+    local f ctx before=$VERIFY_FAILS
     ((${RECIPE_SELINUX:-0})) || return 0
     [[ -e $ROOT/.autorelabel ]] && vfail "/.autorelabel exists: the image would relabel at first boot"
     for f in "${RECIPE_SELINUX_SAMPLES[@]}"; do
@@ -146,7 +146,31 @@ verify_selinux() {
             vfail "SELinux label of $path is '${ctx:-none}', expected type $want"
         fi
     done
-    vok "SELinux labels on ${#RECIPE_SELINUX_SAMPLES[@]} sample files"
+    ((VERIFY_FAILS > before)) || vok "SELinux labels on ${#RECIPE_SELINUX_SAMPLES[@]} sample files"
+}
+
+# Files the recipe's image must hold (RECIPE_IMAGE_FILES: "path=why"), e.g. what growpart needs.
+verify_image_files() {
+    local entry path
+    for entry in ${RECIPE_IMAGE_FILES[@]+"${RECIPE_IMAGE_FILES[@]}"}; do
+        path=${entry%%=*}
+        if [[ -x $ROOT$path ]]; then
+            vok "$path present"
+        else
+            vfail "$path missing: ${entry#*=}"
+        fi
+    done
+}
+
+# No password login as root: root's shadow field is locked ("!...") or has no password ("*").
+verify_root_locked() {
+    local field
+    field=$(awk -F: '$1 == "root" { print $2 }' "$ROOT/etc/shadow" 2>/dev/null || true)
+    case $field in
+    '!'* | '*'*) vok "root password locked ('${field:0:2}')" ;;
+    '') vfail "no root entry in /etc/shadow" ;;
+    *) vfail "root has a usable password in /etc/shadow" ;;
+    esac
 }
 
 phase_verify() {
@@ -162,6 +186,8 @@ phase_verify() {
         assert_xfs_features "$(root_partition)" || vfail "xfs feature bits do not suit the $RECIPE target kernel"
     fi
     verify_selinux
+    verify_root_locked
+    verify_image_files
     if ((VERIFY_FAILS)); then
         echo "build-image: verify: $VERIFY_FAILS check(s) failed, first: $VERIFY_FIRST" >&2
         return 1

@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # Recipe centos7 (the product default): a patched CentOS 7 cloud image, built on an EL7 box with the
 # box's yum into --installroot from a private yum config. Facts: shared notes el7-image.md.
-# Commands that need EL7 (rpm, yum, grub2-*, dracut, setfiles) go through `run`, so a test can record
-# them as a plan (AMIBAKE_PLAN) on a machine without EL7; files are written for real either way.
+# Commands that need EL7 (rpm, yum, grub2-*, dracut, setfiles) go through `run`/`in_chroot`; tests
+# off EL7 put recording stand-ins for them first on PATH (README "Test seams"). Files are real.
 # The RECIPE_* settings are read by lib/*.sh; MIRROR etc. are set by build-image.
 # shellcheck disable=SC2034,SC2153
 
@@ -12,12 +12,18 @@ CENTOS_DEFAULT_MIRROR=https://vault.centos.org/7.9.2009
 CENTOS_REPOS=(base:os updates:updates extras:extras)
 CENTOS_GPG_KEY=RPM-GPG-KEY-CentOS-7
 CENTOS_GPG_FINGERPRINT=6341AB2753D78A78A7C27BB124C6A8A7F4A80EB5
-# The package set of the CentOS project's cloud image kickstart (CentOS-7-x86_64-hvm.ks).
+# The package set of the CentOS project's cloud image kickstart (CentOS-7-x86_64-hvm.ks), plus gdisk:
+# the root is on GPT, and growpart (cloud-utils-growpart) grows a GPT partition with sgdisk only, so
+# without it the root stays at the canvas size on a larger instance volume.
 CENTOS_PACKAGES=(@core kernel grub2 grub2-tools dracut-config-generic dracut-norescue chrony cloud-init
-    cloud-utils-growpart openssh-server selinux-policy-targeted policycoreutils xfsprogs rsync tar yum-utils)
+    cloud-utils-growpart gdisk openssh-server selinux-policy-targeted policycoreutils xfsprogs rsync tar
+    yum-utils)
 CENTOS_EXCLUDES=('NetworkManager*' 'plymouth*' biosdevname iprutils aic94xx-firmware alsa-firmware
     alsa-tools-firmware ivtv-firmware 'iwl*-firmware' 'libertas-*-firmware')
-KERNEL_ARGS="console=tty0 console=ttyS0,115200n8 net.ifnames=0 nvme_core.io_timeout=4294967295 crashkernel=auto"
+# nvme_core.io_timeout: AWS ("NVMe I/O operation timeout for Amazon EBS volumes") recommends the highest
+# value the kernel takes: 4294967295 on current kernels, 255 on kernels before 4.15, where the
+# parameter is a byte. CentOS 7's 3.10 kernel refuses 4294967295 and keeps its 30 s default.
+KERNEL_ARGS="console=tty0 console=ttyS0,115200n8 net.ifnames=0 nvme_core.io_timeout=255 crashkernel=auto"
 
 RECIPE_GRUB_DIR=boot/grub2
 RECIPE_INITRAMFS_DRIVERS=(nvme xen-blkfront xen-netfront ena)
@@ -29,6 +35,12 @@ RECIPE_XFS_FEATURES="ro_compat=0 incompat=0x1"
 RECIPE_SELINUX=1
 RECIPE_SELINUX_SAMPLES=(/etc/passwd=passwd_file_t /etc/shadow=shadow_t /usr/sbin/sshd=sshd_exec_t
     /usr/lib/systemd/systemd=init_exec_t)
+# Checked by verify: growpart grows the GPT root at first boot only with sgdisk (EL7's sfdisk 2.23
+# has no GPT), else the root stays at the canvas size on a larger volume.
+RECIPE_IMAGE_FILES=("/usr/bin/growpart=cloud-utils-growpart (grows the root at first boot)"
+    "/usr/sbin/sgdisk=gdisk (growpart needs sgdisk for a GPT disk)")
+# What this recipe needs on the box beyond lib/tools.sh's list ("command el7-package debian-package").
+RECIPE_TOOLS=("yum yum -" "rpm rpm rpm" "curl curl curl" "gpg gnupg2 gpg" "getfattr attr attr")
 
 yum_dir() { echo "$WORK/yum"; }
 yum_conf() { echo "$(yum_dir)/yum.conf"; }
@@ -70,10 +82,23 @@ check_gpg_fingerprint() {
     local keyfile=$1 want=$2 got home
     home=$(mktemp -d)
     got=$(GNUPGHOME=$home gpg --batch --with-colons --with-fingerprint "$keyfile" 2>/dev/null |
-        awk -F: '$1 == "fpr" { print $10 }' | paste -sd' ')
+        awk -F: '$1 == "fpr" { print $10 }' | paste -sd' ') || got="" # not a key: gpg fails, reported below
     rm -rf "$home"
     [[ $got == "$want" ]] || die "GPG key $keyfile has fingerprint '${got:-none}', expected $want"
     echo "GPG key $keyfile: fingerprint $got as expected"
+}
+
+# The tools phase on an EL7 box: the box's own yum, reading only the configured repositories (--mirror
+# or the vault), checked with the CentOS key an EL7 box already has. Its cache and log stay in $WORK.
+box_yum_conf() { echo "$(yum_dir)/box-yum.conf"; }
+recipe_box_yum() {
+    mkdir -p "$(yum_dir)"
+    {
+        printf '[main]\ncachedir=%s/box-cache\nkeepcache=0\nlogfile=%s/box-yum.log\n' "$(yum_dir)" "$LOG_DIR"
+        printf 'gpgcheck=1\nplugins=0\nreposdir=\n\n'
+        centos_repo_sections "$(centos_mirror)" "file:///etc/pki/rpm-gpg/$CENTOS_GPG_KEY"
+    } >"$(box_yum_conf)"
+    run yum -c "$(box_yum_conf)" -y "$@"
 }
 
 yum_root() {
@@ -102,7 +127,7 @@ phase_bootstrap() {
     write_yum_conf
     echo "repositories: $(centos_mirror)/{os,updates,extras}"
     run curl -fsSL --retry 3 -o "$(yum_key)" "$(centos_mirror)/os/x86_64/$CENTOS_GPG_KEY"
-    run check_gpg_fingerprint "$(yum_key)" "$CENTOS_GPG_FINGERPRINT"
+    check_gpg_fingerprint "$(yum_key)" "$CENTOS_GPG_FINGERPRINT"
     for x in "${CENTOS_EXCLUDES[@]}"; do
         excludes+=(-x "$x")
     done
@@ -133,6 +158,9 @@ GRUB_CMDLINE_LINUX="$KERNEL_ARGS"
 GRUB_DISABLE_RECOVERY=true
 EOF
     printf 'NETWORKING=yes\nNOZEROCONF=yes\n' >"$ROOT/etc/sysconfig/network"
+    # A kernel installed later by `yum update` on an instance becomes the default boot entry.
+    printf 'UPDATEDEFAULT=yes\nDEFAULTKERNEL=kernel\n' >"$ROOT/etc/sysconfig/kernel"
+    lock_root_password
     cat >"$ROOT/etc/sysconfig/network-scripts/ifcfg-eth0" <<'EOF'
 DEVICE=eth0
 TYPE=Ethernet
@@ -156,7 +184,6 @@ EOF
     write_cloud_init_config # EL7's glibc has en_US.UTF-8, cloud-init's default locale
     chroot_enter
     in_chroot chkconfig network on
-    install_boot_marker
     mapfile -t kernels < <(image_kernels)
     ((${#kernels[@]})) || die "configure: no kernel in $ROOT/lib/modules (did bootstrap install one?)"
     for kver in "${kernels[@]}"; do
