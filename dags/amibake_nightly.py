@@ -17,11 +17,12 @@ from operators import (
     LaunchBuildBox,
     RegisterHVMAmi,
     RemoteChrootBuild,
+    RotateAmis,
     TerminateBuildBox,
     defaults,
     notify,
 )
-from operators.rotate import RotateAmis
+from operators.preflight import Preflight
 
 DAG_ID = "amibake_nightly"
 
@@ -31,7 +32,9 @@ DOC_MD = """
 Builds the image **from scratch** on a temporary EC2 build box and registers it as an HVM AMI:
 
 1. **validate_params**: every trigger value and `[amibake]` setting is checked; a bad value fails
-   here, naming the field, before any AWS resource exists.
+   here, naming the field, before any AWS resource exists. Conf keys the form does not declare are
+   refused. **preflight** then asks AWS (read-only and DryRun calls), the SSH connection and the
+   mirror whether the night can succeed, and fails listing every problem with its fix.
 2. **launch_build_box**: the box (IMDSv2, tagged at creation) in a temporary security group that
    admits SSH only from `[amibake] ssh_cidr`; waits until it runs and answers on SSH.
 3. **attach_canvas**: a blank, encrypted gp3 volume attached to the box.
@@ -41,9 +44,10 @@ Builds the image **from scratch** on a temporary EC2 build box and registers it 
 5. **frozen_snapshot**: freeze the canvas filesystems, CreateSnapshot, thaw at once.
 6. **register_hvm_ami**: RegisterImage (HVM, ENA, SR-IOV, legacy BIOS, IMDSv2) and announce it
    as the Asset `amibake://ami/<recipe>`.
-7. **rotate_amis**: only after the new AMI is available: keep the newest `keep_amis` of the
-   recipe, set `deprecate_at` on the next `deprecate_grace`, deregister older ones with their
-   snapshots. A failed night never gets here, so every existing AMI stays as it was.
+7. **rotate_amis**: only after the new AMI is available: keep the newest `keep_amis` of its
+   image line (recipe + AMI name prefix), set `deprecate_at` on the next `deprecate_grace`,
+   deregister older ones with their snapshots. A failed night never gets here, so every
+   existing AMI stays as it was; AMIs of other prefixes are never touched.
 
 **How long it takes**: the EC2 waits take a few minutes (snapshot and AMI: 5-30 min on AWS, held
 by the triggerer, not a worker slot); the build itself takes 5-15 min for CentOS 7 (yum from the
@@ -149,10 +153,12 @@ with DAG(
             section="Image",
         ),
         "boot_check": Param(
-            False,
+            defaults.DEFAULT_BOOT_CHECK,
             type="boolean",
             title="Boot-check before registering",
-            description="Boot the finished canvas read-only under qemu on the box and require multi-user.",
+            description="Boot the finished canvas on the box the way EC2 boots it (NVMe, EC2 platform, "
+            "IMDSv2) and run the instance checks over SSH; an image that fails is never registered. "
+            "Off = registered unbooted (the task log says so).",
             section="Image",
         ),
         "base_ami": Param(
@@ -197,7 +203,7 @@ with DAG(
             minimum=defaults.KEEP_AMIS_RANGE[0],
             maximum=defaults.KEEP_AMIS_RANGE[1],
             title="AMIs to keep",
-            description="After the new AMI is available, keep this many newest AMIs of the recipe.",
+            description="After the new AMI is available, keep this many newest AMIs of its image line.",
             section="Retention",
         ),
         "deprecate_grace": Param(
@@ -216,11 +222,16 @@ with DAG(
     def validate_params(params: dict | None = None) -> dict:
         """Check every value before anything is created; the error names the field."""
         from operators.base import settings
-        from operators.rules.validation import validate_build
+        from operators.rules.validation import refuse_undeclared, validate_build
 
+        refuse_undeclared(params or {})  # conf keys the form does not declare (instance profile ...)
         return validate_build(params or {}, settings()).as_dict()
 
     p = validate_params()
+    # read-only and DryRun calls only: nothing is launched unless the night can succeed
+    preflight = Preflight(
+        task_id="preflight", recipe=p["recipe"], build=p, execution_timeout=timedelta(minutes=10), **AWS_STEP
+    )
 
     launch = LaunchBuildBox(
         task_id="launch_build_box",
@@ -285,7 +296,7 @@ with DAG(
     terminate = TerminateBuildBox(task_id="terminate_build_box", **AWS_STEP)
     delete_canvas = DeleteCanvas(task_id="delete_canvas", **AWS_STEP)
 
-    launch >> attach >> build >> snapshot >> register >> terminate >> delete_canvas
+    preflight >> launch >> attach >> build >> snapshot >> register >> terminate >> delete_canvas
     register >> rotate  # only after the new AMI is available; a failed night rotates nothing
     terminate.as_teardown(setups=launch)
     # runs when the box was launched even if attaching failed: it finds the canvas by tags

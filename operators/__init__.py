@@ -1,7 +1,9 @@
 """amibake operators: build a patched HVM AMI on a temporary EC2 build box.
 
-Exports are resolved lazily (PEP 562) so that importing this package, as the DAG file does at
-parse time, imports no provider, boto or paramiko code.
+Layout, the way the Amazon provider splits it: one module per operator at this level (``base`` is
+their common base), ``hooks/`` (the one door to EC2, the one door to the box), ``triggers/``
+(deferred waits), ``links/`` (console links), and ``rules/`` (pure rules, no Airflow import).
+Exports are resolved lazily (PEP 562): importing this package imports no operator module.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ _EXPORTS = {
     "RemoteChrootBuild": "operators.remote_build",
     "FrozenSnapshot": "operators.snapshot",
     "RegisterHVMAmi": "operators.ami",
+    "RotateAmis": "operators.rotate",
+    "SweepOrphans": "operators.sweep",
 }
 
 __all__ = sorted(_EXPORTS)

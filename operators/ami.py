@@ -11,8 +11,9 @@ from airflow.sdk.exceptions import AirflowException
 from operators import defaults
 from operators.base import AmibakeOperator
 from operators.links.ec2 import AmiLink
-from operators.rules import naming, validation
+from operators.rules import naming, records, validation
 from operators.rules.naming import Role, tag_specification
+from operators.triggers.ec2 import ImageAvailableTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -98,23 +99,18 @@ class RegisterHVMAmi(AmibakeOperator):
 
     def execute(self, context: Context) -> dict[str, str]:
         """Validate, reuse or register the AMI, then wait until available."""
-        if not isinstance(self.snapshot, dict):
-            raise validation.ParamError(
-                "snapshot", f"must be FrozenSnapshot's XCom (a dict), got {self.snapshot!r}"
-            )
-        snapshot_id = validation.require_id(
-            "snapshot.snapshot_id",
-            self.snapshot.get("snapshot_id"),
-            validation.SNAPSHOT_ID_RE,
-            "a snapshot id",
-        )
+        snapshot_id = records.check("snapshot", self.snapshot)["snapshot_id"]
         size = validation.validate_size(self.size_gib, "size_gib")
         prefix = validation.validate_ami_prefix(self.ami_name_prefix or "", self.recipe)
         build = self.build_of(context)
         name = naming.ami_name(prefix, context["dag_run"].run_after, build)
-        hook = self.ec2()
+        hook = self.hook
         existing = hook.find_images(build, name)
-        tags = [*self.tags(context, Role.AMI), {"Key": naming.TAG_SNAPSHOT_ID, "Value": snapshot_id}]
+        tags = [
+            *self.tags(context, Role.AMI),
+            {"Key": naming.TAG_SNAPSHOT_ID, "Value": snapshot_id},
+            {"Key": naming.TAG_IMAGE_LINE, "Value": prefix},
+        ]
         if existing:
             image_id = existing[0]["ImageId"]
             if snapshot_id not in _snapshots_of(existing[0]):
@@ -131,51 +127,36 @@ class RegisterHVMAmi(AmibakeOperator):
                 description=f"amibake {self.recipe} image, build {build}, run {context['run_id']}",
                 tags=tags,
             )
-            image_id = hook.conn.register_image(**args)["ImageId"]
+            image_id = hook.register_image(args)
             self.log.info("build %s: registered AMI %s (%s)", build, image_id, name)
-        self._ensure_tags(image_id, tags)
         self.persist_link(AmiLink, context, image_id=image_id)
-        if self.deferrable:
-            from operators.triggers.ec2 import ImageAvailableTrigger
-
-            self.defer(
-                trigger=ImageAvailableTrigger(
-                    image_id=image_id,
-                    waiter_delay=self.waiter_delay,
-                    waiter_max_attempts=self.waiter_max_attempts,
-                    **self.trigger_kwargs(),
-                ),
-                method_name="execute_complete",
-            )
-        try:
-            hook.wait("image_available", (self.waiter_delay, self.waiter_max_attempts), ImageIds=[image_id])
-        except Exception as exc:
-            return self.execute_complete(
-                context, {"status": "error", "message": str(exc), "image_id": image_id}
-            )
-        return self.execute_complete(context, {"status": "success", "image_id": image_id})
-
-    def _ensure_tags(self, image_id: str, tags: list[dict[str, str]]) -> None:
-        """Tag the AMI if its tags are missing (an endpoint that ignores TagSpecifications, e.g. moto)."""
-        image = self.ec2().conn.describe_images(ImageIds=[image_id])["Images"][0]
-        if (
-            naming.tags_to_dict(image.get("Tags")).get(naming.TAG_BUILD_ID)
-            != naming.tags_to_dict(tags)[naming.TAG_BUILD_ID]
-        ):
-            self.ec2().conn.create_tags(Resources=[image_id], Tags=tags)
+        limits = (self.waiter_delay, self.waiter_max_attempts)
+        return self.defer_or_wait(
+            context,
+            done=lambda: hook.image_state(image_id) == "available",
+            trigger=ImageAvailableTrigger(
+                image_id=image_id,
+                waiter_delay=self.waiter_delay,
+                waiter_max_attempts=self.waiter_max_attempts,
+                **self.trigger_kwargs(),
+            ),
+            wait=lambda: hook.wait("image_available", limits, ImageIds=[image_id]),
+            method_name="execute_complete",
+            event={"image_id": image_id},
+        )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, str]:
         """The AMI is available: emit the asset event and return its id (or fail with the reason)."""
         image_id = event.get("image_id", "")
         if event.get("status") != "success":
             raise AirflowException(f"AMI {image_id} did not become available: {event.get('message')}")
-        image = self.ec2().conn.describe_images(ImageIds=[image_id])["Images"][0]
+        image = self.hook.conn.describe_images(ImageIds=[image_id])["Images"][0]
         result = {
             "ami_id": image_id,
             "ami_name": image["Name"],
             "snapshot_id": naming.tags_to_dict(image.get("Tags")).get(naming.TAG_SNAPSHOT_ID, ""),
         }
-        region = self.ec2().conn_region_name
+        region = self.hook.conn_region_name
         context["outlet_events"][AssetAlias(defaults.ASSET_ALIAS)].add(
             Asset(uri=defaults.asset_uri(self.recipe), name=f"amibake-ami-{self.recipe}"),
             extra={**result, "recipe": self.recipe, "region": region or ""},

@@ -2,11 +2,10 @@
 
 The box gets the SSH connection's PUBLIC key through cloud-init user data (``ssh_authorized_keys``):
 no EC2 key pair resource exists to leak, and the private key stays in the Airflow connection (so a
-secrets backend can serve it), never in XCom or logs. When the box is reached on its own IP
-(``[amibake] ssh_address`` = ``public_ip`` / ``private_ip``) it also gets a per-build ed25519 HOST
-key through user data, whose public half goes to XCom, so every task verifies the box it talks to.
-(User data is readable by whoever may call DescribeInstanceAttribute on the box; the host key lives
-only as long as the box.) With ``ssh_address=connection`` the connection's pinned ``host_key`` is used.
+secrets backend can serve it), never in XCom or logs. It also gets a per-build ed25519 HOST key
+through user data, whose public half goes to XCom, so every task verifies the box it talks to,
+whether on its own IP or through a tunnel (``ssh_address=connection``). (User data is readable by
+whoever may call DescribeInstanceAttribute on the box; the host key lives only as long as the box.)
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from operators import defaults
@@ -23,6 +22,8 @@ from operators.base import AmibakeOperator, settings
 from operators.links.ec2 import EC2InstanceLink, SecurityGroupLink
 from operators.rules import validation
 from operators.rules.naming import Role, tag_specification
+from operators.triggers.ec2 import InstanceRunningTrigger
+from operators.triggers.ssh import SshReachableTrigger, ssh_banner_now
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -33,7 +34,9 @@ def _public_key_of_connection(ssh_conn_id: str) -> str:
     import paramiko
     from airflow.providers.ssh.hooks.ssh import SSHHook
 
-    hook = SSHHook(ssh_conn_id=ssh_conn_id)
+    # the connection holds login + key only (the box's address comes from EC2), and SSHHook insists
+    # on a host: give it a placeholder, nothing connects through this hook
+    hook = SSHHook(ssh_conn_id=ssh_conn_id, remote_host="build-box-not-launched-yet")
     pkey = hook.pkey
     if pkey is None and hook.key_file:
         pkey = paramiko.PKey.from_path(hook.key_file)
@@ -136,7 +139,7 @@ class LaunchBuildBox(AmibakeOperator):
 
     # -- step 1: create (or find) the group and the box -----------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
-        """Validate, create or find the security group and the box, then wait for it."""
+        """Validate, create or find the security group and the box, then wait until it runs."""
         conf = settings()
         params = validation.validate_build(
             {
@@ -150,8 +153,8 @@ class LaunchBuildBox(AmibakeOperator):
             },
             conf,
         )
-        authorized_key = _public_key_of_connection(self.resolved_ssh_conn_id)
-        hook = self.ec2()
+        authorized_key = _public_key_of_connection(self.ssh_conn_id)
+        hook = self.hook
         build = self.build_of(context)
         base = hook.resolve_base_ami(params.base_ami, params.base_ami_owner, params.base_ami_name)
         subnet = hook.subnet(params.subnet_id)
@@ -163,7 +166,7 @@ class LaunchBuildBox(AmibakeOperator):
             subnet["SubnetId"],
             subnet["AvailabilityZone"],
         )
-        with self._cleanup_on_final_failure(context):
+        with self._cleanup(context):
             sg_id = hook.ensure_security_group(
                 build,
                 vpc_id=subnet["VpcId"],
@@ -171,7 +174,7 @@ class LaunchBuildBox(AmibakeOperator):
                 tags=self.tags(context, Role.BUILD_SG),
             )
             self.persist_link(SecurityGroupLink, context, security_group_id=sg_id)
-            host_key = _new_host_key() if params.ssh_address != "connection" else None
+            host_key = _new_host_key()
             box_tags = self.tags(context, Role.BUILD_BOX)
             run_args: dict[str, Any] = {
                 "ImageId": base["ImageId"],
@@ -199,44 +202,37 @@ class LaunchBuildBox(AmibakeOperator):
             )
             instance_id = instance["InstanceId"]
             if created:
-                public_host_key = host_key[1] if host_key else ""
                 self.log.info("build %s: launched build box %s", build, instance_id)
             else:
-                public_host_key = self._recover_host_key(instance_id)
                 self.log.info("build %s: reusing build box %s from an earlier try", build, instance_id)
             self.persist_link(EC2InstanceLink, context, instance_id=instance_id)
-            if self.deferrable:
-                from operators.triggers.ec2 import InstanceRunningTrigger
-
-                # no defer kwargs: the resumed method rebuilds everything from the instance id
-                self.defer(
-                    trigger=InstanceRunningTrigger(
-                        instance_id=instance_id,
-                        waiter_delay=self.waiter_delay,
-                        waiter_max_attempts=self.waiter_max_attempts,
-                        **self.trigger_kwargs(),
-                    ),
-                    method_name="execute_running",
-                )
-            hook.wait(
-                "instance_running", (self.waiter_delay, self.waiter_max_attempts), InstanceIds=[instance_id]
+            limits = (self.waiter_delay, self.waiter_max_attempts)
+            return self.defer_or_wait(
+                context,
+                done=lambda: hook.instance_state(instance_id) == "running",
+                trigger=InstanceRunningTrigger(
+                    instance_id=instance_id,
+                    waiter_delay=self.waiter_delay,
+                    waiter_max_attempts=self.waiter_max_attempts,
+                    **self.trigger_kwargs(),
+                ),
+                wait=lambda: hook.wait("instance_running", limits, InstanceIds=[instance_id]),
+                method_name="execute_running",
+                event={"instance_id": instance_id},
             )
-            return self._after_running(context, instance_id, public_host_key, wait_ssh=True)
 
     def _recover_host_key(self, instance_id: str) -> str:
-        """The public host key of a box launched earlier (read back from its user data)."""
-        if defaults.setting("ssh_address") == "connection":
-            return ""
-        attr = self.ec2().conn.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        """The public host key the box got through its user data (every try reads it back)."""
+        attr = self.hook.conn.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         encoded = attr.get("UserData", {}).get("Value", "")
         key = host_key_from_user_data(encoded) if encoded else ""
         if not key:
             raise RuntimeError(f"build box {instance_id} has no amibake host key in its user data")
         return key
 
-    def _box_state(self, context: Context, instance_id: str, host_key: str) -> dict[str, Any]:
+    def _box_state(self, context: Context, instance_id: str) -> dict[str, Any]:
         """The XCom of this task, from the instance as EC2 describes it now."""
-        instance = self.ec2().describe_instance(instance_id)
+        instance = self.hook.describe_instance(instance_id)
         ssh_address = defaults.setting("ssh_address")
         host, port = self._ssh_endpoint(instance, ssh_address)
         return {
@@ -247,44 +243,15 @@ class LaunchBuildBox(AmibakeOperator):
             "ssh_address": ssh_address,
             "address": host,
             "port": port,
-            "host_key": host_key,
+            "host_key": self._recover_host_key(instance_id),
         }
-
-    # -- step 2: running; find the address, wait for SSH -----------------------------------------
-    def execute_running(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Resumed when the instance runs (or the wait failed)."""
-        with self._cleanup_on_final_failure(context):
-            instance_id = event.get("instance_id", "")
-            if event.get("status") != "success":
-                raise RuntimeError(f"build box {instance_id}: {event.get('message')}")
-            return self._after_running(
-                context, instance_id, self._recover_host_key(instance_id), wait_ssh=False
-            )
-
-    def _after_running(
-        self, context: Context, instance_id: str, host_key: str, *, wait_ssh: bool
-    ) -> dict[str, Any]:
-        state = self._box_state(context, instance_id, host_key)
-        if self.deferrable:
-            from operators.triggers.ssh import SshReachableTrigger
-
-            self.defer(
-                trigger=SshReachableTrigger(
-                    host=state["address"],
-                    port=state["port"],
-                    timeout=self.ssh_ready_timeout,
-                    instance_id=instance_id,
-                ),
-                method_name="execute_reachable",
-            )
-        return self._verify_login(state, wait=wait_ssh)
 
     def _ssh_endpoint(self, instance: dict[str, Any], ssh_address: str) -> tuple[str, int]:
         """Where to reach the box: its IP on port 22, or the SSH connection's own host and port."""
         if ssh_address == "connection":
             from airflow.providers.ssh.hooks.ssh import SSHHook
 
-            hook = SSHHook(ssh_conn_id=self.resolved_ssh_conn_id)
+            hook = SSHHook(ssh_conn_id=self.ssh_conn_id)
             return str(hook.remote_host), int(hook.port or 22)
         key = "PublicIpAddress" if ssh_address == "public_ip" else "PrivateIpAddress"
         address = instance.get(key)
@@ -292,27 +259,47 @@ class LaunchBuildBox(AmibakeOperator):
             raise RuntimeError(f"build box {instance['InstanceId']} has no {key} (ssh_address={ssh_address})")
         return address, 22
 
-    # -- step 3: answers on SSH; log in once ------------------------------------------------------
-    def execute_reachable(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Resumed when the box answers on SSH (or never did)."""
-        with self._cleanup_on_final_failure(context):
+    # -- step 2: running; wait until it answers on SSH --------------------------------------------
+    def execute_running(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resumed when the instance runs (or the wait failed)."""
+        with self._cleanup(context):
             instance_id = event.get("instance_id", "")
             if event.get("status") != "success":
                 raise RuntimeError(f"build box {instance_id}: {event.get('message')}")
-            state = self._box_state(context, instance_id, self._recover_host_key(instance_id))
-            return self._verify_login(state, wait=True)
+            state = self._box_state(context, instance_id)
+            return self.defer_or_wait(
+                context,
+                done=lambda: ssh_banner_now(state["address"], state["port"]) != "",
+                trigger=SshReachableTrigger(
+                    host=state["address"],
+                    port=state["port"],
+                    timeout=self.ssh_ready_timeout,
+                    instance_id=instance_id,
+                ),
+                wait=lambda: None,  # the login below retries until ssh_ready_timeout
+                method_name="execute_reachable",
+                event={"instance_id": instance_id},
+            )
 
-    def _verify_login(self, state: dict[str, Any], *, wait: bool) -> dict[str, Any]:
+    # -- step 3: answers on SSH; log in once ------------------------------------------------------
+    def execute_reachable(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resumed when the box answers on SSH (or never did): log in once, then hand it on."""
+        with self._cleanup(context):
+            instance_id = event.get("instance_id", "")
+            if event.get("status") != "success":
+                raise RuntimeError(f"build box {instance_id}: {event.get('message')}")
+            state = self._box_state(context, instance_id)
+            self._verify_login(state)
+            return state
+
+    def _verify_login(self, state: dict[str, Any]) -> None:
         """Log in with the connection's key (cloud-init may still be installing it: retry a while)."""
         from operators.hooks.box import box_ssh_hook
 
-        deadline = time.monotonic() + (self.ssh_ready_timeout if wait else defaults.SSH_CONNECT_TIMEOUT_S)
+        deadline = time.monotonic() + self.ssh_ready_timeout
         while True:
             try:
-                hook = box_ssh_hook(
-                    state, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=state["ssh_address"]
-                )
-                hook.conn_timeout = defaults.SSH_CONNECT_TIMEOUT_S
+                hook = box_ssh_hook(state, ssh_conn_id=self.ssh_conn_id)
                 with contextlib.closing(hook.get_conn()) as client:
                     _, stdout, _ = client.exec_command("true", timeout=defaults.SSH_CONNECT_TIMEOUT_S)
                     if stdout.channel.recv_exit_status() != 0:
@@ -326,24 +313,16 @@ class LaunchBuildBox(AmibakeOperator):
         self.log.info(
             "build box %s answers on SSH at %s:%s", state["instance_id"], state["address"], state["port"]
         )
-        return state
 
-    # -- failure handling ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _cleanup_on_final_failure(self, context: Context) -> Iterator[None]:
+    def _cleanup(self, context: Context) -> contextlib.AbstractContextManager[None]:
         """On a final failure, terminate what this build launched (its teardown will not run)."""
-        try:
-            yield
-        except Exception:  # TaskDeferred is a BaseException and passes through
-            if self.is_last_try(context):
-                build = self.build_of(context)
-                self.log.error("build %s: launch failed for good; removing its box and security group", build)
-                try:
-                    self.ec2().terminate_build_boxes(build)
-                    self.ec2().delete_security_groups(build)
-                except Exception:
-                    self.log.exception("clean-up of build %s failed; the sweeper will find it by tags", build)
-            raise
+        build = self.build_of(context)
+
+        def remove() -> None:
+            self.hook.terminate_build_boxes(build)
+            self.hook.delete_security_groups(build)
+
+        return self.cleanup_on_final_failure(context, "launching the build box", remove)
 
 
 class TerminateBuildBox(AmibakeOperator):
@@ -357,9 +336,8 @@ class TerminateBuildBox(AmibakeOperator):
 
     def execute(self, context: Context) -> dict[str, list[str]]:
         """Terminate, wait, delete the group."""
-        hook = self.ec2()
         build = self.build_of(context)
-        terminated = hook.terminate_build_boxes(build)
-        groups = hook.delete_security_groups(build)
+        terminated = self.hook.terminate_build_boxes(build)
+        groups = self.hook.delete_security_groups(build)
         self.log.info("build %s: terminated %s, deleted security groups %s", build, terminated, groups)
         return {"terminated": terminated, "security_groups": groups}

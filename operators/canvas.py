@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from operators import defaults
 from operators.base import AmibakeOperator
 from operators.links.ec2 import VolumeLink
-from operators.rules import validation
+from operators.rules import records, validation
 from operators.rules.naming import Role, tag_specification
 
 if TYPE_CHECKING:
@@ -74,16 +74,10 @@ class AttachCanvas(AmibakeOperator):
             )
             if not encrypted:
                 raise validation.ParamError("kms_key_id", "given but encrypted is false")
-        if not isinstance(self.box, dict):
-            raise validation.ParamError("box", f"must be LaunchBuildBox's XCom (a dict), got {self.box!r}")
-        instance_id = validation.require_id(
-            "box.instance_id", self.box.get("instance_id"), validation.INSTANCE_ID_RE, "an instance id"
-        )
-        zone = self.box.get("availability_zone")
-        if not zone:
-            raise validation.ParamError("box.availability_zone", "is missing")
+        box: records.Box = records.check("box", self.box)
+        instance_id, zone = box["instance_id"], box["availability_zone"]
 
-        hook = self.ec2()
+        hook = self.hook
         build = self.build_of(context)
         create_args: dict[str, Any] = {
             "AvailabilityZone": zone,
@@ -94,7 +88,9 @@ class AttachCanvas(AmibakeOperator):
         }
         if kms_key_id:
             create_args["KmsKeyId"] = kms_key_id
-        try:
+        with self.cleanup_on_final_failure(
+            context, "attaching the canvas", lambda: hook.delete_volumes(build)
+        ):
             volume, created = hook.ensure_volume(
                 build, create_args=create_args, attempt=context["ti"].try_number
             )
@@ -105,14 +101,6 @@ class AttachCanvas(AmibakeOperator):
                 hook.wait("volume_available", defaults.WAIT_VOLUME_AVAILABLE, VolumeIds=[volume_id])
             hook.attach_volume(volume_id, instance_id, device.group(0))
             hook.wait("volume_in_use", defaults.WAIT_VOLUME_IN_USE, VolumeIds=[volume_id])
-        except Exception:
-            if self.is_last_try(context):
-                self.log.error("build %s: attaching the canvas failed for good; deleting it", build)
-                try:
-                    hook.delete_volumes(build)
-                except Exception:
-                    self.log.exception("clean-up of build %s failed; the sweeper will find it by tags", build)
-            raise
         self.log.info(
             "build %s: canvas %s attached to %s at %s", build, volume_id, instance_id, device.group(0)
         )
@@ -130,6 +118,6 @@ class DeleteCanvas(AmibakeOperator):
     def execute(self, context: Context) -> dict[str, list[str]]:
         """Detach, wait until available, delete."""
         build = self.build_of(context)
-        deleted = self.ec2().delete_volumes(build)
+        deleted = self.hook.delete_volumes(build)
         self.log.info("build %s: deleted canvas volumes %s", build, deleted)
         return {"deleted": deleted}

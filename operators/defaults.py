@@ -3,12 +3,15 @@
 One place for every default value. Environment specifics (which connections, which SSH address,
 which CIDR may reach the box, the schedule) are read from Airflow configuration section
 ``[amibake]`` (env ``AIRFLOW__AMIBAKE__<KEY>``) by :func:`setting`, so the same DAG runs against
-AWS and the offline rehearsal without code edits. Importing this module does no I/O.
+AWS and the offline rehearsal without code edits. The facts the box checks too are the contract's
+(``include/scripts/contract.env``, read once at import); importing does no other I/O.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from operators.rules.contract import CONTRACT
 
 CONFIG_SECTION = "amibake"
 
@@ -17,8 +20,9 @@ AWS_CONN_ID = "amibake_aws"
 SSH_CONN_ID = "amibake_ssh"
 
 # -- recipes and the build box -------------------------------------------------------------------
-RECIPES = ("centos7", "debian12")
-DEFAULT_RECIPE = "centos7"
+# Facts the box checks too come from include/scripts/contract.env (operators/rules/contract.py).
+RECIPES = CONTRACT.recipes
+DEFAULT_RECIPE = CONTRACT.recipe_default
 DEFAULT_INSTANCE_TYPE = "t3.medium"
 #: Newest AMI matching this owner + name is the default base of the build box: an EL7 box builds
 #: an EL7 image best (rpm database format, mkfs.xfs defaults). 125523088429 = the CentOS project.
@@ -27,9 +31,9 @@ DEFAULT_BASE_AMI_NAME = "CentOS Linux 7 x86_64*"
 
 # -- the canvas volume ---------------------------------------------------------------------------
 DEFAULT_CANVAS_SIZE_GIB = 8
-CANVAS_SIZE_MIN_GIB = 2
-CANVAS_SIZE_MAX_GIB = 1024
-DEFAULT_CANVAS_DEVICE = "/dev/sdf"
+CANVAS_SIZE_MIN_GIB = CONTRACT.canvas_size_min_gib
+CANVAS_SIZE_MAX_GIB = CONTRACT.canvas_size_max_gib
+DEFAULT_CANVAS_DEVICE = CONTRACT.device_name_default
 CANVAS_VOLUME_TYPE = "gp3"
 
 # -- the image -----------------------------------------------------------------------------------
@@ -40,6 +44,8 @@ IMDS_SUPPORT = "v2.0"
 SRIOV_NET_SUPPORT = "simple"
 ARCHITECTURE = "x86_64"
 ASSET_ALIAS = "amibake-ami"
+#: boot the finished image as EC2 would before it may be registered; opting out is logged
+DEFAULT_BOOT_CHECK = True
 
 # -- AMI rotation (after a new AMI is available) ---------------------------------------------------
 #: keep the newest N AMIs of a recipe, set deprecate_at on the next M, deregister the rest
@@ -62,10 +68,10 @@ def asset_uri(recipe: str) -> str:
 # -- the box side --------------------------------------------------------------------------------
 #: Scripts shipped to the box; overridable with ``[amibake] scripts_dir``.
 PACKAGE_SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "include" / "scripts"
-REMOTE_BASE_DIR = "/var/tmp/amibake"
+REMOTE_BASE_DIR = CONTRACT.box_work_dir
 BUILD_ENTRY_POINT = "build-image"
 #: The box thaws a frozen canvas by itself after this many seconds if nobody calls ``thaw``.
-FREEZE_TIMEOUT_S = 300
+FREEZE_TIMEOUT_S = CONTRACT.freeze_timeout_s
 
 # -- timeouts and waits --------------------------------------------------------------------------
 BUILD_TIMEOUT_S = 3 * 3600
@@ -80,7 +86,10 @@ WAIT_VOLUME_IN_USE = (5, 120)  # 10 min
 WAIT_VOLUME_AVAILABLE = (5, 120)  # 10 min
 WAIT_SNAPSHOT_COMPLETED = (30, 360)  # 3 h
 WAIT_IMAGE_AVAILABLE = (30, 360)  # 3 h
-SG_DELETE_ATTEMPTS = (10, 60)  # a terminated box's network interface lingers for a while
+#: (longest pause s, attempts) of a lookup of a resource just created, which EC2 may not know yet:
+#: pauses 0.5, 1, 2, 4, 8, 8 ... s (about 45 s in all)
+NEW_RESOURCE_RETRIES = (8, 10)
+SG_DELETE_ATTEMPTS = (10, 60)  # (longest pause s, attempts): a terminated box's interface lingers a while
 
 # -- the ``[amibake]`` settings ------------------------------------------------------------------
 SSH_ADDRESSES = ("public_ip", "private_ip", "connection")
@@ -95,12 +104,14 @@ SETTINGS: dict[str, str] = {
     "ssh_conn_id": SSH_CONN_ID,
     "subnet_id": "",
     "instance_profile": "",
+    # encrypt the canvas, and so the snapshot and the AMI (false only for AMIs you make public)
+    "encrypted": "true",
     "kms_key_id": "",
     "scripts_dir": "",
     # failure and deadline notifications: dotted path of an Airflow notifier class (any provider's,
     # e.g. airflow.providers.smtp.notifications.smtp.SmtpNotifier) and its keyword arguments as JSON
     "notifier": "",
-    "notifier_kwargs": "{}",
+    "notifier_kwargs": "",  # empty = no arguments
 }
 
 

@@ -11,8 +11,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from operators import defaults
 from operators.base import AmibakeOperator
-from operators.rules import remote, validation
-from operators.rules.records import check_box_and_canvas
+from operators.rules import records, remote, validation
 
 if TYPE_CHECKING:
     import paramiko
@@ -26,7 +25,7 @@ class RemoteChrootBuild(AmibakeOperator):
     left running, then runs the build with a pty, logging every output line as it arrives (phase
     start / end with durations at INFO). No silence timeout; ``build_timeout`` is a hard limit.
     Every value reaches the remote shell as its own quoted argument. A failure names the phase
-    and the exit code. XCom: ``{"volume_id", "phases": {phase: seconds}}``.
+    and the exit code. XCom: ``{"volume_id"}``.
 
     :param box: ``LaunchBuildBox``'s XCom.
     :param canvas: ``AttachCanvas``'s XCom.
@@ -51,7 +50,7 @@ class RemoteChrootBuild(AmibakeOperator):
         box: Any,
         canvas: Any,
         mirror_url: str = "",
-        boot_check: Any = False,
+        boot_check: Any = defaults.DEFAULT_BOOT_CHECK,
         build_timeout: int = defaults.BUILD_TIMEOUT_S,
         scripts_dir: str | None = None,
         **kwargs: Any,
@@ -70,14 +69,19 @@ class RemoteChrootBuild(AmibakeOperator):
         """Ship the scripts, abort a previous try, run the build, report the phase that failed."""
         from operators.hooks.box import box_session, run_streaming, ship_directory
 
-        _, volume_id, device, size = check_box_and_canvas(self.box, self.canvas)
+        _, canvas = records.box_and_canvas(self.box, self.canvas)
+        volume_id, device, size = canvas["volume_id"], canvas["device_name"], canvas["size_gib"]
         mirror = validation.validate_mirror_url(self.mirror_url or "")
-        boot_check = validation.as_bool({"boot_check": self.boot_check}, "boot_check", False)
+        boot_check = validation.as_bool(
+            {"boot_check": self.boot_check}, "boot_check", defaults.DEFAULT_BOOT_CHECK
+        )
+        if not boot_check:
+            self.log.warning("boot_check is off: this image will NOT be booted before it is registered")
         local_scripts = Path(self.scripts_dir) if self.scripts_dir else defaults.scripts_dir()
         build = self.build_of(context)
         ssh, common = box_session(
             self.box,
-            self.resolved_ssh_conn_id,
+            self.ssh_conn_id,
             build=build,
             volume_id=volume_id,
             recipe=self.recipe,
@@ -110,7 +114,7 @@ class RemoteChrootBuild(AmibakeOperator):
             )
         total = sum(result.progress.finished.values())
         self.log.info("build %s: image built on %s in %.1f s of phases", build, volume_id, total)
-        return {"volume_id": volume_id, "phases": result.progress.finished}
+        return {"volume_id": volume_id}
 
     def _set_channel(self, channel: paramiko.Channel | None) -> None:
         self._channel = channel
@@ -143,9 +147,7 @@ class RemoteChrootBuild(AmibakeOperator):
         from operators.hooks.box import box_ssh_hook
 
         try:
-            ssh = box_ssh_hook(
-                self.box, ssh_conn_id=self.resolved_ssh_conn_id, ssh_address=self.box["ssh_address"]
-            )
+            ssh = box_ssh_hook(self.box, ssh_conn_id=self.ssh_conn_id)
             with contextlib.closing(ssh.get_conn()) as client:
                 self._abort(client, "task killed")
         except Exception:

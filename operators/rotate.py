@@ -6,24 +6,26 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 
 from operators import defaults
+from operators.base import AmibakeOperator
 from operators.rules import lifecycle
 from operators.rules.validation import AMI_ID_RE, ParamError, require_id, validate_number
-from operators.sweep import _client, describe_images, describe_our_snapshots
 
 
-class RotateAmis(BaseOperator):
-    """Retire old AMIs of one recipe once ``new_ami_id`` is available (policy: ``operators.rules.lifecycle``).
+class RotateAmis(AmibakeOperator):
+    """Retire old AMIs of ``new_ami_id``'s image line once it is available (policy:
+    ``operators.rules.lifecycle``; the line is the recipe + AMI name prefix, ``lifecycle.line_of``).
 
     Keeps the newest ``keep`` (>= 1), sets ``deprecate_at`` on the next ``grace``, deregisters the
-    rest and deletes their snapshots. Does nothing unless the newest available amibake AMI of the
-    recipe is ``new_ami_id``: it fails when that AMI is missing or not available, and is skipped
-    when a newer one exists (that one's run rotates). Returns what it did to XCom.
+    rest and deletes their snapshots. AMIs of other lines are neither counted nor touched. Does
+    nothing unless the newest available amibake AMI of the line is ``new_ami_id``: it fails when
+    that AMI is missing or not available, and is skipped when a newer one exists (that one's run
+    rotates). Returns what it did to XCom.
     """
 
-    template_fields: Sequence[str] = ("recipe", "keep", "grace", "new_ami_id")
+    template_fields: Sequence[str] = (*AmibakeOperator.template_fields, "keep", "grace", "new_ami_id")
     ui_color = "#d9ead3"
 
     def __init__(
@@ -33,15 +35,16 @@ class RotateAmis(BaseOperator):
         new_ami_id: str,
         keep: int | str = defaults.DEFAULT_KEEP_AMIS,
         grace: int | str = defaults.DEFAULT_DEPRECATE_GRACE,
-        aws_conn_id: str = defaults.AWS_CONN_ID,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.recipe = recipe
+        super().__init__(recipe=recipe, **kwargs)
         self.new_ami_id = new_ami_id
         self.keep = keep
         self.grace = grace
-        self.aws_conn_id = aws_conn_id
+
+    def user_given_ids(self) -> dict[str, str]:
+        """None: ``new_ami_id`` is this run's own AMI, so a ``NotFound`` of it is eventual consistency."""
+        return {}
 
     def execute(self, context: Context) -> dict[str, list[str]]:
         """Validate, describe, plan, then deprecate, deregister and delete snapshots in that order."""
@@ -52,11 +55,10 @@ class RotateAmis(BaseOperator):
         new_ami_id = require_id("new_ami_id", self.new_ami_id, AMI_ID_RE, "an AMI id (ami-...)")
         keep = int(validate_number("keep", self.keep, *defaults.KEEP_AMIS_RANGE, integer=True))
         grace = int(validate_number("grace", self.grace, *defaults.DEPRECATE_GRACE_RANGE, integer=True))
-        client = _client(self.aws_conn_id)
         try:
             plan = lifecycle.plan_rotation(
-                describe_images(client),
-                describe_our_snapshots(client),
+                self.hook.account_images(),
+                self.hook.our_snapshots(),
                 recipe=self.recipe,
                 new_image_id=new_ami_id,
                 keep=keep,
@@ -79,11 +81,11 @@ class RotateAmis(BaseOperator):
             )
             if action.action == "deprecate":
                 at = datetime.fromisoformat(action.detail["deprecate_at"])
-                client.enable_image_deprecation(ImageId=action.resource_id, DeprecateAt=at)
+                self.hook.deprecate_image(action.resource_id, at)
             elif action.action == "deregister":
-                client.deregister_image(ImageId=action.resource_id)
+                self.hook.deregister_image(action.resource_id)
             else:
-                client.delete_snapshot(SnapshotId=action.resource_id)
+                self.hook.delete_snapshot(action.resource_id)
         return {
             "kept": plan.kept,
             "deprecated": [a.resource_id for a in plan.deprecate],

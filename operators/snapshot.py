@@ -10,10 +10,11 @@ from airflow.sdk.exceptions import AirflowException
 
 from operators import defaults
 from operators.base import AmibakeOperator
+from operators.hooks.ec2 import LIVE_SNAPSHOT_STATES
 from operators.links.ec2 import SnapshotLink
-from operators.rules import remote
-from operators.rules.naming import Role, tag_specification
-from operators.rules.records import check_box_and_canvas
+from operators.rules import records, remote
+from operators.rules.naming import Role
+from operators.triggers.ec2 import SnapshotCompletedTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -61,10 +62,9 @@ class FrozenSnapshot(AmibakeOperator):
 
     def execute(self, context: Context) -> dict[str, str]:
         """Reuse or take the snapshot, then wait for it."""
-        from operators.hooks.ec2 import LIVE_SNAPSHOT_STATES
-
-        _, volume_id, device, size = check_box_and_canvas(self.box, self.canvas)
-        hook = self.ec2()
+        _, canvas = records.box_and_canvas(self.box, self.canvas)
+        volume_id, device, size = canvas["volume_id"], canvas["device_name"], canvas["size_gib"]
+        hook = self.hook
         build = self.build_of(context)
         snapshot_id = ""
         for snap in hook.find_snapshots(build):
@@ -82,27 +82,20 @@ class FrozenSnapshot(AmibakeOperator):
         if not snapshot_id:
             snapshot_id = self._freeze_and_snapshot(context, build, volume_id, device, size)
         self.persist_link(SnapshotLink, context, snapshot_id=snapshot_id)
-        if self.deferrable:
-            from operators.triggers.ec2 import SnapshotCompletedTrigger
-
-            self.defer(
-                trigger=SnapshotCompletedTrigger(
-                    snapshot_id=snapshot_id,
-                    waiter_delay=self.waiter_delay,
-                    waiter_max_attempts=self.waiter_max_attempts,
-                    **self.trigger_kwargs(),
-                ),
-                method_name="execute_complete",
-            )
-        try:
-            hook.wait(
-                "snapshot_completed", (self.waiter_delay, self.waiter_max_attempts), SnapshotIds=[snapshot_id]
-            )
-        except Exception as exc:
-            return self.execute_complete(
-                context, {"status": "error", "message": str(exc), "snapshot_id": snapshot_id}
-            )
-        return self.execute_complete(context, {"status": "success", "snapshot_id": snapshot_id})
+        limits = (self.waiter_delay, self.waiter_max_attempts)
+        return self.defer_or_wait(
+            context,
+            done=lambda: hook.snapshot_state(snapshot_id) == "completed",
+            trigger=SnapshotCompletedTrigger(
+                snapshot_id=snapshot_id,
+                waiter_delay=self.waiter_delay,
+                waiter_max_attempts=self.waiter_max_attempts,
+                **self.trigger_kwargs(),
+            ),
+            wait=lambda: hook.wait("snapshot_completed", limits, SnapshotIds=[snapshot_id]),
+            method_name="execute_complete",
+            event={"snapshot_id": snapshot_id},
+        )
 
     def _freeze_and_snapshot(
         self, context: Context, build: str, volume_id: str, device: str, size: int
@@ -112,7 +105,7 @@ class FrozenSnapshot(AmibakeOperator):
 
         ssh, common = box_session(
             self.box,
-            self.resolved_ssh_conn_id,
+            self.ssh_conn_id,
             build=build,
             volume_id=volume_id,
             recipe=self.recipe,
@@ -130,12 +123,13 @@ class FrozenSnapshot(AmibakeOperator):
                     raise AirflowException(f"freeze failed: {frozen.progress.failure(rc)}")
                 if not frozen.progress.frozen:
                     raise AirflowException("freeze reported no frozen filesystem: is the canvas mounted?")
-                snapshot = self.ec2().conn.create_snapshot(
-                    VolumeId=volume_id,
-                    Description=f"amibake build {build} ({self.recipe}) canvas {volume_id}",
-                    TagSpecifications=[tag_specification("snapshot", self.tags(context, Role.SNAPSHOT))],
+                snapshot_id = self.hook.create_snapshot(
+                    build,
+                    volume_id=volume_id,
+                    description=f"amibake build {build} ({self.recipe}) canvas {volume_id}",
+                    tags=self.tags(context, Role.SNAPSHOT),
                 )
-                self.log.info("build %s: snapshot %s started", build, snapshot["SnapshotId"])
+                self.log.info("build %s: snapshot %s started", build, snapshot_id)
             finally:
                 self.log.info("thawing: %s", thaw)
                 thawed = run_streaming(client, thaw, timeout_s=self.freeze_timeout, log=self.log)
@@ -145,7 +139,7 @@ class FrozenSnapshot(AmibakeOperator):
                         thawed.exit_code,
                         self.freeze_timeout,
                     )
-        return snapshot["SnapshotId"]
+        return snapshot_id
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, str]:
         """The snapshot completed, or the wait ended without it.
@@ -156,10 +150,10 @@ class FrozenSnapshot(AmibakeOperator):
         """
         snapshot_id = event["snapshot_id"]
         if event.get("status") != "success":
-            state = self.ec2().snapshot_state(snapshot_id)
+            state = self.hook.snapshot_state(snapshot_id)
             if state == "error":
                 self.log.error("snapshot %s failed: %s; deleting it", snapshot_id, event.get("message"))
-                self.ec2().delete_snapshot(snapshot_id)
+                self.hook.delete_snapshot(snapshot_id)
             else:
                 self.log.error(
                     "gave up waiting for snapshot %s (state %s): %s; a retry waits for it again",

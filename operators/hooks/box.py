@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from operators import defaults
-from operators.rules.remote import BuildProgress
+from operators.rules.remote import BOOT_STAGE, CHECK, CHECK_FAIL, BuildProgress
 
 if TYPE_CHECKING:
     from airflow.providers.ssh.hooks.ssh import SSHHook
@@ -144,25 +144,30 @@ def _emit(line: str, result: CommandResult, log: logging.Logger) -> None:
             event.get("seconds"),
             event.get("log"),
         )
+    elif kind == BOOT_STAGE:
+        stage, seconds = event.get("stage"), float(event.get("seconds", 0.0))
+        log.info("boot check: stage %s took %.1f s (at %s s)", stage, seconds, event.get("at"))
+    elif kind == CHECK:
+        level = logging.ERROR if event.get("status") == CHECK_FAIL else logging.INFO
+        log.log(level, "boot check: %s: %s: %s", event.get("item"), event.get("status"), event.get("detail"))
     else:
         log.info("build-image: %s", {k: v for k, v in event.items() if k != "event"} | {"event": kind})
 
 
-def box_ssh_hook(box: dict[str, Any], *, ssh_conn_id: str, ssh_address: str) -> SSHHook:
+def box_ssh_hook(box: dict[str, Any], *, ssh_conn_id: str) -> SSHHook:
     """The SSH provider's hook for the build box described by ``LaunchBuildBox``'s XCom.
 
-    ``ssh_address=connection`` uses the connection's own host, port and pinned host key (a tunnel on
-    AWS, this machine in the rehearsal). Otherwise the box's public or private IP on port 22,
-    verified against the per-build host key the box got through cloud-init.
+    Login and key come from the SSH connection; the address from the XCom (the box's IP on port 22,
+    or with ``ssh_address=connection`` the connection's own host and port: a tunnel's local end);
+    the host key is always the per-build one the box got through cloud-init, so the hook follows a
+    new box every night and refuses any other.
     """
     from airflow.providers.ssh.hooks.ssh import SSHHook
 
-    if ssh_address == "connection":
-        return SSHHook(ssh_conn_id=ssh_conn_id, conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S)
     hook = SSHHook(
         ssh_conn_id=ssh_conn_id,
         remote_host=box["address"],
-        port=22,
+        port=int(box["port"]),
         conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S,
     )
     key_type, key_b64 = box["host_key"].split()[:2]
@@ -175,7 +180,7 @@ def box_session(
     box: dict, ssh_conn_id: str, *, build: str, volume_id: str, recipe: str, device: str, size: int
 ) -> tuple[Any, dict[str, Any]]:
     """The box's SSH hook, and the ``build-image`` arguments every call on this canvas shares."""
-    ssh = box_ssh_hook(box, ssh_conn_id=ssh_conn_id, ssh_address=box["ssh_address"])
+    ssh = box_ssh_hook(box, ssh_conn_id=ssh_conn_id)
     common = {
         "build": build,
         "volume_id": volume_id,

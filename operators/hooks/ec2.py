@@ -10,19 +10,48 @@ Only resources carrying the ``amibake:build-id`` tag are ever deleted here.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
 from operators import defaults
 from operators.rules import naming
+from operators.rules.lifecycle import Inventory
 from operators.rules.naming import Role
 
 LIVE_INSTANCE_STATES = ["pending", "running", "stopping", "stopped"]
 LIVE_SNAPSHOT_STATES = ("pending", "completed")
+#: EC2 is eventually consistent: a volume, snapshot or AMI just created may be unknown for a few
+#: seconds. botocore's waiters of the ones amibake waits for right after creating them fail at once on
+#: that ``*.NotFound`` (its instance waiters already retry it); these acceptors make them retry.
+NOT_FOUND_RETRY = {
+    "volume_available": "InvalidVolume.NotFound",
+    "volume_in_use": "InvalidVolume.NotFound",
+    "snapshot_completed": "InvalidSnapshot.NotFound",
+    "image_available": "InvalidAMIID.NotFound",
+}
+#: Answers that mean EC2 refused the call before acting (safe to send again at once).
+THROTTLING_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException"})
 
 
-def _error_code(exc: Exception) -> str:
+def backoff(attempt: int, cap: float) -> float:
+    """Seconds before retry number ``attempt`` (1, 2 ...): 0.5, 1, 2, 4 ... but at most ``cap``."""
+    return min(cap, 0.5 * 2 ** (attempt - 1))
+
+
+def maybe_acted(exc: Exception) -> bool:
+    """Whether EC2 may have carried out a call that raised ``exc``: its answer was lost on the way
+    back (connection closed, read timeout) or was a server error, not a refusal."""
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+    if isinstance(exc, (ConnectionClosedError, ReadTimeoutError)):
+        return True
+    status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status >= 500 and error_code(exc) not in THROTTLING_CODES
+
+
+def error_code(exc: Exception) -> str:
     """The AWS error code of a botocore ``ClientError`` ('' for anything else)."""
     response = getattr(exc, "response", None) or {}
     return response.get("Error", {}).get("Code", "")
@@ -41,12 +70,43 @@ class BuildEc2Hook(EC2Hook):
         delay, attempts = limits
         self.get_waiter(waiter_name).wait(**args, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
 
+    def get_waiter(
+        self,
+        waiter_name: str,
+        parameters: dict[str, str] | None = None,
+        config_overrides: dict[str, Any] | None = None,
+        deferrable: bool = False,
+        client: Any = None,
+    ) -> Any:
+        """botocore's EC2 waiter, with ``config_overrides`` applied and :data:`NOT_FOUND_RETRY` added.
+
+        The provider applies overrides to its own JSON waiters only (EC2 has none), and the triggers
+        use this method too (``deferrable=True`` with an async client).
+        """
+        if waiter_name not in NOT_FOUND_RETRY and not config_overrides:
+            return super().get_waiter(waiter_name, parameters, config_overrides, deferrable, client)
+        from airflow.providers.amazon.aws.waiters.base_waiter import BaseBotoWaiter
+        from botocore.loaders import create_loader
+        from botocore.waiter import xform_name
+
+        models = create_loader().load_service_model("ec2", "waiters-2")["waiters"]
+        pascal = next(name for name in models if xform_name(name) == waiter_name)
+        config = {**models[pascal], **(config_overrides or {})}
+        if waiter_name in NOT_FOUND_RETRY:
+            retry = {"matcher": "error", "expected": NOT_FOUND_RETRY[waiter_name], "state": "retry"}
+            config["acceptors"] = [*config["acceptors"], retry]
+        model = {"version": 2, "waiters": {waiter_name: config}}
+        return BaseBotoWaiter(client=client or self.conn, model_config=model, deferrable=deferrable).waiter(
+            waiter_name
+        )
+
     # -- lookups ---------------------------------------------------------------------------------
-    def find_instances(self, build: str, *, include_terminated: bool = False) -> list[dict]:
-        """Build boxes of one build, newest first (terminated ones only if asked)."""
-        filters = naming.build_filters(build, Role.BUILD_BOX)
-        if not include_terminated:
-            filters.append({"Name": "instance-state-name", "Values": LIVE_INSTANCE_STATES})
+    def find_instances(self, build: str) -> list[dict]:
+        """Live build boxes of one build, newest first."""
+        filters = [
+            *naming.build_filters(build, Role.BUILD_BOX),
+            {"Name": "instance-state-name", "Values": LIVE_INSTANCE_STATES},
+        ]
         found = [
             inst
             for page in self.conn.get_paginator("describe_instances").paginate(Filters=filters)
@@ -65,12 +125,12 @@ class BuildEc2Hook(EC2Hook):
             "SecurityGroups"
         ]
 
-    def find_volumes(self, build: str, role: Role = Role.CANVAS) -> list[dict]:
-        """Volumes of one role of one build."""
+    def find_volumes(self, build: str) -> list[dict]:
+        """Canvas volumes of one build."""
         return [
             vol
             for page in self.conn.get_paginator("describe_volumes").paginate(
-                Filters=naming.build_filters(build, role)
+                Filters=naming.build_filters(build, Role.CANVAS)
             )
             for vol in page["Volumes"]
         ]
@@ -104,12 +164,15 @@ class BuildEc2Hook(EC2Hook):
             if not images:
                 raise ValueError(f"base_ami {image_id!r} does not exist in this region")
             return images[0]
+        # IncludeDeprecated: AWS hides deprecated AMIs otherwise, and public AMIs are deprecated two
+        # years after creation by default (every CentOS 7 image is older than that)
         images = self.conn.describe_images(
             Owners=[owner],
             Filters=[
                 {"Name": "name", "Values": [name]},
                 {"Name": "state", "Values": ["available"]},
             ],
+            IncludeDeprecated=True,
         )["Images"]
         if not images:
             raise ValueError(f"no available AMI of owner {owner!r} matches base_ami_name {name!r}")
@@ -122,6 +185,33 @@ class BuildEc2Hook(EC2Hook):
         if not subnets:
             raise ValueError(f"subnet_id {subnet_id!r} does not exist")
         return subnets[0]
+
+    # -- preflight (read-only or DryRun: nothing is created) --------------------------------------
+    def dry_run(self, method: str, **args: Any) -> tuple[str, str]:
+        """Call ``method`` with ``DryRun=True``; AWS's answer as (error code, message).
+
+        ``("DryRunOperation", ...)`` means the call would have succeeded. ``("", "")`` means the
+        endpoint IGNORED DryRun and carried the call out: the caller must treat that as a failure.
+        """
+        try:
+            getattr(self.conn, method)(DryRun=True, **args)
+        except Exception as exc:
+            code = error_code(exc)
+            if not code:
+                raise
+            return code, str(exc)
+        return "", ""
+
+    def instance_type_offered(self, instance_type: str, zone: str) -> bool:
+        """Whether ``instance_type`` can be launched in availability zone ``zone``."""
+        offers = self.conn.describe_instance_type_offerings(
+            LocationType="availability-zone",
+            Filters=[
+                {"Name": "location", "Values": [zone]},
+                {"Name": "instance-type", "Values": [instance_type]},
+            ],
+        )["InstanceTypeOfferings"]
+        return bool(offers)
 
     # -- idempotent creates ----------------------------------------------------------------------
     def ensure_security_group(
@@ -141,7 +231,7 @@ class BuildEc2Hook(EC2Hook):
                     TagSpecifications=[naming.tag_specification("security-group", tags)],
                 )["GroupId"]
             except Exception as exc:
-                if _error_code(exc) != "InvalidGroup.Duplicate":
+                if error_code(exc) != "InvalidGroup.Duplicate":
                     raise
                 group_id = self.conn.describe_security_groups(
                     Filters=[
@@ -164,7 +254,7 @@ class BuildEc2Hook(EC2Hook):
                     ],
                 )
             except Exception as exc:
-                if _error_code(exc) != "InvalidPermission.Duplicate":
+                if error_code(exc) != "InvalidPermission.Duplicate":
                     raise
         return group["GroupId"]
 
@@ -193,9 +283,88 @@ class BuildEc2Hook(EC2Hook):
         token = f"amibake-{build}-canvas-{attempt}"
         return self.conn.create_volume(**create_args, ClientToken=token), True
 
+    def retry_not_found(
+        self, call: Any, not_found: str, limits: tuple[float, int] = defaults.NEW_RESOURCE_RETRIES
+    ) -> Any:
+        """``call()``, retried with :func:`backoff` while it answers ``not_found``: for a resource this
+        build has just created, which EC2 may not know everywhere yet (eventual consistency)."""
+        cap, attempts = limits
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return call()
+            except Exception as exc:
+                if error_code(exc) != not_found or attempt >= attempts:
+                    raise
+                self.log.info("%s (just created: EC2 is eventually consistent); retrying", not_found)
+                time.sleep(backoff(attempt, cap))
+
+    def create_snapshot(
+        self, build: str, *, volume_id: str, description: str, tags: list[dict[str, str]]
+    ) -> str:
+        """CreateSnapshot exactly once; returns the snapshot id.
+
+        CreateSnapshot has no ClientToken: after a lost answer botocore would send it again and EC2
+        would take a second snapshot. So it is sent with botocore's retries off; when EC2 may have
+        acted (:func:`maybe_acted`), this build's snapshot of the volume is looked up (EC2 may list it
+        only after a few seconds) before it is sent again.
+        """
+        from botocore.config import Config
+
+        once = self.get_client_type(config=self.config.merge(Config(retries={"total_max_attempts": 1})))
+        cap, attempts = defaults.NEW_RESOURCE_RETRIES
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return once.create_snapshot(
+                    VolumeId=volume_id,
+                    Description=description,
+                    TagSpecifications=[naming.tag_specification("snapshot", tags)],
+                )["SnapshotId"]
+            except Exception as exc:
+                acted = maybe_acted(exc)
+                if attempt >= attempts or not (acted or error_code(exc) in THROTTLING_CODES):
+                    raise
+                self.log.warning(
+                    "CreateSnapshot of %s failed (%s); EC2 may have acted: %s", volume_id, exc, acted
+                )
+                if acted:
+                    for poll in range(1, 6):
+                        taken = [
+                            s["SnapshotId"]
+                            for s in self.find_snapshots(build)
+                            if s.get("VolumeId") == volume_id and s["State"] in LIVE_SNAPSHOT_STATES
+                        ]
+                        if taken:
+                            return taken[0]
+                        time.sleep(backoff(poll, cap))
+                else:
+                    time.sleep(backoff(attempt, cap))
+
+    def register_image(self, args: dict[str, Any]) -> str:
+        """RegisterImage; returns the AMI id. It has no ClientToken, but AMI names are unique per
+        account: when botocore's retry after a lost answer meets ``InvalidAMIName.Duplicate``, the AMI
+        of that name is the one the lost answer was about (the caller looked the name up before)."""
+        try:
+            return self.conn.register_image(**args)["ImageId"]
+        except Exception as exc:
+            if error_code(exc) != "InvalidAMIName.Duplicate":
+                raise
+            images = self.conn.describe_images(
+                Owners=["self"], Filters=[{"Name": "name", "Values": [args["Name"]]}]
+            )["Images"]
+            if not images:
+                raise
+            self.log.info("AMI %s was registered by a call whose answer was lost", images[0]["ImageId"])
+            return images[0]["ImageId"]
+
     def attach_volume(self, volume_id: str, instance_id: str, device_name: str) -> None:
-        """Attach the volume unless it is already attached to that instance."""
-        vol = self.conn.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+        """Attach the volume (once EC2 knows it: it may be just created) unless already attached there."""
+        vol = self.retry_not_found(
+            lambda: self.conn.describe_volumes(VolumeIds=[volume_id])["Volumes"][0], "InvalidVolume.NotFound"
+        )
         for att in vol.get("Attachments", []):
             if att.get("State") in ("attaching", "attached"):
                 if att.get("InstanceId") == instance_id:
@@ -203,75 +372,160 @@ class BuildEc2Hook(EC2Hook):
                 raise RuntimeError(f"volume {volume_id} is attached to another instance {att['InstanceId']}")
         self.conn.attach_volume(VolumeId=volume_id, InstanceId=instance_id, Device=device_name)
 
-    # -- deletes (teardown) ----------------------------------------------------------------------
-    def terminate_build_boxes(self, build: str, *, wait: bool = True) -> list[str]:
-        """Terminate every live box of the build and wait until terminated; returns their ids."""
-        ids = [i["InstanceId"] for i in self.find_instances(build)]
-        if ids:
-            self.conn.terminate_instances(InstanceIds=ids)
-            if wait:
-                self.wait("instance_terminated", defaults.WAIT_INSTANCE_TERMINATED, InstanceIds=ids)
-        return ids
-
-    def delete_security_groups(
-        self, build: str, limits: tuple[int, int] = defaults.SG_DELETE_ATTEMPTS
-    ) -> list[str]:
-        """Delete the build's security groups, retrying while a terminated box still holds them."""
-        delay, attempts = limits
-        deleted = []
-        for group in self.find_security_groups(build):
-            for attempt in range(1, attempts + 1):
-                try:
-                    self.conn.delete_security_group(GroupId=group["GroupId"])
-                    break
-                except Exception as exc:
-                    code = _error_code(exc)
-                    if code == "InvalidGroup.NotFound":
-                        break
-                    if code != "DependencyViolation" or attempt == attempts:
-                        raise
-                    self.log.info("security group %s still in use, retrying in %s s", group["GroupId"], delay)
-                    time.sleep(delay)
-            deleted.append(group["GroupId"])
-        return deleted
-
-    def delete_volumes(self, build: str, role: Role = Role.CANVAS) -> list[str]:
-        """Detach (naming the instance: moto needs it) and delete every volume of one role of a build."""
-        deleted = []
-        for vol in self.find_volumes(build, role):
-            volume_id = vol["VolumeId"]
-            if vol["State"] in ("deleting", "deleted"):
-                continue
-            for att in vol.get("Attachments", []):
-                if att.get("State") in ("attaching", "attached"):
-                    self.conn.detach_volume(VolumeId=volume_id, InstanceId=att["InstanceId"], Force=True)
-            if vol.get("Attachments"):
-                self.wait("volume_available", defaults.WAIT_VOLUME_AVAILABLE, VolumeIds=[volume_id])
-            try:
-                self.conn.delete_volume(VolumeId=volume_id)
-            except Exception as exc:
-                if _error_code(exc) != "InvalidVolume.NotFound":
-                    raise
-            deleted.append(volume_id)
-        return deleted
+    # -- current state of one resource ('' when AWS does not know it (yet, or any more)) ---------
+    def instance_state(self, instance_id: str) -> str:
+        """State name of one instance."""
+        return self._state(
+            lambda: self.conn.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][
+                0
+            ]["State"]["Name"],
+            "InvalidInstanceID.NotFound",
+        )
 
     def snapshot_state(self, snapshot_id: str) -> str:
-        """State of one snapshot as AWS reports it now ('' if it no longer exists)."""
+        """State of one snapshot."""
+        return self._state(
+            lambda: self.conn.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["State"],
+            "InvalidSnapshot.NotFound",
+        )
+
+    def image_state(self, image_id: str) -> str:
+        """State of one AMI."""
+        return self._state(
+            lambda: self.conn.describe_images(ImageIds=[image_id])["Images"][0]["State"],
+            "InvalidAMIID.NotFound",
+        )
+
+    @staticmethod
+    def _state(read: Any, not_found: str) -> str:
         try:
-            snaps = self.conn.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+            return str(read())
+        except IndexError:
+            return ""
         except Exception as exc:
-            if _error_code(exc) != "InvalidSnapshot.NotFound":
+            if error_code(exc) != not_found:
                 raise
             return ""
-        return snaps[0]["State"] if snaps else ""
+
+    # -- everything amibake made, for the sweeper and rotation ------------------------------------
+    def _all(self, method: str, key: str, **kwargs: Any) -> list[dict]:
+        return [item for page in self.conn.get_paginator(method).paginate(**kwargs) for item in page[key]]
+
+    def inventory(self) -> Inventory:
+        """Every resource carrying the build-id tag, and every AMI of the account (ours or not, so a
+        snapshot another AMI uses is protected), deprecated and disabled ones included."""
+        ours = naming.project_filters()
+        return Inventory(
+            instances=[
+                i
+                for r in self._all("describe_instances", "Reservations", Filters=ours)
+                for i in r["Instances"]
+            ],
+            volumes=self._all("describe_volumes", "Volumes", Filters=ours),
+            security_groups=self._all("describe_security_groups", "SecurityGroups", Filters=ours),
+            images=self.account_images(),
+            snapshots=self.our_snapshots(),
+        )
+
+    def our_snapshots(self) -> list[dict]:
+        """Every snapshot of this account that carries the build-id tag."""
+        return self._all(
+            "describe_snapshots", "Snapshots", OwnerIds=["self"], Filters=naming.project_filters()
+        )
+
+    def account_images(self) -> list[dict]:
+        """Every AMI of this account, including deprecated and disabled ones (their snapshots are in use)."""
+        return self._all(
+            "describe_images", "Images", Owners=["self"], IncludeDisabled=True, IncludeDeprecated=True
+        )
+
+    # -- deletes: each tolerates "already gone" ---------------------------------------------------
+    def terminate_instances(self, instance_ids: list[str]) -> None:
+        """Terminate instances and wait until they are terminated."""
+        if instance_ids:
+            self.conn.terminate_instances(InstanceIds=instance_ids)
+            self.wait("instance_terminated", defaults.WAIT_INSTANCE_TERMINATED, InstanceIds=instance_ids)
+
+    def delete_security_group(
+        self, group_id: str, limits: tuple[int, int] = defaults.SG_DELETE_ATTEMPTS
+    ) -> None:
+        """Delete a security group, retrying while a terminated box's network interface still holds it."""
+        delay, attempts = limits
+        for attempt in range(1, attempts + 1):
+            try:
+                self.conn.delete_security_group(GroupId=group_id)
+                return
+            except Exception as exc:
+                code = error_code(exc)
+                if code == "InvalidGroup.NotFound":
+                    return
+                if code != "DependencyViolation" or attempt == attempts:
+                    raise
+                self.log.info("security group %s still in use (try %d/%d)", group_id, attempt, attempts)
+                time.sleep(backoff(attempt, delay))
+
+    def delete_volume(self, volume: dict) -> None:
+        """Detach a volume (as described earlier) from whatever holds it, naming the instance as the
+        API documents, wait until it is available, delete it. An attachment that ended meanwhile (its
+        box was terminated since) is no error."""
+        volume_id = volume["VolumeId"]
+        for att in volume.get("Attachments") or []:
+            if att.get("State") in ("attaching", "attached"):
+                try:
+                    self.conn.detach_volume(VolumeId=volume_id, InstanceId=att["InstanceId"], Force=True)
+                except Exception as exc:
+                    if error_code(exc) == "InvalidVolume.NotFound":
+                        return  # a box's root volume, deleted with its box (DeleteOnTermination)
+                    if error_code(exc) not in ("InvalidAttachment.NotFound", "IncorrectState"):
+                        raise
+        try:
+            if volume.get("State") != "available":
+                self.wait("volume_available", defaults.WAIT_VOLUME_AVAILABLE, VolumeIds=[volume_id])
+            self.conn.delete_volume(VolumeId=volume_id)
+        except Exception as exc:
+            if error_code(exc) != "InvalidVolume.NotFound":
+                raise
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        """Delete one snapshot (a failed one, so a retry takes a new one)."""
+        """Delete one snapshot."""
         try:
             self.conn.delete_snapshot(SnapshotId=snapshot_id)
         except Exception as exc:
-            if _error_code(exc) != "InvalidSnapshot.NotFound":
+            if error_code(exc) != "InvalidSnapshot.NotFound":
                 raise
+
+    def deregister_image(self, image_id: str) -> None:
+        """Deregister one AMI (its snapshots stay: the caller decides about them)."""
+        try:
+            self.conn.deregister_image(ImageId=image_id)
+        except Exception as exc:
+            if error_code(exc) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
+                raise
+
+    def deprecate_image(self, image_id: str, at: datetime) -> None:
+        """Set an AMI's deprecation time."""
+        self.conn.enable_image_deprecation(ImageId=image_id, DeprecateAt=at)
+
+    # -- teardown of one build, found by its tags ---------------------------------------------------
+    def terminate_build_boxes(self, build: str) -> list[str]:
+        """Terminate every live box of the build and wait until terminated; returns their ids."""
+        ids = [i["InstanceId"] for i in self.find_instances(build)]
+        self.terminate_instances(ids)
+        return ids
+
+    def delete_security_groups(self, build: str) -> list[str]:
+        """Delete the build's security groups; returns their ids."""
+        ids = [g["GroupId"] for g in self.find_security_groups(build)]
+        for group_id in ids:
+            self.delete_security_group(group_id)
+        return ids
+
+    def delete_volumes(self, build: str) -> list[str]:
+        """Detach and delete the build's canvas volumes; returns their ids."""
+        volumes = [v for v in self.find_volumes(build) if v["State"] not in ("deleting", "deleted")]
+        for volume in volumes:
+            self.delete_volume(volume)
+        return [v["VolumeId"] for v in volumes]
 
 
 def _admits_ssh_from(group: dict, cidr: str) -> bool:

@@ -14,13 +14,15 @@ Sweeper rules (``plan_sweep``):
 - a snapshot only when no AMI that stays uses it (block device mapping or the
   ``amibake:snapshot-id`` tag of any AMI of the account, ours or not).
 
-Rotation policy (``plan_rotation``), per recipe, over ``available`` AMIs with our tags, newest
-first by ``CreationDate``:
+Rotation policy (``plan_rotation``), per image line (recipe + AMI name prefix: the
+``amibake:image-line`` tag, else the prefix of the amibake AMI name), over ``available`` AMIs with
+our tags, newest first by ``CreationDate``:
 - the first ``keep`` (N >= 1) stay untouched;
 - the next ``grace`` (M >= 0) are deprecated (``deprecate_at`` = the next whole minute) but stay
   registered, so a rollback to them is still possible;
 - the rest are deregistered and their snapshots (ours, not used by any remaining AMI) deleted;
-- nothing at all unless the newest available AMI of the recipe is the one this run produced.
+- nothing at all unless the newest available AMI of the line is the one this run produced;
+- AMIs of other lines (a test prefix, a manual build) are never counted nor touched.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class SweepPlan:
 
 @dataclass
 class RotationPlan:
-    """Rotation of one recipe: kept AMI ids, deprecations, deregistrations, snapshot deletions."""
+    """Rotation of one image line: kept AMI ids, deprecations, deregistrations, snapshot deletions."""
 
     kept: list[str]
     deprecate: list[Action]
@@ -293,7 +295,11 @@ def plan_rotation(
     grace: int,
     now: datetime,
 ) -> RotationPlan:
-    """Decide the rotation of one recipe after ``new_image_id`` was registered.
+    """Decide the rotation of ``new_image_id``'s image line after it was registered.
+
+    Only AMIs of the same recipe AND image line (the AMI name prefix, :func:`line_of`) are
+    counted, kept, deprecated or deregistered: a test or manual line never pushes production AMIs
+    out, nor the reverse.
 
     ``images`` should be every AMI of the account (so snapshots another AMI uses stay);
     ``snapshots`` the snapshots that may be deleted (only those with our tags are ever chosen).
@@ -312,12 +318,18 @@ def plan_rotation(
         raise RotationRefused(f"new_image_id {new_image_id} is {new.get('State')!r}, not available")
     if not is_ours(new) or tags_of(new).get(naming.TAG_RECIPE) != recipe:
         raise RotationRefused(f"new_image_id {new_image_id} is not an amibake AMI of recipe {recipe!r}")
+    line = line_of(new)
+    if not line:
+        raise RotationRefused(f"new_image_id {new_image_id} belongs to no image line: nothing is rotated")
 
     candidates = sorted(
         (
             i
             for i in images
-            if i.get("State") == "available" and is_ours(i) and tags_of(i).get(naming.TAG_RECIPE) == recipe
+            if i.get("State") == "available"
+            and is_ours(i)
+            and tags_of(i).get(naming.TAG_RECIPE) == recipe
+            and line_of(i) == line
         ),
         key=_newest_first,
     )
@@ -340,7 +352,7 @@ def plan_rotation(
                 "image",
                 img["ImageId"],
                 "deprecate",
-                f"number {rank} of recipe {recipe}: beyond keep={keep}, within grace={grace}",
+                f"number {rank} of image line {line}: beyond keep={keep}, within grace={grace}",
                 tags_of(img)[naming.TAG_BUILD_ID],
                 {"deprecate_at": deprecate_at.isoformat()},
             )
@@ -353,7 +365,7 @@ def plan_rotation(
             "image",
             img["ImageId"],
             "deregister",
-            f"number {rank} of recipe {recipe}: beyond keep={keep} + grace={grace}",
+            f"number {rank} of image line {line}: beyond keep={keep} + grace={grace}",
             tags_of(img)[naming.TAG_BUILD_ID],
         )
         for rank, img in enumerate(leaving, start=keep + grace + 1)
@@ -378,6 +390,11 @@ def plan_rotation(
     return RotationPlan(
         kept=kept, deprecate=deprecate, deregister=deregister, delete_snapshots=delete_snapshots
     )
+
+
+def line_of(image: Mapping[str, Any]) -> str:
+    """The image line of an AMI (:func:`operators.rules.naming.image_line`): rotation's scope."""
+    return naming.image_line(tags_of(image), image.get("Name", ""))
 
 
 def _newest_first(image: Mapping[str, Any]) -> tuple:

@@ -12,7 +12,6 @@ import re
 from datetime import UTC, datetime
 from enum import StrEnum
 
-TAG_PREFIX = "amibake:"
 TAG_BUILD_ID = "amibake:build-id"
 TAG_DAG_ID = "amibake:dag-id"
 TAG_RUN_ID = "amibake:run-id"
@@ -20,6 +19,8 @@ TAG_RECIPE = "amibake:recipe"
 TAG_ROLE = "amibake:role"
 TAG_CREATED_AT = "amibake:created-at"
 TAG_SNAPSHOT_ID = "amibake:snapshot-id"
+#: The AMI name prefix, set on every AMI at registration: rotation retires AMIs of one line only.
+TAG_IMAGE_LINE = "amibake:image-line"
 
 #: AWS allows these characters in an AMI name, 3 to 128 of them.
 AMI_NAME_RE = re.compile(r"^[A-Za-z0-9()\[\] ./'@_-]{3,128}$")
@@ -76,12 +77,10 @@ def build_filters(build: str, role: Role) -> list[dict]:
     ]
 
 
-def project_filters(role: Role) -> list[dict]:
-    """EC2 ``Filters`` that find every resource of one role made by amibake (any build)."""
-    return [
-        {"Name": "tag-key", "Values": [TAG_BUILD_ID]},
-        {"Name": f"tag:{TAG_ROLE}", "Values": [str(role)]},
-    ]
+def project_filters(role: Role | None = None) -> list[dict]:
+    """EC2 ``Filters`` that find every resource made by amibake (any build), of one role if given."""
+    ours = [{"Name": "tag-key", "Values": [TAG_BUILD_ID]}]
+    return ours if role is None else [*ours, {"Name": f"tag:{TAG_ROLE}", "Values": [str(role)]}]
 
 
 def tags_to_dict(tags: list[dict[str, str]] | None) -> dict[str, str]:
@@ -92,6 +91,19 @@ def tags_to_dict(tags: list[dict[str, str]] | None) -> dict[str, str]:
 def resource_name(build: str, role: Role) -> str:
     """The ``Name`` tag (and, for the security group, the group name) of a build's resource."""
     return f"amibake-{build}-{role}"
+
+
+#: What :func:`ami_name` makes: ``<prefix>-YYYYMMDD-HHMM-<build id>``.
+AMI_NAME_PARTS_RE = re.compile(rf"^(?P<prefix>.+)-\d{{8}}-\d{{4}}-[0-9a-f]{{{BUILD_ID_LEN}}}$")
+
+
+def image_line(tags: dict[str, str], name: str) -> str:
+    """The image line of an AMI: its ``amibake:image-line`` tag, else the prefix of its amibake name
+    (AMIs registered before the tag existed); '' when it is neither."""
+    if tags.get(TAG_IMAGE_LINE):
+        return tags[TAG_IMAGE_LINE]
+    match = AMI_NAME_PARTS_RE.fullmatch(name or "")
+    return match.group("prefix") if match else ""
 
 
 def ami_name(prefix: str, run_after: datetime, build: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,18 @@ async def ssh_banner(host: str, port: int, timeout: float) -> str:
     finally:
         writer.close()
         await writer.wait_closed()
+    text = line.decode(errors="replace").strip()
+    return text if text.startswith("SSH-") else ""
+
+
+def ssh_banner_now(host: str, port: int, timeout: float = 5.0) -> str:
+    """One blocking look for the SSH identification line ('' when nothing, or no SSH, answers)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            line = sock.makefile("rb").readline()
+    except OSError:
+        return ""
     text = line.decode(errors="replace").strip()
     return text if text.startswith("SSH-") else ""
 

@@ -40,14 +40,15 @@ def test_ruff_with_airflow_rules_is_clean(args: list[str]) -> None:
 
 
 def test_parsing_imports_nothing_heavy() -> None:
-    """The DAG file must not pull boto3, botocore's client, paramiko or the provider hooks in at parse time.
+    """The DAG file must not pull paramiko, the SSH hooks, aiobotocore or moto in at parse time.
 
-    (The console-link classes import the provider's small ``links`` module, which needs only
-    ``botocore.exceptions``.)
+    The operators sit on the Amazon provider's ``AwsBaseOperator``, whose hook class is checked
+    when an operator is built, so boto3 and the EC2 hook are imported at parse time, as for every
+    provider operator (``benchmarks/orchestration.py`` prints what that costs). The SSH side, the
+    async AWS client and the test tools must stay out of the DAG processor.
     """
     heavy = (
-        "boto3", "botocore.client", "botocore.session", "paramiko", "aiobotocore", "moto",
-        "airflow.providers.amazon.aws.hooks", "airflow.providers.ssh.hooks", "operators.hooks.ec2",
+        "paramiko", "aiobotocore", "moto", "airflow.providers.ssh.hooks", "operators.hooks.box", "rehearsal",
     )  # fmt: skip
     code = (
         "import runpy, sys, json; runpy.run_path(sys.argv[1]); heavy = tuple(json.loads(sys.argv[2])); "

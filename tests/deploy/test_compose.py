@@ -152,6 +152,30 @@ def test_connections_and_settings_are_the_rehearsals(compose):
                 assert match.group(3) == defaults.SETTINGS[key], f"{var} default differs from the code's"
 
 
+def test_every_amibake_setting_reaches_every_airflow_container(compose):
+    """Each ``[amibake]`` setting is passed to every container running our image (compose environment or
+    the Dockerfile's ENV), from an ``.env`` variable that ``.env.example`` lists with the code's default."""
+    image_env = set(re.findall(r"^ENV (AIRFLOW__AMIBAKE__[A-Z0-9_]+)=", DOCKERFILE.read_text(), re.M))
+    example = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for name, svc in airflow_services(compose).items():
+        env = environment(svc)
+        for key, default in defaults.SETTINGS.items():
+            var = setting_env_var(key)
+            if var in image_env:
+                continue
+            assert var in env, f"{name} does not pass [amibake] {key}"
+            match = INTERPOLATION_RE.fullmatch(env[var])
+            assert match and match.group(1) in example, f"{var}: its .env variable is not in .env.example"
+            if key != "schedule" and match.group(2) == ":-":  # the schedule's .env line shows the cron
+                assert example[match.group(1)] in ("", default), (
+                    f".env.example {match.group(1)} != code default"
+                )
+
+
 def test_secrets_come_from_the_environment_and_env_example_lists_them(compose):
     """No secret is written in the file; every variable it requires is in .env.example, left empty."""
     text = COMPOSE.read_text()

@@ -86,9 +86,11 @@ def make_ami(
     snapshot: str | None = None,
     recipe: str = "centos7",
     state: str = "available",
+    line: str | None = None,
 ) -> str:
     """An AMI tagged like ours (moto drops RegisterImage tags, so they are added after), with the
-    given state and CreationDate set in moto's backend, and ``amibake:snapshot-id`` naming its snapshot."""
+    given state and CreationDate set in moto's backend, ``amibake:snapshot-id`` naming its snapshot
+    and ``amibake:image-line`` its line (default ``amibake-<recipe>``, the default AMI name prefix)."""
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.ec2.models import ec2_backends
 
@@ -99,7 +101,10 @@ def make_ami(
         VirtualizationType="hvm",
         BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snapshot or "snap-00000000"}}],
     )["ImageId"]
-    image_tags = tags(build, Role.AMI, created, recipe=recipe)
+    image_tags = [
+        *tags(build, Role.AMI, created, recipe=recipe),
+        {"Key": naming.TAG_IMAGE_LINE, "Value": line or f"amibake-{recipe}"},
+    ]
     if snapshot:
         image_tags.append({"Key": naming.TAG_SNAPSHOT_ID, "Value": snapshot})
     ec2.create_tags(Resources=[image], Tags=image_tags)

@@ -112,12 +112,27 @@ def test_a_run_superseded_by_a_newer_ami_is_skipped_and_changes_nothing(
     assert mutating(ec2) == []
 
 
+def test_a_test_lines_amis_never_push_production_amis_out(ec2: Any, history: dict[str, Any]) -> None:
+    """Newer AMIs of another image line (ami_name_prefix) are neither counted nor retired."""
+    amis = history["amis"]
+    tests = [
+        make_ami(ec2, f"00000000bee{n}", NOW - timedelta(minutes=n), line="amibake-test") for n in range(3)
+    ]
+    ec2.clear_requests()
+    result = rotate(new_ami_id=amis[0], keep=2, grace=1)
+    assert result["kept"] == amis[:2] and result["deprecated"] == [amis[2]]
+    touched = {c["params"].get("ImageId") for c in mutating(ec2)}
+    assert not touched & set(tests)
+    ec2.clear_requests()
+    result = rotate(new_ami_id=tests[0], keep=1, grace=0)
+    assert result["kept"] == [tests[0]] and result["deregistered"] == tests[1:]
+    assert not {c["params"].get("ImageId") for c in mutating(ec2)} & set(amis)
+
+
 def test_an_ami_without_our_tags_is_never_the_new_one(ec2: Any, history: dict[str, Any]) -> None:
     with pytest.raises(RotationRefused, match="not an amibake AMI of recipe 'centos7'"):
         rotate(new_ami_id=history["others"]["untagged"], keep=1, grace=0)
     assert mutating(ec2) == []
-
-
 
 
 @pytest.mark.parametrize(

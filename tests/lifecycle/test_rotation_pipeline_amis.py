@@ -38,6 +38,10 @@ def test_rotating_amis_registered_by_the_pipeline(ec2: Any, tmp_path: Path) -> N
         # moto stamps every AMI with "now" (same second here); give each its night's CreationDate
         ec2_backends[DEFAULT_ACCOUNT_ID][ec2.region].amis[ami].creation_date = run_after
         nights.append({"ami": ami, "snapshot": snapshot})
+        image_tags = naming.tags_to_dict(
+            ec2.boto3_client().describe_images(ImageIds=[ami])["Images"][0]["Tags"]
+        )
+        assert image_tags[naming.TAG_IMAGE_LINE] == "amibake-debian12", "registration names the image line"
     ec2.clear_requests()
 
     result = RotateAmis(

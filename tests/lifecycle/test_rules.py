@@ -66,8 +66,10 @@ def image(
     snap: str | None = None,
     recipe: str = "centos7",
     tag_snap: str | None = None,
+    line: str | None = None,
 ) -> dict:
     t = tags(build, "ami", created, recipe)
+    t.append({"Key": naming.TAG_IMAGE_LINE, "Value": line or f"amibake-{recipe}"})
     if tag_snap:
         t.append({"Key": naming.TAG_SNAPSHOT_ID, "Value": tag_snap})
     bdm = [{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}] if snap else []
@@ -390,3 +392,43 @@ def test_rotation_with_few_amis_does_nothing() -> None:
     images, snaps = history(2)
     plan = rotate(images, snaps, keep=2, grace=3)
     assert plan.kept == ["ami-0", "ami-1"] and plan.actions() == []
+
+
+def test_rotation_counts_only_the_new_amis_image_line() -> None:
+    """AMIs of another line (a test prefix, a manual build) neither count toward keep nor get retired."""
+    images, snaps = history(4)
+    tests = [
+        image(
+            f"ami-t{n}",
+            f"t{n}",
+            created=night(n) + timedelta(hours=1),
+            snap=f"snap-t{n}",
+            line="amibake-test",
+        )
+        for n in range(4)
+    ]
+    snaps += [snapshot(f"snap-t{n}", f"t{n}") for n in range(4)]
+    plan = rotate(images + tests, snaps, keep=2, grace=1)
+    assert plan.kept == ["ami-0", "ami-1"]
+    assert [a.resource_id for a in plan.deprecate] == ["ami-2"]
+    assert [a.resource_id for a in plan.deregister] == ["ami-3"]
+    assert "image line amibake-centos7" in plan.deregister[0].reason
+    touched = {a.resource_id for a in plan.actions()}
+    assert not touched & ({f"ami-t{n}" for n in range(4)} | {f"snap-t{n}" for n in range(4)})
+    test_plan = rotate(images + tests, snaps, new="ami-t0", keep=1, grace=0)
+    assert test_plan.kept == ["ami-t0"]
+    assert {a.resource_id for a in test_plan.deregister} == {"ami-t1", "ami-t2", "ami-t3"}
+
+
+def test_the_image_line_of_an_untagged_ami_comes_from_its_amibake_name() -> None:
+    """AMIs registered before the image-line tag existed: the prefix of ``naming.ami_name``."""
+    name = naming.ami_name("amibake-centos7", NOW, "0123456789ab")
+    assert naming.image_line({}, name) == "amibake-centos7"
+    assert naming.image_line({}, "my manual image") == ""
+    assert naming.image_line({naming.TAG_IMAGE_LINE: "prod"}, name) == "prod"
+    new = image("ami-0", "b0", created=NOW)
+    new["Tags"] = [t for t in new["Tags"] if t["Key"] != naming.TAG_IMAGE_LINE]
+    with pytest.raises(RotationRefused, match="belongs to no image line"):
+        rotate([new], [])
+    new["Name"] = name
+    assert rotate([new], []).kept == ["ami-0"]
