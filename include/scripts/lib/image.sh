@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Steps every recipe shares inside the image: fstab by UUID, grub.cfg generated with root=UUID,
-# and the common clean-up before the snapshot.
+# cloud-init's datasource config, and the common clean-up before the snapshot.
 
 # The root filesystem's UUID (what fstab and the kernel command line name).
 root_uuid() {
@@ -25,6 +25,15 @@ write_fstab() {
         "$uuid" >"$ROOT/etc/fstab"
 }
 
+# Lock root's password (no password login as root; cloud-init gives the default user a key).
+# The shadow file is edited directly: the same result as `passwd -l`, with no tool of the image run.
+lock_root_password() {
+    local shadow=$ROOT/etc/shadow
+    [[ -f $shadow ]] || die "configure: no /etc/shadow in the image (did bootstrap install one?)"
+    sed -i -E 's/^root:[^:]*:/root:!!:/' "$shadow"
+    echo "root password locked"
+}
+
 # Run the image's grub-mkconfig inside the chroot so that it writes root=UUID=<root fs>.
 # Without /dev/disk/by-uuid (no udev: loop devices, this rehearsal) grub-mkconfig falls back to
 # root=/dev/loopXpY; a build-time override of GRUB_DEVICE (removed again at once) prevents that,
@@ -41,38 +50,15 @@ grub_mkconfig_by_uuid() {
         die "bootloader: $tool failed"
     fi
     mv -f "$defaults.amibake-orig" "$defaults"
-    [[ -n ${AMIBAKE_PLAN:-} ]] && return 0
     bad=$(grep -o 'root=[^ ]*' "$ROOT$cfg" | grep -v "^root=UUID=$uuid\$" | sort -u | paste -sd' ' || true)
     [[ -z $bad ]] || die "bootloader: $cfg still has $bad instead of root=UUID=$uuid"
     grep -q "root=UUID=$uuid" "$ROOT$cfg" || die "bootloader: $cfg has no root=UUID=$uuid"
     echo "$cfg boots root=UUID=$uuid"
 }
 
-# Boot marker: after multi-user.target is reached, print one line naming the mounted root filesystem on
-# the console. systemd stops printing its own status lines once a getty owns the console, so
-# "Reached target multi-user.target" is not reliably on the serial log; this line is. The boot check
-# here and a smoke test on EC2 (GetConsoleOutput) both look for it.
-BOOT_MARKER="amibake-boot-ok: multi-user.target reached, root UUID="
-install_boot_marker() {
-    cat >"$ROOT/etc/systemd/system/amibake-boot-ok.service" <<EOF
-[Unit]
-Description=Report on the console that multi-user.target was reached (amibake boot marker)
-After=multi-user.target
-
-[Service]
-Type=oneshot
-StandardOutput=journal+console
-ExecStart=/bin/sh -c 'echo "$BOOT_MARKER\$\$(blkid -s UUID -o value \$\$(findmnt -no SOURCE /))"'
-
-[Install]
-WantedBy=multi-user.target
-EOF
-    in_chroot systemctl enable amibake-boot-ok.service
-}
-
 # cloud-init looks for EC2 only, and only where the platform says it is EC2 (a DMI or hypervisor uuid
-# "ec2...", as on every Xen and Nitro instance): elsewhere, such as the qemu boot check (no network),
-# it gives up at once instead of polling a metadata service that is not there for 120 s. Arguments
+# "ec2...", as on every Xen and Nitro instance; the boot check's qemu shows the same): elsewhere it
+# gives up at once instead of polling a metadata service that is not there for 120 s. Arguments
 # are extra cloud-config lines of the recipe.
 write_cloud_init_config() {
     mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"

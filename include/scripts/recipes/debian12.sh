@@ -9,8 +9,11 @@ DEBIAN_SUITE=bookworm
 # Installed with apt inside the image after a minbase debootstrap: debootstrap's own resolver does not
 # follow virtual packages (cloud-init -> python3-cryptography -> python3-cffi-backend-api-*), apt does.
 DEBIAN_PACKAGES=(linux-image-cloud-amd64 grub-pc initramfs-tools xfsprogs systemd-sysv udev
-    openssh-server cloud-init cloud-guest-utils ifupdown isc-dhcp-client sudo ca-certificates)
+    openssh-server cloud-init cloud-guest-utils ifupdown isc-dhcp-client sudo ca-certificates chrony)
 DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+# What this recipe needs on the box beyond lib/tools.sh's list ("command el7-package debian-package";
+# debootstrap is not in CentOS 7's repositories).
+RECIPE_TOOLS=("debootstrap - debootstrap" "gpgv gnupg2 gpgv")
 # Box apt sources consulted for the default mirror (apt's own order).
 APT_SOURCES=(/etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources)
 
@@ -54,8 +57,18 @@ debian_mirror() {
     local m=$MIRROR
     [[ -n $m ]] || m=$(apt_uri_for_suite "$DEBIAN_SUITE" "${APT_SOURCES[@]}")
     [[ -n $m ]] || die "no --mirror and no Debian mirror for $DEBIAN_SUITE in this box's apt sources"
-    valid_url "${m%/}" || die "mirror '$m' from the apt sources is not a plain http(s) URL"
+    valid_mirror_url "${m%/}" || die "the apt sources' mirror for $DEBIAN_SUITE: $(mirror_url_problem "${m%/}") (give --mirror)"
     echo "${m%/}"
+}
+
+# The tools phase's recipe checks: this debootstrap knows the suite, and the archive key is there.
+recipe_check_tools() {
+    local scripts=/usr/share/debootstrap/scripts
+    if command -v debootstrap >/dev/null && [[ ! -e $scripts/$DEBIAN_SUITE ]]; then
+        echo "debootstrap that knows $DEBIAN_SUITE (no $scripts/$DEBIAN_SUITE; a newer debootstrap)"
+    fi
+    [[ -r $DEBIAN_KEYRING ]] || echo "$DEBIAN_KEYRING (debian-archive-keyring)"
+    return 0
 }
 
 recipe_initramfs_path() { echo "boot/initrd.img-$1"; }
@@ -150,7 +163,6 @@ WantedBy=multi-user.target
 EOF
     chroot_enter
     in_chroot systemctl enable amibake-ssh-hostkeys.service
-    install_boot_marker
     in_chroot update-initramfs -u -k all
     chroot_leave
 }
