@@ -1,7 +1,7 @@
 """``python -m rehearsal`` (``./rehearse``): the whole nightly AMI rebuild, rehearsed on this machine.
 
-Starts the local EC2 API (moto behind the recording proxy, own process), an OpenSSH server that
-plays the build box, the EBS emulator (attached volumes become loop devices) and a real Airflow
+Starts the local EC2 API (moto behind the recording proxy, own process; every instance it launches is
+a real box: rehearsal.boxes), the EBS emulator (attached volumes become loop devices) and a real Airflow
 (api-server, scheduler, dag-processor, triggerer; SQLite + LocalExecutor) with the connections
 pointing at them. Then it unpauses the nightly DAG, triggers it through the REST API as the UI's
 Trigger button does, prints which task is running, and ends with a summary. Everything it started
@@ -39,13 +39,16 @@ from rehearsal.airflow_env import (
     amibake_env,
     rehearsal_settings,
 )
+from rehearsal.boxes import BOX_NETWORK, Boxes, Login, default_user
 from rehearsal.ebs import LoopEbs
-from rehearsal.ec2_local import Ec2Control, LocalEc2
-from rehearsal.sshd import WORK_DIR_PREFIX, LocalSshd, package_cache, package_cache_env
+from rehearsal.ec2_local import Ec2Control, LocalEc2, standard_extensions
+from rehearsal.iam import POLICY_PATH, load_policy
+from rehearsal.sshd import WORK_DIR_PREFIX, package_cache, package_cache_env
 
 DAG_ID = "amibake_nightly"
 DEFAULT_RECIPE = "debian12"
-BASE_IMAGE_NAME = "amibake-rehearsal-base"
+#: The box is this machine, a Debian 12: cloud-init's default user of such an image is ``admin``.
+BASE_IMAGE_NAME = "debian-12-amd64-amibake-rehearsal-base"
 TERMINAL_STATES = {"success", "failed"}
 STATE_FILE = "state.json"
 #: The tasks whose return values carry the new AMI id and the snapshot id.
@@ -136,10 +139,10 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 def _box_processes(ids: list[str]) -> list[int]:
-    """Processes of the "box" working for these builds / volumes, with all their descendants.
+    """Processes working for these builds / volumes (by command line), with all their descendants.
 
-    sshd runs each remote command in a session of its own, so a build survives the sshd (and the
-    Airflow task) that started it. On AWS terminating the box ends it; here this does.
+    A box ends its build when it is terminated or dies with the local EC2 API; this is the last
+    resort for a run killed in between.
     """
     needles = [i.encode() for i in ids if i]
     parent: dict[int, int] = {}
@@ -190,17 +193,15 @@ def clean_up_earlier(state_dir: Path) -> bool:
         say(f"stopping {len(strays)} processes left by an earlier rehearsal")
         processes.end(_our_sessions(state_dir))
         processes.terminate(lambda: _marked_processes(state_dir))  # marked, outside those sessions
-    for work_dir in state_dir.glob(f"{WORK_DIR_PREFIX}*"):  # the killed run's sshd keys
-        did = True
-        shutil.rmtree(work_dir, ignore_errors=True)
     ebs_dir = state_dir / "ebs"
     stale_images = [p.stem for p in ebs_dir.glob("vol-*.img")] if ebs_dir.is_dir() else []
+    # the boxes died with the local EC2 API (PR_SET_PDEATHSIG); this catches a build that did not
     kill_box_processes([*recorded.get("box_dirs", []), *stale_images])
-    stale_volumes = LoopEbs.cleanup_stale(ebs_dir) if ebs_dir.is_dir() else []
-    box_dirs = [*recorded.get("box_dirs", []), *stale_volumes]
-    if stale_volumes or box_dirs:
+    for work_dir in state_dir.glob(f"{WORK_DIR_PREFIX}*"):  # the killed run's box dirs
         did = True
-        remove_box_dirs(box_dirs, state_dir / "logs")
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if LoopEbs.cleanup_stale(ebs_dir) if ebs_dir.is_dir() else []:
+        did = True
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return did
 
@@ -242,13 +243,22 @@ def default_subnet(ec2: Ec2Service) -> str:
 
 @contextmanager
 def local_ec2(
-    log_path: Path, on_spawn: Callable[[int], object], timeout: float = 30.0
+    log_path: Path,
+    on_spawn: Callable[[int], object],
+    *,
+    boxes_dir: Path,
+    box_env: Mapping[str, str],
+    timeout: float = 30.0,
 ) -> Iterator[Ec2Service]:
     """``python -m rehearsal.ec2_local`` in its own session until the block ends; ``on_spawn`` gets
-    its pid at once."""
+    its pid at once. Every instance gets a box (its files in ``boxes_dir``, its build logs kept next
+    to ``log_path``); the boxes die with that process."""
+    argv = [sys.executable, "-m", "rehearsal.ec2_local", "--port", "0", "--boxes", str(boxes_dir)]
+    argv += ["--iam-policy", str(POLICY_PATH)]  # amibake's IAM policy, enforced on every call
+    argv += ["--box-logs", str(log_path.parent), *(f"--box-env={k}={v}" for k, v in box_env.items())]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rehearsal.ec2_local", "--port", "0"],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -456,31 +466,31 @@ def rehearsal_services(
     with ExitStack() as stack:
         stack.enter_context(_shielded_cleanup())
         stack.callback(_forget_if_clean, state_dir)  # runs after every service below has stopped
+        box_env = package_cache_env(opts.package_cache)
         if opts.ec2_in_process:
-            local = stack.enter_context(LocalEc2())
+            boxes = Boxes(parent_dir=state_dir, session_env=box_env, keep_logs=state_dir / "logs")
+            local = stack.enter_context(
+                LocalEc2(extensions=standard_extensions(policy=load_policy(), boxes=boxes))
+            )
             ec2 = Ec2Service(local.endpoint_url, local.moto_url, local.region)
         else:
-            ec2 = stack.enter_context(local_ec2(state_dir / "logs" / "ec2_local.log", spawned))
+            log = state_dir / "logs" / "ec2_local.log"
+            ec2 = stack.enter_context(local_ec2(log, spawned, boxes_dir=state_dir, box_env=box_env))
         say(f"local EC2 API at {ec2.endpoint_url} (moto at {ec2.moto_url}, region {ec2.region})")
         base_ami = ec2.control.register_base_image(BASE_IMAGE_NAME)
-        sshd = stack.enter_context(
-            LocalSshd(login="root", session_env=package_cache_env(opts.package_cache), parent_dir=state_dir)
-        )
-        spawned(sshd.pid)  # it also dies with this process (PR_SET_PDEATHSIG)
+        login = Login.new(default_user(BASE_IMAGE_NAME))
         cache = f"packages cached in {opts.package_cache}" if opts.package_cache else "no package cache"
-        say(f"build box: sshd on 127.0.0.1:{sshd.port} (throwaway key, pinned host key, {cache})")
+        say(
+            f"build boxes: each instance gets its own sshd on an address in {BOX_NETWORK}, reached as "
+            f"{login.user} (sudo) with a throwaway key and its per-build host key ({cache})"
+        )
         # straight to moto: the proxy records only the DAG's own EC2 calls
         ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs")
-        # the "box" is this machine: what the build wrote there goes (after the EBS emulator has
-        # unmounted and detached everything) as it would with the terminated box
-        stack.callback(
-            lambda: remove_box_dirs(ebs.history + [build_id(DAG_ID, r) for r in run_ids], state_dir / "logs")
-        )
         stack.enter_context(ebs)
         stack.callback(lambda: kill_box_processes(ebs.history + [build_id(DAG_ID, r) for r in run_ids]))
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
-            ssh_connection=sshd.connection_dict(),
+            ssh_connection=login.connection(),
             settings={**rehearsal_settings(date.today()), "subnet_id": default_subnet(ec2)},
         )
         airflow = LocalAirflow(state_dir / "airflow", env, api_port=opts.api_port, on_spawn=spawned)
@@ -490,7 +500,7 @@ def rehearsal_services(
         ec2.control.clear_requests()  # count only the DAG's own calls
         stack.callback(_ignore_interrupts)  # runs first when unwinding: a 2nd Ctrl-C must not cut it short
         yield airflow, ec2, ebs, base_ami, lambda run_id: (run_ids.append(run_id), save_state())
-        say("stopping Airflow, the EBS emulator, sshd and the local EC2 API ...")
+        say("stopping Airflow, the EBS emulator and the local EC2 API with its boxes ...")
 
 
 def _forget_if_clean(state_dir: Path) -> None:
@@ -516,35 +526,20 @@ def _shielded_cleanup() -> Iterator[None]:
         signal.signal(signal.SIGTERM, saved[1])
 
 
-def remove_box_dirs(names: list[str], keep_logs_in: Path) -> None:
-    """Remove the box-side work dirs of these builds / volumes, as terminating the box would.
-
-    Their ``logs/`` (the build script's full phase logs) are copied to ``keep_logs_in/box-<name>``
-    first, so a failed phase can still be read. A dir with something mounted in it is left alone.
-    """
-    with open("/proc/self/mountinfo") as fh:
-        targets = [line.split()[4] for line in fh]
-    for name in names:
-        path = Path(defaults.REMOTE_BASE_DIR) / name
-        if not path.is_dir():
-            continue
-        if any(t == str(path) or t.startswith(f"{path}/") for t in targets):
-            say(f"not removing {path}: something is still mounted there")
-            continue
-        if (path / "logs").is_dir():
-            shutil.copytree(path / "logs", keep_logs_in / f"box-{name}", dirs_exist_ok=True)
-        shutil.rmtree(path)
-
-
 def leftovers(state_dir: Path) -> list[str]:
     """What of this rehearsal is still on the machine after it stopped (should be nothing)."""
     ebs_dir = state_dir / "ebs"
     found = [f"process {pid}" for pid in _rehearsal_processes(state_dir)]
-    found += [f"sshd work dir {d}" for d in state_dir.glob(f"{WORK_DIR_PREFIX}*")]
+    found += [f"box dir {d}" for d in state_dir.glob(f"{WORK_DIR_PREFIX}*")]
     found += [f"image {p}" for p in ebs_dir.glob("vol-*.img")] if ebs_dir.is_dir() else []
     loops = subprocess.run(["losetup", "-nO", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
     found += [f"loop device {line}" for line in loops.splitlines() if str(ebs_dir) in line]
     return found
+
+
+def retried_tasks(result: RunResult) -> list[str]:
+    """Tasks that needed a retry (``try_number`` > 1): a clean run has none (issue 11, section 5)."""
+    return [f"{ti['task_id']} (try {ti['try_number']})" for ti in result.tasks if ti.get("try_number", 1) > 1]
 
 
 def summary(result: RunResult, airflow: LocalAirflow) -> str:
@@ -560,7 +555,14 @@ def summary(result: RunResult, airflow: LocalAirflow) -> str:
     for ti in result.tasks:
         secs = ti.get("duration")
         shown = f"{secs:8.1f} s" if secs is not None else "       - "
-        lines.append(f"    {ti['task_id']:<30} {ti['state'] or 'none':<16} {shown}")
+        tries = f"  (try {ti['try_number']})" if ti.get("try_number", 1) > 1 else ""
+        lines.append(f"    {ti['task_id']:<30} {ti['state'] or 'none':<16} {shown}{tries}")
+    retried = retried_tasks(result)
+    lines.append(
+        f"  RETRIES: {len(retried)} task(s) needed more than one try: {', '.join(retried)}"
+        if retried
+        else "  retries: none (every task succeeded or failed on its first try)"
+    )
     for task_id, tail in result.log_tails.items():
         lines += ["", f"task {task_id} FAILED; end of its log:", tail]
     login = f"user {ADMIN_USER}, password {airflow.password}"

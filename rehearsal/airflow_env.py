@@ -41,11 +41,12 @@ PROCESSES: dict[str, list[str]] = {
     "dag-processor": ["dag-processor"],
     "triggerer": ["triggerer"],
 }
-#: ``[amibake]`` settings of the offline rehearsal: the "box" is this machine's sshd, reached at the
-#: SSH connection's own host/port, which is the only address admitted to it.
+#: ``[amibake]`` settings of the offline rehearsal: as on AWS, each build box is reached on its
+#: instance's public IP (``rehearsal.boxes`` gives every instance its own loopback address), and
+#: tcp/22 is admitted from where the workers are (``rehearsal.boxes.BOX_NETWORK``).
 REHEARSAL_SETTINGS: dict[str, str] = {
-    "ssh_address": "connection",
-    "ssh_cidr": "127.0.0.1/32",
+    "ssh_address": "public_ip",
+    "ssh_cidr": "127.0.0.0/8",
 }
 
 

@@ -95,6 +95,15 @@ class Extension(Protocol):
     def after(self, action: str, params: dict[str, str], status: int, body: bytes, moto: Any) -> bytes: ...
 
 
+def _calls(requests: list[dict[str, Any]], action: str, dry_run: bool) -> list[dict[str, str]]:
+    """The params of the recorded calls of ``action`` that are (or are not) dry runs."""
+    return [
+        r["params"]
+        for r in requests
+        if r["action"] == action and (r["params"].get("DryRun", "").lower() == "true") == dry_run
+    ]
+
+
 def tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
     """A recorded request's flattened ``TagSpecification.N.*`` params → {resource type: {key: value}}."""
     specs: dict[str, dict[str, str]] = {}
@@ -230,9 +239,10 @@ class LocalEc2:
         with self._lock:
             return [dict(r) for r in self._requests]
 
-    def calls(self, action: str) -> list[dict[str, str]]:
-        """The flattened parameters of every recorded call of one action."""
-        return [r["params"] for r in self.requests if r["action"] == action]
+    def calls(self, action: str, *, dry_run: bool = False) -> list[dict[str, str]]:
+        """The flattened parameters of every recorded call of one action: the real ones, or with
+        ``dry_run`` only the ``DryRun=true`` ones (preflight's)."""
+        return _calls(self.requests, action, dry_run)
 
     def clear_requests(self) -> None:
         """Forget the recorded calls (faults and delays stay)."""
@@ -585,9 +595,9 @@ class Ec2Control:
         """Every recorded EC2 call."""
         return self._call("GET", "requests")
 
-    def calls(self, action: str) -> list[dict[str, str]]:
-        """The parameters of every recorded call of one action."""
-        return [r["params"] for r in self.requests if r["action"] == action]
+    def calls(self, action: str, *, dry_run: bool = False) -> list[dict[str, str]]:
+        """See :meth:`LocalEc2.calls`."""
+        return _calls(self.requests, action, dry_run)
 
     def clear_requests(self) -> None:
         """Forget the recorded calls."""

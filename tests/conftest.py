@@ -1,4 +1,6 @@
-"""Shared fixtures: a private Airflow home, moto behind the recording proxy, a real sshd.
+"""Shared fixtures: a private Airflow home, the local EC2 API (moto behind the recording proxy) whose
+instances are real boxes (``rehearsal.boxes``: an sshd on their own loopback address, a non-root
+login with sudo), reached as on AWS with ``[amibake] ssh_address=public_ip``.
 
 The Airflow home must be chosen before Airflow is first imported, so it is set when this file loads
 (a unique temp dir per session, removed at the end; other engineers run tests on this machine).
@@ -59,19 +61,32 @@ def airflow_db() -> None:
 
 @pytest.fixture(scope="session")
 def local_ec2() -> Iterator[Any]:
-    """One moto server + recording proxy for the session (each test resets it via ``ec2``)."""
-    from rehearsal.ec2_local import LocalEc2
+    """One local EC2 API (moto + the AWS rules of rehearsal.aws_rules) for the session (each test
+    resets it via ``ec2``); every instance launched through it gets a box (rehearsal.boxes), whose
+    sessions share the offline package cache (the suite's Debian builds download once)."""
+    from rehearsal.boxes import Boxes
+    from rehearsal.ec2_local import LocalEc2, standard_extensions
+    from rehearsal.iam import load_policy
+    from rehearsal.sshd import package_cache_env
 
-    with LocalEc2() as server:
+    boxes = Boxes(session_env=package_cache_env(package_cache()))
+    with LocalEc2(extensions=standard_extensions(policy=load_policy(), boxes=boxes)) as server:
         yield server
 
 
 @pytest.fixture
-def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """An empty moto with the ``amibake_aws`` connection pointing at the recording proxy."""
+def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """An empty moto (no box running) with the ``amibake_aws`` connection pointing at the recording
+    proxy. At the end of the test every box is terminated (its processes and mounts end), as the
+    next test's reset would, so nothing of it outlives the test. Fails the test if amibake's IAM
+    policy (docs/iam-policy.json, enforced by the local EC2 API) refused any request."""
+    from rehearsal.boxes import Boxes
     from rehearsal.ec2_local import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+    from rehearsal.iam import IamEnforcer
 
     local_ec2.reset()
+    iam = IamEnforcer.of(local_ec2)
+    iam.clear()
     monkeypatch.setenv(
         "AIRFLOW_CONN_AMIBAKE_AWS",
         json.dumps(
@@ -83,28 +98,84 @@ def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
             }
         ),
     )
-    return local_ec2
-
-
-@pytest.fixture(scope="session")
-def local_sshd() -> Iterator[Any]:
-    """A real OpenSSH server on 127.0.0.1 with throwaway user and host keys.
-
-    Its sessions share the offline package cache, so the suite's Debian builds download once.
-    """
-    from rehearsal.sshd import LocalSshd, package_cache_env
-
-    with LocalSshd(session_env=package_cache_env(package_cache())) as server:
-        yield server
+    yield local_ec2
+    for ext in local_ec2.extensions:
+        if isinstance(ext, Boxes):
+            for box in ext.boxes:
+                ext.terminate(box.instance_id)
+    assert not iam.denials(), iam.report()
 
 
 @pytest.fixture
-def sshd(local_sshd: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The sshd with ``amibake_ssh`` pointing at it and ``[amibake] ssh_address=connection``."""
-    monkeypatch.setenv("AIRFLOW_CONN_AMIBAKE_SSH", local_sshd.connection_json())
-    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_ADDRESS", "connection")
-    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", "127.0.0.1/32")
-    return local_sshd
+def boxes(ec2: Any) -> Any:
+    """The local EC2 API's boxes (``rehearsal.boxes.Boxes``): look one up by instance id."""
+    from rehearsal.boxes import Boxes
+
+    return next(ext for ext in ec2.extensions if isinstance(ext, Boxes))
+
+
+@pytest.fixture(scope="session")
+def login_key() -> Any:
+    """The SSH connection's throwaway key, for the base AMI's default user (``amibake-test-base``)."""
+    from rehearsal.boxes import Login, default_user
+
+    return Login.new(default_user("amibake-test-base"))
+
+
+@pytest.fixture
+def box_login(login_key: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``amibake_ssh`` = login + private key only, reached as on AWS: ``[amibake] ssh_address=public_ip``
+    with tcp/22 admitted from ``ssh_cidr=127.0.0.0/8`` (where every box's address lies)."""
+    from rehearsal.boxes import BOX_NETWORK
+
+    monkeypatch.setenv("AIRFLOW_CONN_AMIBAKE_SSH", json.dumps(login_key.connection()))
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_ADDRESS", "public_ip")
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", BOX_NETWORK)
+    return login_key
+
+
+@pytest.fixture
+def launched_box(ec2: Any, boxes: Any, box_login: Any) -> tuple[dict[str, Any], Any]:
+    """One build box launched with the product's user data (tagged as a build's box), without the
+    operators: ``LaunchBuildBox``'s XCom (``operators.rules.records.Box``) for it, and its
+    :class:`rehearsal.boxes.Box`. The recorded requests are cleared afterwards."""
+    import io
+
+    import paramiko
+
+    from operators.build_box import _new_host_key, user_data
+    from operators.rules import naming
+
+    key = paramiko.Ed25519Key.from_private_key(io.StringIO(box_login.private_key_pem))
+    host_key = _new_host_key()
+    tags = naming.resource_tags(
+        build="0123456789ab", dag_id="amibake_t_box", run_id="manual__t", recipe="debian12",
+        role=naming.Role.BUILD_BOX,
+    )  # fmt: skip
+    run = ec2.boto3_client(recorded=True).run_instances(
+        ImageId=ec2.register_base_image("amibake-test-base"),
+        MinCount=1,
+        MaxCount=1,
+        UserData=user_data(f"{key.get_name()} {key.get_base64()} amibake", host_key),
+        TagSpecifications=[
+            naming.tag_specification(kind, tags) for kind in ("instance", "volume", "network-interface")
+        ],
+    )
+    instance_id = run["Instances"][0]["InstanceId"]
+    box = boxes.get(instance_id)
+    ec2.clear_requests()
+    instance = run["Instances"][0]
+    xcom = {
+        "build_id": "0123456789ab",
+        "instance_id": instance_id,
+        "security_group_id": instance["SecurityGroups"][0]["GroupId"] if instance["SecurityGroups"] else "",
+        "availability_zone": instance["Placement"]["AvailabilityZone"],
+        "ssh_address": "public_ip",
+        "address": box.address,
+        "port": 22,
+        "host_key": host_key[1],
+    }
+    return xcom, box
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The nightly DAG on a distributed CeleryExecutor deployment (issue 6), the same topology as
 docker-compose.yaml: PostgreSQL + Redis started by the test, api-server, scheduler, dag-processor,
 triggerer and a Celery worker as separate processes (``rehearsal.distributed.CeleryAirflow``), and
-the rehearsal's real services around it: moto behind the recording proxy, sshd as the build box,
+the rehearsal's real services around it: moto behind the recording proxy with a real box per instance,
 loop devices as the EBS canvas.
 
 Two runs are triggered at once with different AMI name prefixes. The DAG has ``max_active_runs=1``,
@@ -32,13 +32,11 @@ DEFERRING_TASKS = ("launch_build_box", "frozen_snapshot", "register_hvm_ami")
 RUN_TIMEOUT_S = 1800
 
 
-
-
 @pytest.fixture
 def celery_rehearsal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
     """The rehearsal's services with its Airflow swapped for the Celery deployment.
 
-    ``rehearsal_services`` builds the connections and settings and starts moto, sshd and LoopEbs
+    ``rehearsal_services`` builds the connections and settings and starts moto with its boxes and LoopEbs
     exactly as ``./rehearse`` does; only the Airflow class differs. Everything is stopped on exit.
     """
     monkeypatch.setattr(rh, "LocalAirflow", CeleryAirflow)

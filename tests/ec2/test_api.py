@@ -75,7 +75,7 @@ def test_every_action_the_product_sends_answers_dry_run_operation(aws: Any, admi
     hook = BuildEc2Hook(aws_conn_id="amibake_aws")
     code, _ = hook.dry_run("create_volume", AvailabilityZone="us-east-1a", Size=8)
     assert code == "DryRunOperation"
-    assert aws.calls("CreateVolume")[-1]["DryRun"] == "true"
+    assert aws.calls("CreateVolume", dry_run=True)[-1]["DryRun"] == "true"
     assert admin.describe_volumes()["Volumes"] == []
 
 

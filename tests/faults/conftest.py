@@ -22,7 +22,7 @@ from operators.build_box import LaunchBuildBox, TerminateBuildBox
 from operators.canvas import AttachCanvas, DeleteCanvas
 from operators.rules import naming
 from operators.rules.naming import Role
-from operators.rules.remote import remote_dir, remote_scripts_dir
+from operators.rules.remote import remote_scripts_dir
 
 # The operator harness of tests/operators runs an operator as the task runner + triggerer would.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operators"))
@@ -69,10 +69,11 @@ def previous_good(ec2: Any) -> dict[str, str]:
 
 class Rig:
     """A build of one test: box and canvas made by the nightly's operators, the canvas a real loop
-    device (rehearsal.ebs.LoopEbs), this machine the box. Everything is undone by the fixture."""
+    device (rehearsal.ebs.LoopEbs), the box the instance's own (rehearsal.boxes). Everything is
+    undone by the fixture."""
 
-    def __init__(self, ec2: Any, ebs: Any, tmp_path: Path) -> None:
-        self.ec2, self.ebs, self.tmp_path = ec2, ebs, tmp_path
+    def __init__(self, ec2: Any, boxes: Any, ebs: Any, tmp_path: Path) -> None:
+        self.ec2, self.boxes, self.ebs, self.tmp_path = ec2, boxes, ebs, tmp_path
         self.dag_id = f"amibake_t_rig_{uuid.uuid4().hex[:10]}"
         self.run_id = RUN_ID
         self.build = naming.build_id(self.dag_id, RUN_ID)
@@ -97,38 +98,47 @@ class Rig:
         self.ebs.wait_for(self.canvas["volume_id"])
 
     @property
+    def on_box(self) -> Any:
+        """The box machine (``rehearsal.boxes.Box``) of this build."""
+        return self.boxes.get(self.box["instance_id"])
+
+    @property
     def volume_id(self) -> str:
         return self.canvas["volume_id"]
 
     @property
-    def work(self) -> Path:
-        """build-image's work dir on the box for the canvas."""
-        return Path(defaults.REMOTE_BASE_DIR) / self.volume_id
+    def work(self) -> str:
+        """build-image's work dir on the box for the canvas (a path on the box)."""
+        return f"{defaults.REMOTE_BASE_DIR}/{self.volume_id}"
 
     @property
-    def root(self) -> Path:
-        return self.work / "root"
+    def root(self) -> str:
+        return f"{self.work}/root"
+
+    def on_box_path(self, path: str) -> Path:
+        """Where a file of the box is seen from here."""
+        return self.on_box.path(path)
 
     def build_image(self, *phases: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run the real build-image on the canvas as the operators would (scripts from the package)."""
-        argv = ["bash", str(defaults.PACKAGE_SCRIPTS_DIR / "build-image"), "--recipe", "debian12"]
+        """Run the real build-image on the canvas as root on the box, as the operators would (sudo)."""
+        argv = ["bash", f"{remote_scripts_dir(self.build)}/build-image", "--recipe", "debian12"]
         argv += ["--volume-id", self.volume_id, "--size-gib", str(self.canvas["size_gib"]), *phases]
-        return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=600)
+        return self.on_box.run(argv, check=check, timeout=600)
 
     def mount(self) -> None:
         """The canvas as ``build-image all`` leaves it for FrozenSnapshot: partitioned, xfs, mounted."""
+        # as RemoteChrootBuild ships
+        shutil.copytree(defaults.PACKAGE_SCRIPTS_DIR, self.on_box_path(remote_scripts_dir(self.build)))
         self.build_image("resolve", "partition", "mkfs", "mount")
         assert self.mounted()
-        shutil.copytree(
-            defaults.PACKAGE_SCRIPTS_DIR, remote_scripts_dir(self.build)
-        )  # as RemoteChrootBuild ships
 
     def mounted(self) -> bool:
-        return subprocess.run(["mountpoint", "-q", str(self.root)]).returncode == 0
+        """Whether the canvas's root is mounted on the box (False once the box is gone)."""
+        return self.root in self.on_box.mounts()
 
     def writable(self) -> None:
         """A frozen xfs blocks writers: a write that returns proves the canvas is thawed."""
-        subprocess.run(["touch", str(self.root / "amibake-thawed")], check=True, timeout=120)
+        self.on_box.run(["touch", f"{self.root}/amibake-thawed"], check=True, timeout=120)
 
     def teardowns(self) -> None:
         """The nightly's teardown tasks, as they run after any outcome."""
@@ -136,26 +146,28 @@ class Rig:
         self.run(DeleteCanvas, "delete_canvas")
 
     def undo(self) -> None:
-        """Whatever the test left: thaw, stop and unmount build-image's work, remove its dirs."""
+        """Whatever the test left on a box still running: thaw, stop and unmount build-image's work
+        (terminating the box at the test's end takes the rest)."""
+        box = self.boxes.get(self.box["instance_id"]) if self.box else None
         for vol in self.volumes | {call["VolumeId"] for call in self.ec2.calls("AttachVolume")}:
-            if self.ebs.devices.get(vol):
-                base = ["bash", str(defaults.PACKAGE_SCRIPTS_DIR / "build-image"), "--volume-id", vol]
+            if box is not None and box.alive and self.ebs.devices.get(vol):
+                base = ["bash", f"{remote_scripts_dir(self.build)}/build-image", "--volume-id", vol]
                 for action in ("thaw", "abort", "umount"):
-                    subprocess.run([*base, action], capture_output=True, timeout=300)
+                    box.run([*base, action], timeout=300)
             for pid in build_image_pids(vol):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(Path(defaults.REMOTE_BASE_DIR) / vol, ignore_errors=True)
-        shutil.rmtree(remote_dir(self.build), ignore_errors=True)
 
 
 @pytest.fixture
-def rig(ec2: Any, sshd: Any, subnet: dict, airflow_db: None, tmp_path: Path) -> Iterator[Rig]:
+def rig(
+    ec2: Any, boxes: Any, box_login: Any, subnet: dict, airflow_db: None, tmp_path: Path
+) -> Iterator[Rig]:
     """A fresh :class:`Rig` (root: loop devices and mounts); undone even when the test fails."""
     from rehearsal.ebs import LoopEbs
 
     with LoopEbs(ec2.moto_url, ec2.region, tmp_path / "ebs") as ebs:
-        made = Rig(ec2, ebs, tmp_path)
+        made = Rig(ec2, boxes, ebs, tmp_path)
         try:
             yield made
         finally:

@@ -1,7 +1,8 @@
 """Faults on the build box side, with the real build-image on a real loop-backed canvas (root).
 
-The box is this machine reached over the real sshd; the canvas is a moto volume backed by a loop
-device (rehearsal.ebs.LoopEbs). Each test injects one fault at a moment it observes from outside
+The box is the instance's own (rehearsal.boxes: sshd on its address, the base AMI's user with sudo,
+its own PID and mount namespace); the canvas is a moto volume backed by a loop device
+(rehearsal.ebs.LoopEbs). Each test injects one fault at a moment it observes from outside
 (a phase log appearing on the box, a request reaching the recording proxy) and then checks what is
 left: no build-image process for the canvas, no frozen or mounted filesystem, and after the
 nightly's teardown tasks nothing of the build in EC2.
@@ -9,12 +10,14 @@ nightly's teardown tasks nothing of the build in EC2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,19 +34,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts"),
 ]
 DISK_PHASES = ("resolve", "partition", "mkfs", "mount")
-#: build-image's wait for an attached canvas to show up (120 s by default): a canvas that vanished
-#: with a terminated box fails the build after this long instead.
-DEVICE_WAIT_S = 15
-
-
-@pytest.fixture(scope="module")
-def local_sshd() -> Iterator[Any]:
-    """The box's sshd (overrides the session one) with a short device wait for this module's builds."""
-    from rehearsal.sshd import LocalSshd, package_cache, package_cache_env
-
-    env = {**package_cache_env(package_cache()), "AMIBAKE_DEVICE_WAIT": str(DEVICE_WAIT_S)}
-    with LocalSshd(session_env=env) as server:
-        yield server
+#: build-image's wait for an attached canvas (120 s): a terminated box must not sit it out.
+DEVICE_WAIT_S = 120
 
 
 def _dead_mirror() -> str:
@@ -81,7 +73,7 @@ def _build_op_kwargs(rig: Any) -> dict[str, Any]:
 
 
 def _phase_started(rig: Any, phase: str) -> Callable[[], bool]:
-    return lambda: (rig.work / "logs" / f"{phase}.log").exists()
+    return lambda: (rig.on_box_path(rig.work) / "logs" / f"{phase}.log").exists()
 
 
 def _nothing_running_or_mounted(rig: Any) -> None:
@@ -97,9 +89,9 @@ def test_worker_killed_mid_build_then_retried(rig: Any) -> None:
     kwargs = _build_op_kwargs(rig)
     worker = start_worker(
         rig.tmp_path,
-        "operators.rules.remote_build.RemoteChrootBuild",
+        "operators.remote_build.RemoteChrootBuild",
         "remote_chroot_build",
-        kwargs,
+        {**kwargs, "recipe": "debian12"},
         rig.dag_id,
         rig.run_id,
     )
@@ -114,20 +106,24 @@ def test_worker_killed_mid_build_then_retried(rig: Any) -> None:
     _nothing_running_or_mounted(rig)
 
 
-def _kill_ssh_sessions(port: int) -> None:
-    """SIGKILL the sshd processes serving connections on ``port`` (the session of the build)."""
+def _kill_ssh_sessions(address: str) -> None:
+    """SIGKILL the sshd processes serving connections to the box at ``address`` (the build's session)."""
     out = subprocess.run(
-        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+        ["ss", "-Htnp", "state", "established", f"( src {address} and sport = :22 )"],
+        capture_output=True,
+        text=True,
     ).stdout
     pids = {int(p) for p in re.findall(r"pid=(\d+)", out)}
-    assert pids, f"no SSH session on port {port}: {out!r}"
+    assert pids, f"no SSH session on {address}:22: {out!r}"
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a privsep child may end with its parent
+            os.kill(pid, signal.SIGKILL)
 
 
-def test_ssh_connection_dropped_mid_build(rig: Any, sshd: Any) -> None:
+def test_ssh_connection_dropped_mid_build(rig: Any) -> None:
     rig.launch_and_attach()
-    with _when(_phase_started(rig, "mkfs"), lambda: _kill_ssh_sessions(sshd.port)) as errors:
+    address = rig.on_box.address
+    with _when(_phase_started(rig, "mkfs"), lambda: _kill_ssh_sessions(address)) as errors:
         with pytest.raises(Exception) as failed:
             rig.run(RemoteChrootBuild, "remote_chroot_build", **_build_op_kwargs(rig))
     assert errors == []
@@ -137,15 +133,30 @@ def test_ssh_connection_dropped_mid_build(rig: Any, sshd: Any) -> None:
 
 
 def test_box_terminated_from_outside_mid_build(rig: Any) -> None:
+    """TerminateInstances ends the box at once: the build (running through sudo), every session and
+    the canvas's mounts die with it, and the task fails at once, not after a device timeout."""
     rig.launch_and_attach()
-    client = rig.ec2.boto3_client()
-    terminate = lambda: client.terminate_instances(InstanceIds=[rig.box["instance_id"]])  # noqa: E731
+    on_box = rig.on_box
+    client = rig.ec2.boto3_client(recorded=True)  # as anyone with the console or the CLI would
+    ended: dict[str, float] = {}
+
+    def terminate() -> None:
+        assert build_image_pids(rig.volume_id), "the build runs on the box"
+        client.terminate_instances(InstanceIds=[rig.box["instance_id"]])
+        ended["at"] = time.monotonic()
+        ended["box_pids"] = len(on_box.pids())
+        ended["build_pids"] = len(build_image_pids(rig.volume_id))
+
     with _when(_phase_started(rig, "mkfs"), terminate) as errors:
-        # moto detaches the canvas of a terminated box and LoopEbs removes its device, as AWS would
         with pytest.raises(AirflowException, match=r"build-image failed in phase '\w+'") as failed:
             rig.run(RemoteChrootBuild, "remote_chroot_build", **_build_op_kwargs(rig))
+    failed_after = time.monotonic() - ended["at"]
     assert errors == []
-    print(f"the task failed with: {failed.value!r}")
+    print(f"the task failed {failed_after:.1f} s after the termination with: {failed.value!r}")
+    # every process of the box was gone when TerminateInstances answered
+    assert (ended["box_pids"], ended["build_pids"]) == (0, 0)
+    assert on_box.mounts() == [] and not on_box.alive
+    assert failed_after < DEVICE_WAIT_S / 4, "the task must not wait out a device timeout"
     _nothing_running_or_mounted(rig)
 
 

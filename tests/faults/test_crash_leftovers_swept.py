@@ -3,7 +3,7 @@ group and canvas behind; the sweeper removes all of it and nothing else, and the
 of the recipe stays as it was.
 
 The leftovers are made by the nightly's own operators (LaunchBuildBox, AttachCanvas) against moto
-behind the recorder and the real sshd, so the tags the sweeper relies on are the ones the pipeline
+behind the recorder and its real boxes, so the tags the sweeper relies on are the ones the pipeline
 really writes.
 """
 
@@ -24,7 +24,7 @@ RUN_ID = "scheduled__2026-11-25T02:00:00+00:00"
 
 
 def test_a_dead_builds_leftovers_are_swept_and_the_previous_ami_stays(
-    ec2: Any, sshd: Any, subnet: dict, previous_good: dict[str, str], airflow_db: None, tmp_path: Path
+    ec2: Any, box_login: Any, subnet: dict, previous_good: dict[str, str], airflow_db: None, tmp_path: Path
 ) -> None:
     client = ec2.boto3_client()
     dag_id = f"amibake_t_crash_{tmp_path.name[-12:]}"

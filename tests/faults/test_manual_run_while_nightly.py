@@ -35,13 +35,13 @@ def _launch_tokens(ec2: Any) -> set[str]:
 
 
 def test_a_manual_run_waits_queued_while_the_nightly_runs(
-    ec2: Any, sshd: Any, subnet: dict, tmp_path: Path
+    ec2: Any, box_login: Any, subnet: dict, tmp_path: Path
 ) -> None:
     ec2.add_latency("RunInstances", 15, times=None)
     ec2.add_fault("RunInstances", "UnauthorizedOperation", 403, times=None)
     settings = {**rehearsal_settings(date.today()), "subnet_id": subnet["SubnetId"]}
     env = amibake_env(
-        aws_extra=ec2.connection_extra(), ssh_connection=sshd.connection_dict(), settings=settings
+        aws_extra=ec2.connection_extra(), ssh_connection=box_login.connection(), settings=settings
     )
     airflow = LocalAirflow(tmp_path / f"home-{uuid.uuid4().hex[:6]}", env)
     try:

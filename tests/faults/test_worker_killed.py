@@ -1,7 +1,7 @@
 """The worker process dies (SIGKILL) in the middle of each AWS task, then the task is retried.
 
 Each try 1 runs in its own process (tests/faults/worker.py, the operator harness) against moto behind
-the recording proxy and the real sshd. The proxy holds the task's key request for a few seconds
+the recording proxy and its real boxes. The proxy holds the task's key request for a few seconds
 (``add_latency``) and the test kills the worker as soon as that request is recorded: the request is
 in flight, AWS goes on and finishes it, but the worker never learns the answer (the worst moment).
 Try 2 then runs in this process, as Airflow's retry would, and must find what try 1 made: one
@@ -53,7 +53,7 @@ def _kill_then_retry(
 
 
 def test_each_aws_task_killed_mid_request_is_retried_without_a_duplicate(
-    ec2: Any, sshd: Any, subnet: dict, airflow_db: None, tmp_path: Path
+    ec2: Any, box_login: Any, subnet: dict, airflow_db: None, tmp_path: Path
 ) -> None:
     client = ec2.boto3_client()
     dag_id = f"amibake_t_kill_{uuid.uuid4().hex[:10]}"

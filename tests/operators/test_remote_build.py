@@ -1,4 +1,7 @@
-"""RemoteChrootBuild over a real sshd: shipping, quoting, streaming, failure naming, timeout, abort.
+"""RemoteChrootBuild on a real box: shipping, quoting, streaming, failure naming, timeout, abort.
+
+The box is an instance of the local EC2 API (``rehearsal.boxes``): sshd on its own address, the base
+AMI's non-root user, the build run through ``sudo -n`` as on AWS.
 
 The box-side script here is a small stand-in for ``build-image`` written by each test (it speaks
 the same ``AMIBAKE {json}`` protocol and records how it was called), because these tests drive
@@ -11,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +46,37 @@ printf '%s\\n' "$@" >"$marks/argv"
 """
 
 
+@dataclass
+class Rig:
+    """One test's build: its DAG id, the local scripts dir to ship, the box (XCom and machine)."""
+
+    dag_id: str
+    scripts: Path
+    box: dict[str, Any]
+    on_box: Any
+
+    @property
+    def marks(self) -> Path:
+        """Where the stand-in build-image records how it was called (on the box, seen from here)."""
+        return self.on_box.path(remote_dir(naming.build_id(self.dag_id, RUN_ID))) / "marks"
+
+    def remote_pid_gone(self, pid: int, timeout: float = 10.0) -> bool:
+        """Whether a process of the box (its own pid) ends within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.on_box.run(["kill", "-0", str(pid)]).returncode != 0:
+                return True
+            time.sleep(0.1)
+        return False
+
+
 @pytest.fixture
-def box_scripts(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, Path]]:
-    """(dag id, local scripts dir); removes the build's directory on this "box" afterwards."""
+def rig(tmp_path: Path, request: pytest.FixtureRequest, launched_box: tuple[dict[str, Any], Any]) -> Rig:
+    """A :class:`Rig` with an empty local scripts dir."""
     dag_id = f"amibake_t_rb_{request.node.name[:40].replace('[', '_').replace(']', '')}_{os.getpid()}"
-    build = naming.build_id(dag_id, RUN_ID)
     scripts = tmp_path / "scripts"
     scripts.mkdir()
-    yield dag_id, scripts
-    shutil.rmtree(remote_dir(build), ignore_errors=True)
+    return Rig(dag_id, scripts, *launched_box)
 
 
 def _write(scripts: Path, body: str) -> None:
@@ -63,21 +87,15 @@ def _write(scripts: Path, body: str) -> None:
     (scripts / "lib" / "common.sh").write_text("# shipped too\n")
 
 
-def _op(dag_id: str, scripts: Path, **kwargs: Any) -> tuple[DAG, RemoteChrootBuild]:
-    box = {
-        "instance_id": "i-0123456789abcdef0",
-        "ssh_address": "connection",
-        "address": "127.0.0.1",
-        "port": 22,
-    }
+def _op(rig: Rig, **kwargs: Any) -> tuple[DAG, RemoteChrootBuild]:
     canvas = {"volume_id": VOLUME, "device_name": "/dev/sdf", "size_gib": 4}
-    with DAG(dag_id, schedule=None) as dag:
+    with DAG(rig.dag_id, schedule=None) as dag:
         op = RemoteChrootBuild(
             task_id="remote_chroot_build",
             recipe="debian12",
-            box=box,
+            box=rig.box,
             canvas=canvas,
-            scripts_dir=str(scripts),
+            scripts_dir=str(rig.scripts),
             **kwargs,
         )
     return dag, op
@@ -101,15 +119,10 @@ def _watch_task_log(text: str, action: Callable[[], None]) -> Iterator[None]:
         structlog.configure(processors=old)
 
 
-def _marks(dag_id: str) -> Path:
-    return Path(remote_dir(naming.build_id(dag_id, RUN_ID))) / "marks"
-
-
-def test_build_ships_scripts_quotes_arguments_and_streams(box_scripts: tuple[str, Path], sshd: Any) -> None:
-    dag_id, scripts = box_scripts
-    go = _marks(dag_id) / "go"
+def test_build_ships_scripts_quotes_arguments_and_streams(rig: Rig) -> None:
+    go = rig.marks / "go"
     _write(
-        scripts,
+        rig.scripts,
         """
         echo 'AMIBAKE {"event":"phase-start","phase":"mkfs"}'
         echo "waiting for the task log to show this line"
@@ -120,30 +133,30 @@ def test_build_ships_scripts_quotes_arguments_and_streams(box_scripts: tuple[str
         """,
     )
 
-    dag, op = _op(dag_id, scripts, mirror_url="http://127.0.0.1:9/debian?suite=bookworm", boot_check=True)
+    dag, op = _op(rig, mirror_url="http://127.0.0.1:9/debian/bookworm-mirror", boot_check=True)
     with _watch_task_log("waiting for the task log", go.touch):
         result = run_operator(op, make_context(dag, RUN_ID)).result
-    assert result == {"volume_id": VOLUME, "phases": {"mkfs": 0.5}}
-    build = naming.build_id(dag_id, RUN_ID)
-    shipped = Path(remote_dir(build)) / "scripts"
+    assert result == {"volume_id": VOLUME}
+    shipped = rig.on_box.path(remote_dir(naming.build_id(rig.dag_id, RUN_ID))) / "scripts"
+    # shipped over SFTP by the box's non-root user, into a dir only it may change
+    assert (shipped.stat().st_uid, shipped.stat().st_mode & 0o777) == (1000, 0o700)
     assert (shipped / "lib" / "common.sh").read_text() == "# shipped too\n"
     assert os.access(shipped / "build-image", os.X_OK)
-    assert (_marks(dag_id) / "argv").read_text().splitlines() == [
+    assert (rig.marks / "argv").read_text().splitlines() == [
         "--recipe", "debian12",
         "--volume-id", VOLUME,
         "--device-name", "/dev/sdf",
         "--size-gib", "4",
-        "--mirror", "http://127.0.0.1:9/debian?suite=bookworm",
+        "--mirror", "http://127.0.0.1:9/debian/bookworm-mirror",
         "--boot-check",
         "all",
     ]  # fmt: skip
-    assert (_marks(dag_id) / "actions").read_text().split() == ["all"], "first try: no abort"
+    assert (rig.marks / "actions").read_text().split() == ["all"], "first try: no abort"
 
 
-def test_failure_names_phase_and_exit_code(box_scripts: tuple[str, Path], sshd: Any) -> None:
-    dag_id, scripts = box_scripts
+def test_failure_names_phase_and_exit_code(rig: Rig) -> None:
     _write(
-        scripts,
+        rig.scripts,
         """
         echo 'AMIBAKE {"event":"phase-start","phase":"bootstrap"}'
         echo "E: Failed getting release file" >&2
@@ -152,84 +165,71 @@ def test_failure_names_phase_and_exit_code(box_scripts: tuple[str, Path], sshd: 
         exit 4
         """,
     )
-    dag, op = _op(dag_id, scripts)
+    dag, op = _op(rig)
     with pytest.raises(
         AirflowException, match=r"failed in phase 'bootstrap' with exit code 4; full log on the box"
     ):
         run_operator(op, make_context(dag, RUN_ID))
 
 
-def test_exit_zero_without_ok_result_is_a_failure(box_scripts: tuple[str, Path], sshd: Any) -> None:
-    dag_id, scripts = box_scripts
-    _write(scripts, 'echo \'AMIBAKE {"event":"phase-start","phase":"verify"}\'\n')
-    dag, op = _op(dag_id, scripts)
+def test_exit_zero_without_ok_result_is_a_failure(rig: Rig) -> None:
+    _write(rig.scripts, 'echo \'AMIBAKE {"event":"phase-start","phase":"verify"}\'\n')
+    dag, op = _op(rig)
     with pytest.raises(AirflowException, match=r"failed in phase 'verify' with exit code 0"):
         run_operator(op, make_context(dag, RUN_ID))
 
 
-def test_hard_timeout_hangs_up_and_aborts(box_scripts: tuple[str, Path], sshd: Any) -> None:
-    dag_id, scripts = box_scripts
+def test_hard_timeout_hangs_up_and_aborts(rig: Rig) -> None:
     _write(
-        scripts,
+        rig.scripts,
         """
         echo $$ >"$marks/pid"
         echo 'AMIBAKE {"event":"phase-start","phase":"relabel"}'
         sleep 600
         """,
     )
-    dag, op = _op(dag_id, scripts, build_timeout=3)
+    dag, op = _op(rig, build_timeout=3)
     with pytest.raises(AirflowException, match=r"exceeded build_timeout of 3 s in phase 'relabel'"):
         run_operator(op, make_context(dag, RUN_ID))
-    assert (_marks(dag_id) / "actions").read_text().split() == ["all", "abort"]
-    pid = int((_marks(dag_id) / "pid").read_text())
-    for _ in range(100):  # the hang-up reaches the remote shell asynchronously
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"the remote build (pid {pid}) kept running after the time limit")
+    assert (rig.marks / "actions").read_text().split() == ["all", "abort"]
+    pid = int((rig.marks / "pid").read_text())  # the hang-up reaches the remote shell asynchronously
+    assert rig.remote_pid_gone(pid), (
+        f"the remote build (pid {pid} on the box) kept running after the time limit"
+    )
 
 
-def test_retry_aborts_the_earlier_build_first(box_scripts: tuple[str, Path], sshd: Any) -> None:
-    dag_id, scripts = box_scripts
-    _write(scripts, 'echo \'AMIBAKE {"event":"result","status":"ok"}\'\n')
-    dag, op = _op(dag_id, scripts)
+def test_retry_aborts_the_earlier_build_first(rig: Rig) -> None:
+    _write(rig.scripts, 'echo \'AMIBAKE {"event":"result","status":"ok"}\'\n')
+    dag, op = _op(rig)
     run_operator(op, make_context(dag, RUN_ID, try_number=2, max_tries=1))
-    assert (_marks(dag_id) / "actions").read_text().split() == ["abort", "all"]
+    assert (rig.marks / "actions").read_text().split() == ["abort", "all"]
 
 
 @pytest.mark.parametrize(
     ("field", "kwargs"),
     [("mirror_url", {"mirror_url": "http://x/ $(reboot)"}), ("boot_check", {"boot_check": "sometimes"})],
 )
-def test_bad_values_never_reach_the_box(
-    box_scripts: tuple[str, Path], sshd: Any, field: str, kwargs: dict
-) -> None:
-    dag_id, scripts = box_scripts
-    _write(scripts, "exit 0\n")
-    dag, op = _op(dag_id, scripts, **kwargs)
+def test_bad_values_never_reach_the_box(rig: Rig, field: str, kwargs: dict) -> None:
+    _write(rig.scripts, "exit 0\n")
+    dag, op = _op(rig, **kwargs)
     with pytest.raises(ParamError, match=f"^{field}: "):
         run_operator(op, make_context(dag, RUN_ID))
-    assert not _marks(dag_id).exists()
+    assert not rig.marks.exists()
 
 
-def test_on_kill_hangs_up_and_aborts_the_remote_build(box_scripts: tuple[str, Path], sshd: Any) -> None:
+def test_on_kill_hangs_up_and_aborts_the_remote_build(rig: Rig) -> None:
     """A killed task must not leave the build running on the box (apache/airflow#40338)."""
     import threading
 
-    dag_id, scripts = box_scripts
     _write(
-        scripts,
+        rig.scripts,
         """
         echo $$ >"$marks/pid"
         echo 'AMIBAKE {"event":"phase-start","phase":"bootstrap"}'
         sleep 600
         """,
     )
-    dag, op = _op(dag_id, scripts)
+    dag, op = _op(rig)
     outcome: list[BaseException | None] = []
 
     def run() -> None:
@@ -241,7 +241,7 @@ def test_on_kill_hangs_up_and_aborts_the_remote_build(box_scripts: tuple[str, Pa
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    pid_file = _marks(dag_id) / "pid"
+    pid_file = rig.marks / "pid"
     for _ in range(300):
         if pid_file.exists() and pid_file.read_text().strip():
             break
@@ -252,14 +252,6 @@ def test_on_kill_hangs_up_and_aborts_the_remote_build(box_scripts: tuple[str, Pa
     worker.join(timeout=120)
     assert not worker.is_alive()
     assert isinstance(outcome[0], AirflowException)
-    assert (_marks(dag_id) / "actions").read_text().split() == ["all", "abort"]
+    assert (rig.marks / "actions").read_text().split() == ["all", "abort"]
     pid = int(pid_file.read_text())
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"the remote build (pid {pid}) kept running after on_kill")
+    assert rig.remote_pid_gone(pid), f"the remote build (pid {pid} on the box) kept running after on_kill"

@@ -1,15 +1,15 @@
 """FrozenSnapshot with the real box scripts on a real loop-backed canvas (root: loop devices, mounts).
 
-The "box" is this machine reached over the real sshd; the canvas is a moto volume backed by a loop
-device (rehearsal.ebs.LoopEbs) and prepared with the real ``build-image`` phases
-resolve/partition/mkfs/mount, so the freeze and thaw are real ``xfs_freeze`` calls.
+The box is the instance's own (``rehearsal.boxes``: sshd, the base AMI's user with sudo, its own mount
+namespace); the canvas is a moto volume backed by a loop device (rehearsal.ebs.LoopEbs) and prepared
+on the box with the real ``build-image`` phases resolve/partition/mkfs/mount, so the freeze and thaw
+are real ``xfs_freeze`` calls.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from operators import defaults
 from operators.build_box import LaunchBuildBox
 from operators.canvas import AttachCanvas
 from operators.rules import naming
-from operators.rules.remote import remote_dir, remote_scripts_dir
+from operators.rules.remote import remote_scripts_dir
 from operators.snapshot import FrozenSnapshot
 from rehearsal.ec2_local import tag_specs
 
@@ -36,8 +36,11 @@ SIZE = 2
 
 
 @pytest.fixture
-def mounted_canvas(ec2: Any, sshd: Any, subnet: dict, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """Box + canvas made by the operators, canvas partitioned, formatted and mounted by build-image."""
+def mounted_canvas(
+    ec2: Any, boxes: Any, box_login: Any, subnet: dict, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    """Box + canvas made by the operators, canvas partitioned, formatted and mounted by build-image
+    on the box (run as root from its console, as RemoteChrootBuild leaves it)."""
     from rehearsal.ebs import LoopEbs
 
     dag_id = f"amibake_t_snap_{os.getpid()}_{tmp_path.name[-12:]}"
@@ -46,28 +49,26 @@ def mounted_canvas(ec2: Any, sshd: Any, subnet: dict, tmp_path: Path) -> Iterato
     with DAG(dag_id, schedule=None) as dag:
         launch = LaunchBuildBox(task_id="launch_build_box", recipe="debian12", base_ami=ami)
     box = run_operator(launch, make_context(dag, RUN_ID)).result
+    on_box = boxes.get(box["instance_id"])
     with dag:
         attach = AttachCanvas(task_id="attach_canvas", recipe="debian12", box=box, size_gib=SIZE)
     with LoopEbs(ec2.moto_url, ec2.region, tmp_path / "ebs") as ebs:
         canvas = run_operator(attach, make_context(dag, RUN_ID)).result
         volume_id = canvas["volume_id"]
         ebs.wait_for(volume_id)
-        shutil.copytree(
-            defaults.PACKAGE_SCRIPTS_DIR, remote_scripts_dir(build)
-        )  # what RemoteChrootBuild ships
+        # what RemoteChrootBuild ships
+        shutil.copytree(defaults.PACKAGE_SCRIPTS_DIR, on_box.path(remote_scripts_dir(build)))
         base = ["bash", f"{remote_scripts_dir(build)}/build-image", "--recipe", "debian12"]
         base += ["--volume-id", volume_id, "--size-gib", str(SIZE)]
         try:
-            subprocess.run([*base, "resolve", "partition", "mkfs", "mount"], check=True, capture_output=True)
-            root = Path(defaults.REMOTE_BASE_DIR) / volume_id / "root"
-            assert subprocess.run(["mountpoint", "-q", str(root)]).returncode == 0
+            on_box.run([*base, "resolve", "partition", "mkfs", "mount"], check=True)
+            root = f"{defaults.REMOTE_BASE_DIR}/{volume_id}/root"
+            assert on_box.run(["mountpoint", "-q", root]).returncode == 0
             ec2.clear_requests()
-            yield {"dag": dag, "box": box, "canvas": canvas, "root": root, "build": build}
+            yield {"dag": dag, "box": box, "canvas": canvas, "root": root, "build": build, "on_box": on_box}
         finally:
-            subprocess.run([*base, "thaw"], capture_output=True)
-            subprocess.run([*base, "umount"], capture_output=True)
-    shutil.rmtree(remote_dir(build), ignore_errors=True)
-    shutil.rmtree(Path(defaults.REMOTE_BASE_DIR) / volume_id, ignore_errors=True)
+            on_box.run([*base, "thaw"])
+            on_box.run([*base, "umount"])
 
 
 def _snapshot_op(setup: dict[str, Any]) -> FrozenSnapshot:
@@ -78,12 +79,13 @@ def _snapshot_op(setup: dict[str, Any]) -> FrozenSnapshot:
             box=setup["box"],
             canvas=setup["canvas"],
             freeze_timeout=60,
+            waiter_delay=1,  # the local EC2 API keeps a new snapshot unknown, then pending, for a moment
         )
 
 
-def _assert_writable(root: Path) -> None:
-    """A frozen xfs blocks writers: a write that finishes proves the canvas is thawed."""
-    subprocess.run(["touch", str(root / "amibake-thawed")], check=True, timeout=30)
+def _assert_writable(setup: dict[str, Any]) -> None:
+    """A frozen xfs blocks writers: a write on the box that finishes proves the canvas is thawed."""
+    setup["on_box"].run(["touch", f"{setup['root']}/amibake-thawed"], check=True, timeout=30)
 
 
 def test_freeze_snapshot_thaw(ec2: Any, mounted_canvas: dict[str, Any]) -> None:
@@ -97,7 +99,7 @@ def test_freeze_snapshot_thaw(ec2: Any, mounted_canvas: dict[str, Any]) -> None:
     tags = tag_specs(create)["snapshot"]
     assert (tags[naming.TAG_BUILD_ID], tags[naming.TAG_ROLE]) == (mounted_canvas["build"], "snapshot")
     assert record.result == {"snapshot_id": record.result["snapshot_id"], "volume_id": volume_id}
-    _assert_writable(mounted_canvas["root"])
+    _assert_writable(mounted_canvas)
 
     # a retry reuses the snapshot instead of taking (and freezing for) another
     again = run_operator(op, make_context(mounted_canvas["dag"], RUN_ID, try_number=2, max_tries=1))
@@ -109,7 +111,7 @@ def test_failed_create_snapshot_still_thaws(ec2: Any, mounted_canvas: dict[str, 
     ec2.add_fault("CreateSnapshot", "UnauthorizedOperation", 403, times=1)
     with pytest.raises(Exception, match="UnauthorizedOperation"):
         run_operator(_snapshot_op(mounted_canvas), make_context(mounted_canvas["dag"], RUN_ID))
-    _assert_writable(mounted_canvas["root"])
+    _assert_writable(mounted_canvas)
     filters = naming.project_filters(naming.Role.SNAPSHOT)
     assert ec2.boto3_client().describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"] == []
 
@@ -141,4 +143,4 @@ def test_snapshot_in_error_is_deleted_and_retaken(ec2: Any, mounted_canvas: dict
     retry = run_operator(op, make_context(mounted_canvas["dag"], RUN_ID, try_number=2, max_tries=1))
     assert retry.result["snapshot_id"] != first
     assert len(ec2.calls("CreateSnapshot")) == 2
-    _assert_writable(mounted_canvas["root"])
+    _assert_writable(mounted_canvas)

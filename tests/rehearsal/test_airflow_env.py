@@ -66,7 +66,7 @@ def test_amibake_env_names_the_dags_connections_and_settings():
     )
     assert json.loads(env["AIRFLOW_CONN_AMIBAKE_AWS"])["extra"]["endpoint_url"] == "http://127.0.0.1:1"
     assert conn_env_var(defaults.AWS_CONN_ID) in env and conn_env_var(defaults.SSH_CONN_ID) in env
-    assert env["AIRFLOW__AMIBAKE__SSH_ADDRESS"] == "connection"
+    assert env["AIRFLOW__AMIBAKE__SSH_ADDRESS"] == "public_ip"  # as on AWS: each box on its own IP
     assert REHEARSAL_SETTINGS["ssh_address"] in defaults.SSH_ADDRESSES
 
 
@@ -102,7 +102,7 @@ def test_local_airflow_runs_a_deferred_dag_through_the_rest_api(tmp_path: Path, 
         values = xcom_values(airflow, "rehearsal_probe", run_id)
         assert values == {
             "wait": "resumed",  # resumed after the triggerer fired the trigger
-            "settings": {"ssh_address": "connection", "endpoint": "http://127.0.0.1:9"},
+            "settings": {"ssh_address": REHEARSAL_SETTINGS["ssh_address"], "endpoint": "http://127.0.0.1:9"},
         }
         # follow() saw it deferred; only the triggerer process can have fired the trigger that resumed it
         out = capsys.readouterr().out

@@ -38,10 +38,20 @@ def backing_loops(state: Path) -> list[str]:
 
 
 def canvas_mounts(state: Path) -> list[str]:
-    """Mounts of a loop device whose image lives in the rehearsal's state dir."""
+    """Mounts of a loop device whose image lives in the rehearsal's state dir, in any mount namespace
+    (the build mounts the canvas inside its box's own)."""
     loops = [line.split()[0] for line in backing_loops(state)]
-    out = subprocess.run(["findmnt", "-rn", "-o", "SOURCE,TARGET"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if any(line.startswith(f"{loop}p") for loop in loops)]
+    found = set()
+    for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            lines = mountinfo.read_text().splitlines()
+        except OSError:  # the process ended
+            continue
+        for fields in (line.split() for line in lines):
+            source = fields[fields.index("-") + 2]
+            if any(source.startswith(f"{loop}p") for loop in loops):
+                found.add(f"{source} {fields[4]}")
+    return sorted(found)
 
 
 def mounts_under(*paths: str) -> list[str]:

@@ -5,7 +5,7 @@ Each value is tried at three doors: the pure rules (``validate_build``), the nig
 stop it, and the recording proxy in front of moto must have seen no request at all), and the
 operator that would hand the value to AWS or to the box (defence in depth: an operator reached
 with a bad value, e.g. through an edited XCom, refuses it before its first call). A last test
-proves with the real sshd that values which do reach the box arrive as single inert arguments.
+proves on a real box (its sshd, sudo) that values which do reach it arrive as single inert arguments.
 """
 
 from __future__ import annotations
@@ -125,11 +125,15 @@ def _no_request_left(ec2: Any) -> None:
     assert ec2.requests == [], [r["action"] for r in ec2.requests]
 
 
-
-
 @pytest.mark.parametrize(("field", "value"), [p for p in HOSTILE if p.id in THROUGH_THE_DAG])
 def test_the_nightly_run_stops_before_any_ec2_request(
-    nightly: Any, ec2: Any, sshd: Any, subnet: dict, capfd: pytest.CaptureFixture[str], field: str, value: Any
+    nightly: Any,
+    ec2: Any,
+    box_login: Any,
+    subnet: dict,
+    capfd: pytest.CaptureFixture[str],
+    field: str,
+    value: Any,
 ) -> None:
     from airflow.sdk.definitions.param import ParamValidationError
 
@@ -148,14 +152,52 @@ def test_the_nightly_run_stops_before_any_ec2_request(
     _no_request_left(ec2)
 
 
-def _operator_for(field: str, value: Any, dag: DAG, scripts: Path) -> Any:
-    """The operator that hands ``field`` to AWS or the box, built with the hostile value."""
-    box = {
-        "instance_id": "i-0123456789abcdef0",
-        "availability_zone": "us-east-1a",
-        "ssh_address": "connection",
-    }
-    box |= {"address": "127.0.0.1", "port": 22, "build_id": "0" * 12, "security_group_id": "sg-01234567"}
+#: Conf keys the trigger form does not declare: what a triggering user must not choose (issue 11).
+UNDECLARED = [
+    pytest.param({"instance_profile": "evil-admin-profile"}, "instance_profile", id="instance-profile"),
+    pytest.param({"encrypted": False}, "encrypted", id="encrypted-false"),
+    pytest.param({"kms_key_id": "alias/attacker-key"}, "kms_key_id", id="kms-key"),
+    pytest.param({"device_name": "/dev/sdg"}, "device_name", id="device-name"),
+    pytest.param({"ssh_cidr": "0.0.0.0/0"}, "ssh_cidr", id="ssh-cidr"),
+    pytest.param({"anything": 1}, "anything", id="unknown"),
+]
+
+
+@pytest.mark.parametrize(("conf", "field"), UNDECLARED)
+def test_undeclared_conf_keys_are_refused_by_the_rules(conf: dict, field: str) -> None:
+    from operators.rules.validation import refuse_undeclared
+
+    with pytest.raises(ParamError) as refused:
+        refuse_undeclared({"recipe": "debian12", **conf})
+    assert refused.value.field == field and "not a trigger parameter" in str(refused.value)
+    if field in ("instance_profile", "kms_key_id", "encrypted"):
+        assert f"[amibake] {field}" in str(refused.value), "the error says where the value is set instead"
+
+
+@pytest.mark.parametrize(("conf", "field"), UNDECLARED)
+def test_a_run_with_undeclared_conf_keys_creates_nothing(
+    nightly: Any,
+    ec2: Any,
+    box_login: Any,
+    subnet: dict,
+    capfd: pytest.CaptureFixture[str],
+    conf: dict,
+    field: str,
+) -> None:
+    """``./rehearse --conf instance_profile='"evil-admin-profile"'`` once launched a box with that role."""
+    ami = ec2.register_base_image("amibake-test-base")
+    ec2.clear_requests()
+    dag_run = nightly.test(run_conf={"recipe": "debian12", "base_ami": ami, **conf})
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "failed"
+    assert states["validate_params"] == "failed"
+    assert states["preflight"] == states["launch_build_box"] == "upstream_failed"
+    assert f"ParamError: {field}: not a trigger parameter" in capfd.readouterr().out
+    _no_request_left(ec2)
+
+
+def _operator_for(field: str, value: Any, dag: DAG, scripts: Path, box: dict[str, Any]) -> Any:
+    """The operator that hands ``field`` to AWS or the box (a running one), built with the hostile value."""
     canvas = {"volume_id": GOOD_VOLUME, "device_name": "/dev/sdf", "size_gib": 4}
     with dag:
         if field in ("recipe", "base_ami", "base_ami_owner", "base_ami_name", "subnet_id", "instance_type"):
@@ -197,16 +239,22 @@ def hostile_dag(tmp_path: Path) -> Iterator[tuple[DAG, Path]]:
 
 @pytest.mark.parametrize(("field", "value"), HOSTILE)
 def test_each_operator_refuses_before_its_first_call(
-    ec2: Any, sshd: Any, subnet: dict, hostile_dag: tuple[DAG, Path], field: str, value: Any
+    ec2: Any,
+    launched_box: tuple[dict[str, Any], Any],
+    subnet: dict,
+    hostile_dag: tuple[DAG, Path],
+    field: str,
+    value: Any,
 ) -> None:
     dag, scripts = hostile_dag
-    op = _operator_for(field, value, dag, scripts)
+    box, on_box = launched_box
+    op = _operator_for(field, value, dag, scripts, box)
     with pytest.raises(ParamError) as refused:
         run_operator(op, make_context(dag, RUN_ID))
     assert refused.value.field in (field, "size_gib", "canvas.size_gib")
     _no_request_left(ec2)
     build = naming.build_id(dag.dag_id, RUN_ID)
-    assert not Path(remote.remote_dir(build)).exists(), "an SSH session shipped files"
+    assert not on_box.path(remote.remote_dir(build)).exists(), "an SSH session shipped files"
 
 
 @pytest.fixture
@@ -234,18 +282,13 @@ def recording_scripts(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
 
 
 def test_values_that_reach_the_box_arrive_as_single_inert_arguments(
-    sshd: Any, recording_scripts: tuple[str, Path, Path], tmp_path: Path
+    launched_box: tuple[dict[str, Any], Any], recording_scripts: tuple[str, Path, Path], tmp_path: Path
 ) -> None:
-    """Glob, comment, history and tilde characters pass validation in a URL: the box gets them verbatim."""
+    """Tilde, percent and plus pass validation in a mirror URL's path: the box gets them verbatim."""
     dag_id, scripts, argv_file = recording_scripts
     canary = tmp_path / "canary"
-    mirror = f"http://127.0.0.1/x/*?[a]#~!%^,+=/{canary}"
-    box = {
-        "instance_id": "i-0123456789abcdef0",
-        "ssh_address": "connection",
-        "address": "127.0.0.1",
-        "port": 22,
-    }
+    mirror = f"http://127.0.0.1/x/~root/%24HOME/+{canary}"
+    box, _ = launched_box  # the box shares /tmp with this machine: argv_file and the canary are seen here
     canvas = {"volume_id": GOOD_VOLUME, "device_name": "/dev/sdf", "size_gib": 4}
     with DAG(dag_id, schedule=None) as dag:
         op = RemoteChrootBuild(
@@ -254,6 +297,7 @@ def test_values_that_reach_the_box_arrive_as_single_inert_arguments(
             box=box,
             canvas=canvas,
             mirror_url=mirror,
+            boot_check=False,
             scripts_dir=str(scripts),
         )
     run_operator(op, make_context(dag, RUN_ID))
@@ -266,7 +310,7 @@ def test_values_that_reach_the_box_arrive_as_single_inert_arguments(
         device_name="/dev/sdf",
         size_gib=4,
         mirror_url=mirror,
-        sudo=sshd.login != "root",
+        sudo=True,  # the base AMI's user, not root
     )
     assert [a.decode() for a in received] == expected[expected.index("--recipe") :]
     assert not canary.exists()

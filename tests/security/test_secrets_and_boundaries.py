@@ -1,4 +1,4 @@
-"""One whole green run of amibake_nightly (dag.test: moto + recorder, real sshd, real Debian 12 build on
+"""One whole green run of amibake_nightly (dag.test: moto + recorder, a real box, real Debian 12 build on
 a loop-backed canvas), then: no secret anywhere the run wrote, and the box's boundaries as requested.
 
 Secrets: the AWS secret key of the ``amibake_aws`` connection (a unique value for this test) and
@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,36 +48,33 @@ def aws_secret(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> str:
 def green_run(
     nightly: Any,
     ec2: Any,
-    sshd: Any,
+    boxes: Any,
+    box_login: Any,
     subnet: dict,
     aws_secret: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> Iterator[dict[str, Any]]:
-    """The run, its captured task log and the box-side dirs (removed afterwards)."""
+    """The run, its captured task log and the box-side logs (the terminated box's files stay until
+    the next reset, as a disk kept for inspection)."""
     from rehearsal.ebs import LoopEbs
 
     monkeypatch.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", SSH_CIDR)
     dag = nightly
-    dirs: list[Path] = []
     with LoopEbs(ec2.moto_url, ec2.region, tmp_path / "ebs") as ebs:
-        try:
-            ami = ec2.register_base_image("amibake-secrets-base")
-            conf = {"recipe": "debian12", "base_ami": ami, "canvas_size_gib": 3}
-            dag_run = dag.test(run_conf=conf)
-            build = naming.build_id(DAG_ID, dag_run.run_id)
-            dirs += [Path(remote_dir(build))]
-            dirs += [Path(defaults.REMOTE_BASE_DIR) / c["VolumeId"] for c in ec2.calls("AttachVolume")]
-            captured = capfd.readouterr()
-            box_logs = "".join(p.read_text(errors="replace") for d in dirs for p in d.glob("logs/*.log"))
-            for volume_id in [c["VolumeId"] for c in ec2.calls("AttachVolume")]:
-                ebs.wait_for(volume_id, attached=False)
-            yield {"run": dag_run, "log": captured.out + captured.err, "box_logs": box_logs, "build": build}
-        finally:
-            for path in dirs:
-                subprocess.run(["umount", "-R", str(path / "root")], capture_output=True)
-                shutil.rmtree(path, ignore_errors=True)
+        ami = ec2.register_base_image("amibake-secrets-base")
+        conf = {"recipe": "debian12", "base_ami": ami, "canvas_size_gib": 3}
+        dag_run = dag.test(run_conf=conf)
+        build = naming.build_id(DAG_ID, dag_run.run_id)
+        dirs = [box.path(remote_dir(build)) for box in boxes.boxes]
+        for volume_id in [c["VolumeId"] for c in ec2.calls("AttachVolume")]:
+            dirs += [box.path(f"{defaults.REMOTE_BASE_DIR}/{volume_id}") for box in boxes.boxes]
+        captured = capfd.readouterr()
+        box_logs = "".join(p.read_text(errors="replace") for d in dirs for p in d.glob("logs/*.log"))
+        for volume_id in [c["VolumeId"] for c in ec2.calls("AttachVolume")]:
+            ebs.wait_for(volume_id, attached=False)
+        yield {"run": dag_run, "log": captured.out + captured.err, "box_logs": box_logs, "build": build}
 
 
 def _run_rows(dag_run: Any) -> dict[str, list[str]]:
@@ -117,7 +112,7 @@ def _secret_needles(aws_secret: str, private_key_pem: str) -> list[str]:
 
 
 def test_no_secret_in_xcom_logs_templates_or_requests_and_the_box_is_fenced(
-    green_run: dict[str, Any], ec2: Any, sshd: Any, aws_secret: str
+    green_run: dict[str, Any], ec2: Any, box_login: Any, aws_secret: str
 ) -> None:
     dag_run = green_run["run"]
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
@@ -125,6 +120,7 @@ def test_no_secret_in_xcom_logs_templates_or_requests_and_the_box_is_fenced(
     rows = _run_rows(dag_run)
     assert len(rows["xcom"]) >= 7 and len(rows["rendered"]) >= 7, rows  # what was scanned is really there
     assert "launch_build_box" in green_run["log"] and "phase mkfs" in green_run["log"]
+    assert green_run["box_logs"], "the box-side phase logs were found and scanned"
     places = {
         "xcom": "\n".join(rows["xcom"]),
         "rendered templates": "\n".join(rows["rendered"]),
@@ -132,7 +128,7 @@ def test_no_secret_in_xcom_logs_templates_or_requests_and_the_box_is_fenced(
         "box-side logs": green_run["box_logs"],
         "EC2 requests": json.dumps(ec2.requests),
     }
-    for needle in _secret_needles(aws_secret, sshd.private_key_pem):
+    for needle in _secret_needles(aws_secret, box_login.private_key_pem):
         for place, text in places.items():
             assert needle not in text, f"a secret ({needle[:6]}…) is in the {place}"
     assert "PRIVATE KEY" not in places["xcom"] + places["rendered templates"] + places["EC2 requests"]

@@ -1,6 +1,6 @@
 """The Airflow UI in a real browser (issue 6): headless Chromium from the Debian packages, driven by
 Selenium through Debian's chromedriver, against the rehearsal's Airflow (``./rehearse``'s services:
-moto behind the recording proxy, sshd as the build box, loop devices as the canvas).
+moto behind the recording proxy with a real box per instance, loop devices as the canvas).
 
 As a person would: log in, open the DAG, read its docs, trigger it through the form with
 non-default Params, watch the run page until the run ends, open the build task's log and find
@@ -67,7 +67,7 @@ SECTION_OF = {param: section for section, params in SECTIONS.items() for param i
 OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "mirror_url", "base_ami", "subnet_id"}
 #: Every task of a run (the task list of the run page).
 TASK_COUNT = 9
-CORE_PHASES = ["resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader"]
+CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader"]
 
 
 @pytest.fixture(scope="module")
