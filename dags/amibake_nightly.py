@@ -153,7 +153,8 @@ with DAG(
             section="Image",
         ),
         "boot_check": Param(
-            defaults.DEFAULT_BOOT_CHECK,
+            # [amibake] boot_check: CentOS 7 on an EL7 box cannot boot-check yet (README)
+            defaults.setting("boot_check").lower() == "true",
             type="boolean",
             title="Boot-check before registering",
             description="Boot the finished canvas on the box the way EC2 boots it (NVMe, EC2 platform, "

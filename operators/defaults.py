@@ -44,8 +44,6 @@ IMDS_SUPPORT = "v2.0"
 SRIOV_NET_SUPPORT = "simple"
 ARCHITECTURE = "x86_64"
 ASSET_ALIAS = "amibake-ami"
-#: boot the finished image as EC2 would before it may be registered; opting out is logged
-DEFAULT_BOOT_CHECK = True
 
 # -- AMI rotation (after a new AMI is available) ---------------------------------------------------
 #: keep the newest N AMIs of a recipe, set deprecate_at on the next M, deregister the rest
@@ -107,6 +105,10 @@ SETTINGS: dict[str, str] = {
     # encrypt the canvas, and so the snapshot and the AMI (false only for AMIs you make public)
     "encrypted": "true",
     "kms_key_id": "",
+    # the default of the boot_check Param: boot the image as EC2 does before registering it. An EL7
+    # box cannot (its qemu-kvm 1.5.3 has no NVMe, no q35): CentOS 7 nights fail at the box's tools
+    # phase until this is "false" (the image is then registered unbooted, and the task log says so)
+    "boot_check": "true",
     "scripts_dir": "",
     # failure and deadline notifications: dotted path of an Airflow notifier class (any provider's,
     # e.g. airflow.providers.smtp.notifications.smtp.SmtpNotifier) and its keyword arguments as JSON

@@ -50,7 +50,7 @@ class RemoteChrootBuild(AmibakeOperator):
         box: Any,
         canvas: Any,
         mirror_url: str = "",
-        boot_check: Any = defaults.DEFAULT_BOOT_CHECK,
+        boot_check: Any = True,
         build_timeout: int = defaults.BUILD_TIMEOUT_S,
         scripts_dir: str | None = None,
         **kwargs: Any,
@@ -73,10 +73,13 @@ class RemoteChrootBuild(AmibakeOperator):
         volume_id, device, size = canvas["volume_id"], canvas["device_name"], canvas["size_gib"]
         mirror = validation.validate_mirror_url(self.mirror_url or "")
         boot_check = validation.as_bool(
-            {"boot_check": self.boot_check}, "boot_check", defaults.DEFAULT_BOOT_CHECK
+            {"boot_check": self.boot_check}, "boot_check", True
         )
         if not boot_check:
-            self.log.warning("boot_check is off: this image will NOT be booted before it is registered")
+            self.log.warning(
+                "boot_check is off ([amibake] boot_check or the run's Param): this image will be "
+                "registered WITHOUT having been booted"
+            )
         local_scripts = Path(self.scripts_dir) if self.scripts_dir else defaults.scripts_dir()
         build = self.build_of(context)
         ssh, common = box_session(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from operators.base import AmibakeOperator
 from operators.rules import lifecycle
-from operators.rules.validation import as_bool, validate_number
+from operators.rules.validation import ParamError, as_bool, validate_number
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -56,6 +56,8 @@ class SweepOrphans(AmibakeOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         """Describe, decide, then remove (or only log, in a dry run)."""
+        if self.dry_run is None:
+            raise ParamError("dry_run", "must be true or false, got None")
         dry_run = as_bool({"dry_run": self.dry_run}, "dry_run", False)
         max_age = timedelta(hours=validate_number("max_age_hours", self.max_age_hours, *MAX_AGE_HOURS_RANGE))
         inventory = self.hook.inventory()
@@ -78,7 +80,7 @@ class SweepOrphans(AmibakeOperator):
             self.log.info("nothing to sweep")
         if dry_run:
             return [a.as_dict() for a in plan.remove]
-        failures = self._remove(plan.remove, inventory)
+        failures = self._remove(plan.remove)
         if failures:
             raise RuntimeError("sweep incomplete, could not remove: " + "; ".join(failures))
         return [a.as_dict() for a in plan.remove]
@@ -94,7 +96,7 @@ class SweepOrphans(AmibakeOperator):
             if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ACTIVE_RUN_STATES)) > 0
         }
 
-    def _remove(self, actions: list[lifecycle.Action], inventory: lifecycle.Inventory) -> list[str]:
+    def _remove(self, actions: list[lifecycle.Action]) -> list[str]:
         """Carry out the plan in its order; return what failed (the hook treats "already gone" as done)."""
         failures: list[str] = []
 
@@ -116,9 +118,8 @@ class SweepOrphans(AmibakeOperator):
             lambda: self.hook.terminate_instances([a.resource_id for a in boxes]),
         )
         if terminated:
-            volumes = {v["VolumeId"]: v for v in inventory.volumes}
             for action in by_kind["volume"]:
-                attempt(action, lambda a=action: self.hook.delete_volume(volumes[a.resource_id]))
+                attempt(action, lambda a=action: self.hook.delete_volume(a.resource_id))
             for action in by_kind["security-group"]:
                 attempt(action, lambda a=action: self.hook.delete_security_group(a.resource_id))
         else:

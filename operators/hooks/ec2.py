@@ -441,10 +441,18 @@ class BuildEc2Hook(EC2Hook):
 
     # -- deletes: each tolerates "already gone" ---------------------------------------------------
     def terminate_instances(self, instance_ids: list[str]) -> None:
-        """Terminate instances and wait until they are terminated."""
-        if instance_ids:
-            self.conn.terminate_instances(InstanceIds=instance_ids)
-            self.wait("instance_terminated", defaults.WAIT_INSTANCE_TERMINATED, InstanceIds=instance_ids)
+        """Terminate instances and wait until they are terminated; one already gone is no error."""
+        terminating = []
+        for batch in [instance_ids] if len(instance_ids) == 1 else [[i] for i in instance_ids]:
+            try:
+                self.conn.terminate_instances(InstanceIds=batch)
+                terminating += batch
+            except Exception as exc:
+                if error_code(exc) != "InvalidInstanceID.NotFound":
+                    raise
+                self.log.info("instance %s is already gone", batch[0])
+        if terminating:
+            self.wait("instance_terminated", defaults.WAIT_INSTANCE_TERMINATED, InstanceIds=terminating)
 
     def delete_security_group(
         self, group_id: str, limits: tuple[int, int] = defaults.SG_DELETE_ATTEMPTS
@@ -464,22 +472,20 @@ class BuildEc2Hook(EC2Hook):
                 self.log.info("security group %s still in use (try %d/%d)", group_id, attempt, attempts)
                 time.sleep(backoff(attempt, delay))
 
-    def delete_volume(self, volume: dict) -> None:
-        """Detach a volume (as described earlier) from whatever holds it, naming the instance as the
-        API documents, wait until it is available, delete it. An attachment that ended meanwhile (its
-        box was terminated since) is no error."""
-        volume_id = volume["VolumeId"]
-        for att in volume.get("Attachments") or []:
-            if att.get("State") in ("attaching", "attached"):
-                try:
-                    self.conn.detach_volume(VolumeId=volume_id, InstanceId=att["InstanceId"], Force=True)
-                except Exception as exc:
-                    if error_code(exc) == "InvalidVolume.NotFound":
-                        return  # a box's root volume, deleted with its box (DeleteOnTermination)
-                    if error_code(exc) not in ("InvalidAttachment.NotFound", "IncorrectState"):
-                        raise
+    def delete_volume(self, volume_id: str) -> None:
+        """Detach a volume from whatever holds it now (naming the instance, as the API documents),
+        wait until it is available, delete it. Gone already (a box's root volume goes with its box)
+        is no error, and neither is an attachment that ended meanwhile."""
         try:
-            if volume.get("State") != "available":
+            (volume,) = self.conn.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+            for att in volume.get("Attachments") or []:
+                if att.get("State") in ("attaching", "attached"):
+                    try:
+                        self.conn.detach_volume(VolumeId=volume_id, InstanceId=att["InstanceId"], Force=True)
+                    except Exception as exc:
+                        if error_code(exc) not in ("InvalidAttachment.NotFound", "IncorrectState"):
+                            raise
+            if volume["State"] != "available":
                 self.wait("volume_available", defaults.WAIT_VOLUME_AVAILABLE, VolumeIds=[volume_id])
             self.conn.delete_volume(VolumeId=volume_id)
         except Exception as exc:
@@ -522,10 +528,10 @@ class BuildEc2Hook(EC2Hook):
 
     def delete_volumes(self, build: str) -> list[str]:
         """Detach and delete the build's canvas volumes; returns their ids."""
-        volumes = [v for v in self.find_volumes(build) if v["State"] not in ("deleting", "deleted")]
-        for volume in volumes:
-            self.delete_volume(volume)
-        return [v["VolumeId"] for v in volumes]
+        ids = [v["VolumeId"] for v in self.find_volumes(build) if v["State"] not in ("deleting", "deleted")]
+        for volume_id in ids:
+            self.delete_volume(volume_id)
+        return ids
 
 
 def _admits_ssh_from(group: dict, cidr: str) -> bool:

@@ -301,7 +301,7 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
         kms_key_id=kms_key_id,
         ami_name_prefix=validate_ami_prefix(_str(params, "ami_name_prefix"), recipe),
         mirror_url=validate_mirror_url(_str(params, "mirror_url")),
-        boot_check=as_bool(params, "boot_check", defaults.DEFAULT_BOOT_CHECK),
+        boot_check=as_bool(params, "boot_check", as_bool(settings, "boot_check", True)),
         instance_profile=instance_profile,
         ssh_address=ssh_address,
         ssh_cidr=ssh_cidr,
