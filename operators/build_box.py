@@ -1,18 +1,12 @@
 """``LaunchBuildBox`` starts the temporary build box; ``TerminateBuildBox`` is its teardown.
 
-The box gets the SSH connection's PUBLIC key through cloud-init user data (``ssh_authorized_keys``):
-no EC2 key pair resource exists to leak, and the private key stays in the Airflow connection (so a
-secrets backend can serve it), never in XCom or logs. It also gets a per-build ed25519 HOST key
-through user data, whose public half goes to XCom, so every task verifies the box it talks to,
-whether on its own IP or through a tunnel (``ssh_address=connection``). (User data is readable by
-whoever may call DescribeInstanceAttribute on the box; the host key lives only as long as the box.)
+What the box is launched with (user data with our login key and a per-build host key, the
+RunInstances request) is in :mod:`operators.rules.launch`, shared with the preflight's dry run.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,59 +14,13 @@ from typing import TYPE_CHECKING, Any
 from operators import defaults
 from operators.base import AmibakeOperator, settings
 from operators.links.ec2 import EC2InstanceLink, SecurityGroupLink
-from operators.rules import validation
-from operators.rules.naming import Role, tag_specification
+from operators.rules import launch, validation
+from operators.rules.naming import Role
 from operators.triggers.ec2 import InstanceRunningTrigger
 from operators.triggers.ssh import SshReachableTrigger, ssh_banner_now
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-
-def _public_key_of_connection(ssh_conn_id: str) -> str:
-    """``type base64`` public key derived from the SSH connection's private key."""
-    import paramiko
-    from airflow.providers.ssh.hooks.ssh import SSHHook
-
-    # the connection holds login + key only (the box's address comes from EC2), and SSHHook insists
-    # on a host: give it a placeholder, nothing connects through this hook
-    hook = SSHHook(ssh_conn_id=ssh_conn_id, remote_host="build-box-not-launched-yet")
-    pkey = hook.pkey
-    if pkey is None and hook.key_file:
-        pkey = paramiko.PKey.from_path(hook.key_file)
-    if pkey is None:
-        raise ValueError(f"SSH connection {ssh_conn_id!r} has no private_key (or key_file) to log in with")
-    return f"{pkey.get_name()} {pkey.get_base64()} amibake"
-
-
-def _new_host_key() -> tuple[str, str]:
-    """A fresh ed25519 host key: (private key in OpenSSH PEM, ``ssh-ed25519 base64`` public key)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    ).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public.decode()
-
-
-def user_data(authorized_key: str, host_key: tuple[str, str] | None) -> str:
-    """cloud-init user data (JSON is valid YAML) giving the box our login key and host key."""
-    config: dict[str, Any] = {"ssh_authorized_keys": [authorized_key]}
-    if host_key is not None:
-        config["ssh_deletekeys"] = True
-        config["ssh_genkeytypes"] = []
-        config["ssh_keys"] = {"ed25519_private": host_key[0], "ed25519_public": host_key[1]}
-    return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
-
-
-def host_key_from_user_data(encoded: str) -> str:
-    """The public host key a box got through :func:`user_data` ('' if none)."""
-    text = base64.b64decode(encoded).decode()
-    body = text.split("\n", 1)[1] if text.startswith("#cloud-config") else text
-    return json.loads(body).get("ssh_keys", {}).get("ed25519_public", "")
 
 
 class LaunchBuildBox(AmibakeOperator):
@@ -153,7 +101,9 @@ class LaunchBuildBox(AmibakeOperator):
             },
             conf,
         )
-        authorized_key = _public_key_of_connection(self.ssh_conn_id)
+        from operators.hooks.box import public_key_of_connection
+
+        authorized_key = public_key_of_connection(self.ssh_conn_id)
         hook = self.hook
         build = self.build_of(context)
         base = hook.resolve_base_ami(params.base_ami, params.base_ami_owner, params.base_ami_name)
@@ -174,29 +124,15 @@ class LaunchBuildBox(AmibakeOperator):
                 tags=self.tags(context, Role.BUILD_SG),
             )
             self.persist_link(SecurityGroupLink, context, security_group_id=sg_id)
-            host_key = _new_host_key()
-            box_tags = self.tags(context, Role.BUILD_BOX)
-            run_args: dict[str, Any] = {
-                "ImageId": base["ImageId"],
-                "InstanceType": params.instance_type,
-                "SubnetId": params.subnet_id,
-                "SecurityGroupIds": [sg_id],
-                "UserData": user_data(authorized_key, host_key),
-                "MetadataOptions": {
-                    "HttpTokens": "required",
-                    "HttpEndpoint": "enabled",
-                    "HttpPutResponseHopLimit": 1,
-                },
-                "InstanceInitiatedShutdownBehavior": "terminate",
-                "TagSpecifications": [
-                    tag_specification("instance", box_tags),
-                    tag_specification("volume", box_tags),
-                    tag_specification("network-interface", box_tags),
-                ],
-            }
-            if params.instance_profile:
-                key = "Arn" if params.instance_profile.startswith("arn:") else "Name"
-                run_args["IamInstanceProfile"] = {key: params.instance_profile}
+            run_args = launch.run_instances_args(
+                image_id=base["ImageId"],
+                instance_type=params.instance_type,
+                subnet_id=params.subnet_id,
+                user_data=launch.user_data(authorized_key, launch.new_host_key()),
+                tags=self.tags(context, Role.BUILD_BOX),
+                instance_profile=params.instance_profile,
+                security_group_ids=[sg_id],
+            )
             instance, created = hook.ensure_instance(
                 build, run_args=run_args, attempt=context["ti"].try_number
             )
@@ -225,7 +161,7 @@ class LaunchBuildBox(AmibakeOperator):
         """The public host key the box got through its user data (every try reads it back)."""
         attr = self.hook.conn.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         encoded = attr.get("UserData", {}).get("Value", "")
-        key = host_key_from_user_data(encoded) if encoded else ""
+        key = launch.host_key_from_user_data(encoded) if encoded else ""
         if not key:
             raise RuntimeError(f"build box {instance_id} has no amibake host key in its user data")
         return key

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from operators import defaults
 from operators.base import AmibakeOperator, settings
-from operators.rules import naming, validation
+from operators.rules import launch, naming, validation
 from operators.rules import preflight as rules
 from operators.rules.errors import classify, classify_answer, error_code
 from operators.rules.naming import Role, tag_specification
@@ -91,11 +91,11 @@ def _ssh_key(conn_id: str) -> rules.Check:
     """The SSH connection exists, holds a private key and a login."""
     from airflow.providers.ssh.hooks.ssh import SSHHook
 
-    from operators.build_box import _public_key_of_connection
+    from operators.hooks.box import public_key_of_connection
 
     try:
         login = SSHHook.get_connection(conn_id).login or ""
-        _public_key_of_connection(conn_id)
+        public_key_of_connection(conn_id)
     except Exception as exc:  # noqa: BLE001 - any failure to read the key is the finding
         return rules.ssh_key(f"{type(exc).__name__}: {exc}", "", conn_id)
     return rules.ssh_key("", login, conn_id)
@@ -153,7 +153,7 @@ def _dry_runs(
     exist during the night (the security group: the dry run launches into the VPC's default one);
     tests/operators/test_preflight.py compares them with a real launch so the two cannot drift apart.
     """
-    from operators.build_box import _new_host_key, _public_key_of_connection, user_data
+    from operators.hooks.box import public_key_of_connection
 
     found = {
         params.subnet_id: "subnet_id",
@@ -175,32 +175,18 @@ def _dry_runs(
     checks.append(_dry_run_check("CreateSecurityGroup", code, message, found))
 
     try:
-        authorized_key = _public_key_of_connection(ssh_conn_id)
+        authorized_key = public_key_of_connection(ssh_conn_id)
     except Exception:  # noqa: BLE001 - reported by the SSH key check; any key shapes the request
         authorized_key = "ssh-ed25519 AAAA amibake-preflight"
-    box_tags = tags(Role.BUILD_BOX)
-    run_args: dict[str, Any] = {
-        "ImageId": base["ImageId"],
-        "InstanceType": params.instance_type,
-        "SubnetId": params.subnet_id,
-        "UserData": user_data(authorized_key, _new_host_key()),
-        "MetadataOptions": {
-            "HttpTokens": "required",
-            "HttpEndpoint": "enabled",
-            "HttpPutResponseHopLimit": 1,
-        },
-        "InstanceInitiatedShutdownBehavior": "terminate",
-        "TagSpecifications": [
-            tag_specification("instance", box_tags),
-            tag_specification("volume", box_tags),
-            tag_specification("network-interface", box_tags),
-        ],
-        "MinCount": 1,
-        "MaxCount": 1,
-    }
-    if params.instance_profile:
-        key = "Arn" if params.instance_profile.startswith("arn:") else "Name"
-        run_args["IamInstanceProfile"] = {key: params.instance_profile}
+    run_args = launch.run_instances_args(
+        image_id=base["ImageId"],
+        instance_type=params.instance_type,
+        subnet_id=params.subnet_id,
+        user_data=launch.user_data(authorized_key, launch.new_host_key()),
+        tags=tags(Role.BUILD_BOX),
+        instance_profile=params.instance_profile,
+    )
+    run_args.update(MinCount=1, MaxCount=1)
     checks.append(_dry_run_check("RunInstances", *hook.dry_run("run_instances", **run_args), found))
 
     volume_args: dict[str, Any] = {

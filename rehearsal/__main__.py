@@ -234,11 +234,25 @@ class Ec2Service:
 
 
 def default_subnet(ec2: Ec2Service) -> str:
-    """A subnet of moto's default VPC for the build box (on AWS this is ``[amibake] subnet_id``)."""
-    subnets = ec2.moto_client().describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
-    if not subnets["Subnets"]:
-        raise RehearsalError("the local EC2 API has no default subnet")
-    return sorted(s["SubnetId"] for s in subnets["Subnets"])[0]
+    """A default subnet of moto's default VPC whose zone offers the box's default instance type (on
+    AWS this is ``[amibake] subnet_id``; preflight refuses a zone that does not offer the type)."""
+    client = ec2.moto_client()
+    offered = {
+        o["Location"]
+        for o in client.describe_instance_type_offerings(
+            LocationType="availability-zone",
+            Filters=[{"Name": "instance-type", "Values": [defaults.DEFAULT_INSTANCE_TYPE]}],
+        )["InstanceTypeOfferings"]
+    }
+    subnets = client.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    usable = sorted(
+        (s["AvailabilityZone"], s["SubnetId"]) for s in subnets if s["AvailabilityZone"] in offered
+    )
+    if not usable:
+        raise RehearsalError(
+            f"the local EC2 API has no default subnet offering {defaults.DEFAULT_INSTANCE_TYPE}"
+        )
+    return usable[0][1]
 
 
 @contextmanager

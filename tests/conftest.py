@@ -143,11 +143,11 @@ def launched_box(ec2: Any, boxes: Any, box_login: Any) -> tuple[dict[str, Any], 
 
     import paramiko
 
-    from operators.build_box import _new_host_key, user_data
     from operators.rules import naming
+    from operators.rules.launch import new_host_key, user_data
 
     key = paramiko.Ed25519Key.from_private_key(io.StringIO(box_login.private_key_pem))
-    host_key = _new_host_key()
+    host_key = new_host_key()
     tags = naming.resource_tags(
         build="0123456789ab", dag_id="amibake_t_box", run_id="manual__t", recipe="debian12",
         role=naming.Role.BUILD_BOX,

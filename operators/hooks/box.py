@@ -154,6 +154,21 @@ def _emit(line: str, result: CommandResult, log: logging.Logger) -> None:
         log.info("build-image: %s", {k: v for k, v in event.items() if k != "event"} | {"event": kind})
 
 
+def public_key_of_connection(ssh_conn_id: str) -> str:
+    """``type base64`` public key derived from the SSH connection's private key (for the user data)."""
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    # the connection holds login + key only (the box's address comes from EC2), and SSHHook insists
+    # on a host: give it a placeholder, nothing connects through this hook
+    hook = SSHHook(ssh_conn_id=ssh_conn_id, remote_host="build-box-not-launched-yet")
+    pkey = hook.pkey
+    if pkey is None and hook.key_file:
+        pkey = paramiko.PKey.from_path(hook.key_file)
+    if pkey is None:
+        raise ValueError(f"SSH connection {ssh_conn_id!r} has no private_key (or key_file) to log in with")
+    return f"{pkey.get_name()} {pkey.get_base64()} amibake"
+
+
 def box_ssh_hook(box: dict[str, Any], *, ssh_conn_id: str) -> SSHHook:
     """The SSH provider's hook for the build box described by ``LaunchBuildBox``'s XCom.
 

@@ -2,9 +2,10 @@
 (rehearsal.airflow_env.LocalAirflow: api-server, scheduler, dag-processor, triggerer, LocalExecutor)
 the second run waits ``queued`` (``max_active_runs=1``), is not failed, and starts when the first ends.
 
-The first run is held inside its launch_build_box task: every RunInstances call is delayed by the
-recording proxy and then refused (never forwarded to moto), so the first run stays ``running`` as
-long as the test needs and creates no instance. Both runs are triggered through the REST API (with
+The first run is held inside its launch_build_box task: every real RunInstances call (not preflight's
+DryRun) is delayed by the recording proxy and then answered InternalError (never forwarded to moto), a
+transient error that botocore and the task's retries keep retrying, so the first run stays ``running``
+as long as the test needs and creates no instance. Both runs are triggered through the REST API (with
 the rehearsal's dormant schedule no scheduled run fires; the limit counts every run alike).
 """
 
@@ -37,8 +38,8 @@ def _launch_tokens(ec2: Any) -> set[str]:
 def test_a_manual_run_waits_queued_while_the_nightly_runs(
     ec2: Any, box_login: Any, subnet: dict, tmp_path: Path
 ) -> None:
-    ec2.add_latency("RunInstances", 15, times=None)
-    ec2.add_fault("RunInstances", "UnauthorizedOperation", 403, times=None)
+    ec2.add_latency("RunInstances", 15, times=None, dry_run=False)
+    ec2.add_fault("RunInstances", "InternalError", 500, times=None, dry_run=False)
     settings = {**rehearsal_settings(date.today()), "subnet_id": subnet["SubnetId"]}
     env = amibake_env(
         aws_extra=ec2.connection_extra(), ssh_connection=box_login.connection(), settings=settings

@@ -24,7 +24,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from operators.build_box import _new_host_key, user_data
+from operators.rules.launch import new_host_key, user_data
 from rehearsal.boxes import BOX_UID, Boxes, Login, default_user, parse_user_data
 from rehearsal.ec2_local import LocalEc2
 from rehearsal.sshd import PACKAGE_CACHE_ENV
@@ -47,7 +47,7 @@ def api(tmp_path: Path) -> Iterator[tuple[LocalEc2, Boxes]]:
 def _launch(ec2: LocalEc2, login: Login, image_name: str) -> tuple[str, tuple[str, str]]:
     """One instance with the product's user data; (instance id, its host key pair)."""
     key = paramiko.Ed25519Key.from_private_key(io.StringIO(login.private_key_pem))
-    host_key = _new_host_key()
+    host_key = new_host_key()
     run = ec2.boto3_client(recorded=True).run_instances(
         ImageId=ec2.register_base_image(image_name),
         MinCount=1,

@@ -66,7 +66,7 @@ SECTION_OF = {param: section for section, params in SECTIONS.items() for param i
 #: The optional text Params: nullable, default None, so their fields start empty.
 OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "mirror_url", "base_ami", "subnet_id"}
 #: Every task of a run (the task list of the run page).
-TASK_COUNT = 9
+TASK_COUNT = 10
 CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader"]
 
 
