@@ -16,7 +16,6 @@ night's creates, with the night's own arguments; an endpoint that ignores DryRun
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import urllib.error
 import urllib.request
@@ -277,15 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         help="a trigger parameter of amibake_nightly, as the run's conf would carry it (repeatable)",
     )
     args = parser.parse_args(argv)
-    conf: dict[str, Any] = {}
-    for item in args.conf:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            parser.error(f"--conf {item!r}: expected KEY=JSON")
-        try:
-            conf[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            conf[key] = raw
+    try:
+        conf = validation.parse_conf_items(args.conf)
+    except ValueError as exc:
+        parser.error(str(exc))
     from operators.hooks.ec2 import BuildEc2Hook
 
     try:

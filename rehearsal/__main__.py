@@ -29,6 +29,7 @@ from typing import Any
 
 from operators import defaults
 from operators.rules.naming import build_id
+from operators.rules.validation import parse_conf_items
 from rehearsal import processes
 from rehearsal.airflow_env import (
     ADMIN_USER,
@@ -662,15 +663,10 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
         parser.error(f"--api-port {args.api_port} must be between 0 and 65535")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
-    conf = {}
-    for item in args.conf:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--conf {item!r} must look like KEY=JSON")
-        try:
-            conf[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            conf[key] = raw  # a bare string
+    try:
+        conf = parse_conf_items(args.conf)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args.action, Options(
         recipe=args.recipe,
         boot_check=args.boot_check,

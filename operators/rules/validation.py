@@ -7,6 +7,7 @@ and the rules are unit-tested on their own. A bad value raises :class:`ParamErro
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -329,3 +330,17 @@ def require_id(field: str, value: Any, pattern: re.Pattern[str], what: str) -> s
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ParamError(field, f"must be {what}, got {value!r}")
     return value
+
+
+def parse_conf_items(items: list[str]) -> dict[str, Any]:
+    """``KEY=JSON`` command-line items as a run's conf (a value that is not JSON is a bare string)."""
+    conf: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--conf {item!r} must look like KEY=JSON")
+        try:
+            conf[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            conf[key] = raw
+    return conf
