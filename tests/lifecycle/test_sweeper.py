@@ -94,7 +94,8 @@ def test_sweeps_old_orphans_in_order_and_nothing_else(
     assert ids(calls, "TerminateInstances") == [old["instance"]]
     assert ids(calls, "DetachVolume") == [stuck["instance"], stuck["volume"]]  # InstanceId always sent
     assert sorted(ids(calls, "DeleteVolume")) == sorted([old["volume"], stuck["volume"]])
-    assert sorted(ids(calls, "DeleteSecurityGroup")) == sorted([old["sg"], stuck["sg"]])
+    # a group is asked again while its terminated box's interface lingers (as on AWS): once or more
+    assert set(ids(calls, "DeleteSecurityGroup")) == {old["sg"], stuck["sg"]}
     assert ids(calls, "DeregisterImage") == [old["failed_ami"]]
     assert sorted(ids(calls, "DeleteSnapshot")) == sorted(
         [old["snapshot"], old["failed_ami_snapshot"], old["loose_snapshot"], stuck["snapshot"]]
