@@ -130,7 +130,6 @@ class RegisterHVMAmi(AmibakeOperator):
             image_id = hook.register_image(args)
             self.log.info("build %s: registered AMI %s (%s)", build, image_id, name)
         self.persist_link(AmiLink, context, image_id=image_id)
-        limits = (self.waiter_delay, self.waiter_max_attempts)
         return self.defer_or_wait(
             context,
             done=lambda: hook.image_state(image_id) == "available",
@@ -140,7 +139,6 @@ class RegisterHVMAmi(AmibakeOperator):
                 waiter_max_attempts=self.waiter_max_attempts,
                 **self.trigger_kwargs(),
             ),
-            wait=lambda: hook.wait("image_available", limits, ImageIds=[image_id]),
             method_name="execute_complete",
             event={"image_id": image_id},
         )

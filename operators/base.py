@@ -120,24 +120,29 @@ class AmibakeOperator(AwsBaseOperator[BuildEc2Hook]):
         *,
         done: Callable[[], bool],
         trigger: BaseTrigger,
-        wait: Callable[[], None],
         method_name: str,
+        wait: Callable[[], None] | None = None,
         event: dict[str, Any],
     ) -> Any:
         """Resume with ``method_name(context, event)`` once the awaited state is reached.
 
         Asks first (``done``): a resource already in its state is not waited for at all, so a
         trigger that would fire within a second of ``defer()`` cannot race the scheduler
-        (apache/airflow#66374). Otherwise the wait runs in the triggerer (``deferrable``) or here
-        (``wait``, a blocking waiter); a failed blocking wait resumes with an error event, as a
-        failed trigger would.
+        (apache/airflow#66374). Otherwise the wait runs in the triggerer (``deferrable``) or here:
+        ``wait``, or by default the trigger's own botocore waiter with its delay and attempts. A
+        failed blocking wait resumes with an error event, as a failed trigger would.
         """
         if done():
             return getattr(self, method_name)(context, {**event, "status": "success"})
         if getattr(self, "deferrable", False):
             self.defer(trigger=trigger, method_name=method_name)
         try:
-            wait()
+            if wait is not None:
+                wait()
+            else:  # an AwsBaseWaiterTrigger: the same waiter, blocking
+                self.hook.wait(
+                    trigger.waiter_name, (trigger.waiter_delay, trigger.attempts), **trigger.waiter_args
+                )
         except Exception as exc:
             return getattr(self, method_name)(context, {**event, "status": "error", "message": str(exc)})
         return getattr(self, method_name)(context, {**event, "status": "success"})

@@ -142,7 +142,6 @@ class LaunchBuildBox(AmibakeOperator):
             else:
                 self.log.info("build %s: reusing build box %s from an earlier try", build, instance_id)
             self.persist_link(EC2InstanceLink, context, instance_id=instance_id)
-            limits = (self.waiter_delay, self.waiter_max_attempts)
             return self.defer_or_wait(
                 context,
                 done=lambda: hook.instance_state(instance_id) == "running",
@@ -152,7 +151,6 @@ class LaunchBuildBox(AmibakeOperator):
                     waiter_max_attempts=self.waiter_max_attempts,
                     **self.trigger_kwargs(),
                 ),
-                wait=lambda: hook.wait("instance_running", limits, InstanceIds=[instance_id]),
                 method_name="execute_running",
                 event={"instance_id": instance_id},
             )

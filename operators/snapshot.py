@@ -82,7 +82,6 @@ class FrozenSnapshot(AmibakeOperator):
         if not snapshot_id:
             snapshot_id = self._freeze_and_snapshot(context, build, volume_id, device, size)
         self.persist_link(SnapshotLink, context, snapshot_id=snapshot_id)
-        limits = (self.waiter_delay, self.waiter_max_attempts)
         return self.defer_or_wait(
             context,
             done=lambda: hook.snapshot_state(snapshot_id) == "completed",
@@ -92,7 +91,6 @@ class FrozenSnapshot(AmibakeOperator):
                 waiter_max_attempts=self.waiter_max_attempts,
                 **self.trigger_kwargs(),
             ),
-            wait=lambda: hook.wait("snapshot_completed", limits, SnapshotIds=[snapshot_id]),
             method_name="execute_complete",
             event={"snapshot_id": snapshot_id},
         )
