@@ -14,20 +14,14 @@ from pathlib import Path
 import pytest
 from loopdisk import run_build
 
+from rehearsal.processes import running as pid_alive
+
 pytestmark = pytest.mark.root
 
 
 def start_write(path: Path) -> subprocess.Popen:
     """Write and fsync a file in the background (blocks while its filesystem is frozen)."""
     return subprocess.Popen(["sh", "-c", f"echo written > {path} && sync {path}"])
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_until(cond, timeout: float) -> bool:
