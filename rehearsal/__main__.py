@@ -41,8 +41,9 @@ from rehearsal.airflow_env import (
     rehearsal_settings,
 )
 from rehearsal.boxes import BOX_NETWORK, Boxes, Login, default_user
-from rehearsal.ebs import LoopEbs
+from rehearsal.ebs import EbsSnapshots, LoopEbs
 from rehearsal.ec2_local import Ec2Control, LocalEc2, standard_extensions
+from rehearsal.guests import Guests
 from rehearsal.iam import POLICY_PATH, load_policy
 from rehearsal.sshd import WORK_DIR_PREFIX, package_cache, package_cache_env
 
@@ -203,6 +204,10 @@ def clean_up_earlier(state_dir: Path) -> bool:
         shutil.rmtree(work_dir, ignore_errors=True)
     if LoopEbs.cleanup_stale(ebs_dir) if ebs_dir.is_dir() else []:
         did = True
+    snapshots_dir = state_dir / "snapshots"  # the killed run's snapshot copies (rehearsal.ebs.EbsSnapshots)
+    if snapshots_dir.is_dir() and any(snapshots_dir.iterdir()):
+        did = True
+        shutil.rmtree(snapshots_dir)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return did
 
@@ -262,13 +267,16 @@ def local_ec2(
     on_spawn: Callable[[int], object],
     *,
     boxes_dir: Path,
+    snapshots_dir: Path,
     box_env: Mapping[str, str],
     timeout: float = 30.0,
 ) -> Iterator[Ec2Service]:
     """``python -m rehearsal.ec2_local`` in its own session until the block ends; ``on_spawn`` gets
     its pid at once. Every instance gets a box (its files in ``boxes_dir``, its build logs kept next
-    to ``log_path``); the boxes die with that process."""
+    to ``log_path``), or, launched from an AMI of a snapshot kept in ``snapshots_dir``, a qemu guest
+    booting that AMI; both die with that process."""
     argv = [sys.executable, "-m", "rehearsal.ec2_local", "--port", "0", "--boxes", str(boxes_dir)]
+    argv += ["--snapshots", str(snapshots_dir)]  # an AMI built here boots its own bytes (rehearsal.guests)
     argv += ["--iam-policy", str(POLICY_PATH)]  # amibake's IAM policy, enforced on every call
     argv += ["--box-logs", str(log_path.parent), *(f"--box-env={k}={v}" for k, v in box_env.items())]
     with open(log_path, "wb") as log:
@@ -482,15 +490,23 @@ def rehearsal_services(
         stack.enter_context(_shielded_cleanup())
         stack.callback(_forget_if_clean, state_dir)  # runs after every service below has stopped
         box_env = package_cache_env(opts.package_cache)
+        snapshots_dir = state_dir / "snapshots"
         if opts.ec2_in_process:
-            boxes = Boxes(parent_dir=state_dir, session_env=box_env, keep_logs=state_dir / "logs")
-            local = stack.enter_context(
-                LocalEc2(extensions=standard_extensions(policy=load_policy(), boxes=boxes))
+            snapshots = EbsSnapshots(snapshots_dir)
+            boxes = Boxes(
+                parent_dir=state_dir,
+                session_env=box_env,
+                keep_logs=state_dir / "logs",
+                guests=Guests(snapshots, parent_dir=state_dir),
             )
+            extensions = standard_extensions(policy=load_policy(), snapshots=snapshots, boxes=boxes)
+            local = stack.enter_context(LocalEc2(extensions=extensions))
             ec2 = Ec2Service(local.endpoint_url, local.moto_url, local.region)
         else:
             log = state_dir / "logs" / "ec2_local.log"
-            ec2 = stack.enter_context(local_ec2(log, spawned, boxes_dir=state_dir, box_env=box_env))
+            ec2 = stack.enter_context(
+                local_ec2(log, spawned, boxes_dir=state_dir, snapshots_dir=snapshots_dir, box_env=box_env)
+            )
         say(f"local EC2 API at {ec2.endpoint_url} (moto at {ec2.moto_url}, region {ec2.region})")
         base_ami = ec2.control.register_base_image(BASE_IMAGE_NAME)
         login = Login.new(default_user(BASE_IMAGE_NAME))
@@ -500,7 +516,7 @@ def rehearsal_services(
             f"{login.user} (sudo) with a throwaway key and its per-build host key ({cache})"
         )
         # straight to moto: the proxy records only the DAG's own EC2 calls
-        ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs")
+        ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs", snapshots_dir=snapshots_dir)
         stack.enter_context(ebs)
         stack.callback(lambda: kill_box_processes(ebs.history + [build_id(DAG_ID, r) for r in run_ids]))
         env = amibake_env(

@@ -25,6 +25,10 @@ every box is stopped by :meth:`Boxes.reset` / :meth:`Boxes.close` (``LocalEc2.re
 A terminated box's files stay until then (logs can be read after the run; with ``keep_logs`` the
 build's phase logs are copied out first).
 
+An AMI this rehearsal built (its root snapshot's content kept by :class:`rehearsal.ebs.EbsSnapshots`)
+is not a box: with ``guests`` given, such an instance boots that AMI's bytes under qemu
+(:mod:`rehearsal.guests`); every other AMI (the base images) gets a box.
+
 What it does not model: reboot / stop / start (a stopped instance is not a box), instance metadata
 (IMDS), security-group filtering of tcp/22 and egress, cloud-init modules other than the two above,
 several users.
@@ -50,7 +54,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -65,6 +69,9 @@ from rehearsal.sshd import (
     sshd_config,
     wait_for_banner,
 )
+
+if TYPE_CHECKING:
+    from rehearsal.guests import Guests
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +245,7 @@ class Boxes:
         (``env_keep``): the offline package cache.
     :param keep_logs: when a box's files are removed, copy build-image's phase logs of each volume
         to ``keep_logs/box-<volume id>/`` first.
+    :param guests: boot the AMIs whose root snapshot has content as guests instead (see the module doc).
     """
 
     def __init__(
@@ -246,6 +254,7 @@ class Boxes:
         parent_dir: Path | None = None,
         session_env: Mapping[str, str] | None = None,
         keep_logs: Path | None = None,
+        guests: Guests | None = None,
     ) -> None:
         if parent_dir is not None and any(
             parent_dir.resolve().is_relative_to(private) for private in PRIVATE_DIRS
@@ -254,6 +263,7 @@ class Boxes:
         self.parent_dir = parent_dir
         self.session_env = checked_session_env(session_env)
         self.keep_logs = keep_logs
+        self.guests = guests
         self._boxes: dict[str, Box] = {}
         self._lock = threading.Lock()
         # one long-lived thread forks every box: PR_SET_PDEATHSIG follows the forking thread
@@ -269,12 +279,18 @@ class Boxes:
         if status != 200:
             return body
         if action == "RunInstances":
+            image = moto.describe_images(ImageIds=[params["ImageId"]])["Images"][0]
+            guests = self.guests
+            content = guests.content_of(image) if guests is not None else None
+            if guests is not None and content is not None:  # an AMI we built: boot its bytes
+                for instance_id in _instance_ids(body):
+                    self._starter.submit(guests.start, instance_id, image, content, params, moto).result()
+                return self._show_addresses(body)
             try:
                 config = parse_user_data(params.get("UserData", ""))
             except ValueError as exc:  # EC2 takes any user data; such a box is just unreachable
                 log.warning("%s: the box gets no login key", exc)
                 config = CloudConfig()
-            image = moto.describe_images(ImageIds=[params["ImageId"]])["Images"][0]
             login = default_user(image.get("Name", ""))
             for instance_id in _instance_ids(body):
                 self._starter.submit(self._start, instance_id, login, config).result()
@@ -284,6 +300,8 @@ class Boxes:
                     self.terminate(instance_id)
         if action in ("RunInstances", "DescribeInstances"):
             return self._show_addresses(body)
+        if self.guests is not None:
+            return self.guests.rewrite(action, body)
         return body
 
     # -- boxes ----------------------------------------------------------------------------------
@@ -304,15 +322,19 @@ class Boxes:
             box = self._boxes.get(instance_id)
         if box is not None:
             _kill(box)
+        if self.guests is not None:
+            self.guests.terminate(instance_id)
 
     def reset(self) -> None:
-        """Terminate every box and remove its files (``LocalEc2.reset``)."""
+        """Terminate every box and guest and remove their files (``LocalEc2.reset``)."""
         with self._lock:
             boxes = list(self._boxes.values())
             self._boxes.clear()
         for box in boxes:
             _kill(box)
             self._remove_files(box)
+        if self.guests is not None:
+            self.guests.reset()
 
     def close(self) -> None:
         """Stop everything (``LocalEc2.stop``); safe to call twice."""
@@ -452,18 +474,26 @@ class Boxes:
                 shutil.copytree(logs, self.keep_logs / f"box-{logs.parent.name}", dirs_exist_ok=True)
         shutil.rmtree(box.dir, ignore_errors=True)
 
+    def _address(self, instance_id: str) -> str | None:
+        """Where a running instance's SSH is reached: its box's or its guest's address (None: neither)."""
+        with self._lock:
+            box = self._boxes.get(instance_id)
+        if box is not None and box.alive:
+            return box.address
+        return self.guests.address(instance_id) if self.guests is not None else None
+
     def _show_addresses(self, body: bytes) -> bytes:
-        """Rewrite each boxed instance's private and public IP in an EC2 answer to its box's address."""
+        """Rewrite each boxed (or guest) instance's private and public IP in an EC2 answer to the
+        address its SSH is reached on."""
         root = ET.fromstring(body)
         changed = False
         for item in _instance_items(root):
-            with self._lock:
-                box = self._boxes.get(_child_text(item, "instanceId"))
-            if box is None or not box.alive:
+            address = self._address(_child_text(item, "instanceId"))
+            if address is None:
                 continue
             for elem in item.iter():
                 if _local(elem.tag) in _ADDRESS_TAGS:
-                    elem.text = box.address
+                    elem.text = address
                     changed = True
         if not changed:
             return body

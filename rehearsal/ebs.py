@@ -17,9 +17,11 @@ import re
 import subprocess
 import threading
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 BY_ID_DIR = Path(CONTRACT.nvme_byid_dir)
 NVME_LINK_PREFIX = CONTRACT.nvme_byid_prefix
 VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8,32}$")
+SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{8,32}$")
 GIB = 1024**3
 
 
@@ -40,6 +43,27 @@ def link_path(volume_id: str) -> Path:
     if not VOLUME_ID_RE.match(volume_id):
         raise ValueError(f"volume_id {volume_id!r} is not an EBS volume id (vol-<hex>)")
     return BY_ID_DIR / (NVME_LINK_PREFIX + volume_id.replace("-", ""))
+
+
+def snapshot_image(snapshots_dir: Path, snapshot_id: str) -> Path:
+    """Where :class:`EbsSnapshots` keeps a snapshot's content (``<snapshot-id>.img``, sparse)."""
+    if not SNAPSHOT_ID_RE.match(snapshot_id):
+        raise ValueError(f"snapshot_id {snapshot_id!r} is not an EBS snapshot id (snap-<hex>)")
+    return Path(snapshots_dir) / f"{snapshot_id}.img"
+
+
+def volume_backing_file(volume_id: str) -> Path | None:
+    """The file behind an attached volume, found through the machine (by-id link -> loop device ->
+    its sysfs ``backing_file``), so it works whichever process backs the volume; None if unbacked."""
+    link = link_path(volume_id)
+    if not link.is_symlink():
+        return None
+    backing = Path("/sys/block") / Path(os.path.realpath(link)).name / "loop" / "backing_file"
+    try:
+        path = Path(backing.read_text().strip())
+    except OSError:
+        return None
+    return path if path.is_file() else None
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -113,6 +137,38 @@ def loops_backed_by(path: Path) -> list[str]:
     return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
 
 
+def attach_image(image: Path, volume_id: str | None = None) -> str:
+    """Put an image file on a new loop device (partitions scanned) and, given a volume id, link it
+    under that id as Nitro udev does; returns the loop device. The one way a test disk or an
+    emulated EBS volume becomes a block device."""
+    loop_dev = _run("losetup", "-f", "--show", "-P", str(image)).stdout.strip()
+    if volume_id is not None:
+        try:
+            link = link_path(volume_id)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(loop_dev)
+        except BaseException:
+            release_device(loop_dev)
+            raise
+    return loop_dev
+
+
+def detach_image(image: Path, loop_dev: str, volume_id: str | None = None) -> None:
+    """Undo :func:`attach_image` as a forced detach does: thaw and unmount everything from the
+    device, detach it, remove its by-id link (if it still points at it) and the image file."""
+    if loop_dev:
+        release_device(loop_dev)
+    if volume_id is not None:
+        link = link_path(volume_id)
+        if link.is_symlink() and os.readlink(link) == loop_dev:
+            link.unlink()
+    for other in loops_backed_by(image):  # losetup -d is asynchronous when busy
+        release_device(other)
+    image.unlink(missing_ok=True)
+
+
 @dataclass
 class _Backing:
     """What one attached volume is backed by on this machine."""
@@ -127,11 +183,18 @@ class LoopEbs:
     """Context manager that backs every attached moto volume with a real loop device.
 
     ``state_dir`` holds the sparse image files (``<volume-id>.img``); whatever a killed earlier run
-    left there (loop devices, mounts, links) is cleaned up on entry.
+    left there (loop devices, mounts, links) is cleaned up on entry. ``snapshots_dir``: where
+    :class:`EbsSnapshots` keeps snapshot content; a volume created from such a snapshot starts as
+    a copy of it (otherwise every volume starts blank).
     """
 
     def __init__(
-        self, endpoint_url: str, region: str, state_dir: str | os.PathLike[str], poll_interval: float = 0.5
+        self,
+        endpoint_url: str,
+        region: str,
+        state_dir: str | os.PathLike[str],
+        poll_interval: float = 0.5,
+        snapshots_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint_url {endpoint_url!r} must be an http(s) URL")
@@ -143,6 +206,7 @@ class LoopEbs:
         self.region = region
         self.state_dir = Path(state_dir)
         self.poll_interval = poll_interval
+        self.snapshots_dir = Path(snapshots_dir) if snapshots_dir is not None else None
         self.errors: list[str] = []
         #: every volume id backed so far, in order (the rehearsal removes their box-side work dirs)
         self.history: list[str] = []
@@ -230,17 +294,17 @@ class LoopEbs:
 
     def sync_once(self) -> None:
         """One poll: back newly attached volumes, release detached or deleted ones."""
-        attached: dict[str, int] = {}
+        attached: dict[str, tuple[int, str]] = {}
         paginator = self._client.get_paginator("describe_volumes")
         for page in paginator.paginate():
             for vol in page["Volumes"]:
                 if any(a.get("State") in ("attaching", "attached") for a in vol.get("Attachments", [])):
-                    attached[vol["VolumeId"]] = vol["Size"]
+                    attached[vol["VolumeId"]] = (vol["Size"], vol.get("SnapshotId") or "")
         for volume_id in [v for v in self._backings if v not in attached]:
             self._release(volume_id)
-        for volume_id, size_gib in attached.items():
+        for volume_id, (size_gib, snapshot_id) in attached.items():
             if volume_id not in self._backings and VOLUME_ID_RE.match(volume_id):
-                self._back(volume_id, size_gib)
+                self._back(volume_id, size_gib, snapshot_id)
 
     def _loop(self) -> None:
         """Poll until stopped; an error is recorded and the next poll tries again."""
@@ -254,36 +318,130 @@ class LoopEbs:
                     log.warning("LoopEbs poll failed: %s", message)
             self._stop.wait(self.poll_interval)
 
-    def _back(self, volume_id: str, size_gib: int) -> None:
-        """Sparse file + loop device + by-id link for one attached volume."""
+    def _back(self, volume_id: str, size_gib: int, snapshot_id: str = "") -> None:
+        """Sparse file (blank, or a copy of its snapshot's content) + loop device + by-id link for
+        one attached volume."""
         image = self.state_dir / f"{volume_id}.img"
-        with open(image, "wb") as fh:
-            fh.truncate(size_gib * GIB)
+        source = self._snapshot_content(snapshot_id)
+        if source is not None:
+            _run("cp", "--sparse=always", str(source), str(image))
+        with open(image, "r+b" if source is not None else "wb") as fh:
+            if fh.seek(0, os.SEEK_END) < size_gib * GIB:  # a volume may be larger than its snapshot
+                fh.truncate(size_gib * GIB)
         try:
-            loop_dev = _run("losetup", "-f", "--show", "-P", str(image)).stdout.strip()
+            loop_dev = attach_image(image, volume_id)
         except Exception:
             image.unlink()
             raise
         link = link_path(volume_id)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(loop_dev)
         with self._changed:
             self._backings[volume_id] = _Backing(volume_id, image, loop_dev, link)
             self.history.append(volume_id)
             self._changed.notify_all()
         log.info("volume %s attached: %s (%d GiB) at %s", volume_id, loop_dev, size_gib, link)
 
+    def _snapshot_content(self, snapshot_id: str) -> Path | None:
+        """The content EbsSnapshots kept for ``snapshot_id``, if any."""
+        if self.snapshots_dir is None or not SNAPSHOT_ID_RE.match(snapshot_id):
+            return None
+        path = snapshot_image(self.snapshots_dir, snapshot_id)
+        return path if path.is_file() else None
+
     def _release(self, volume_id: str) -> None:
         """Undo ``_back``: thaw, unmount, remove link, detach loop, delete file."""
         backing = self._backings[volume_id]
-        release_device(backing.loop_dev)
-        if backing.link.is_symlink() and os.readlink(backing.link) == backing.loop_dev:
-            backing.link.unlink()
-        for loop_dev in loops_backed_by(backing.image):  # losetup -d is asynchronous when busy
-            release_device(loop_dev)
-        backing.image.unlink(missing_ok=True)
+        detach_image(backing.image, backing.loop_dev, volume_id)
         with self._changed:
             del self._backings[volume_id]
             self._changed.notify_all()
         log.info("volume %s released (%s)", volume_id, backing.loop_dev)
+
+
+class EbsSnapshots:
+    """Local EC2 API extension: a snapshot keeps the bytes its volume had at ``CreateSnapshot``.
+
+    moto only records snapshots. After moto accepted ``CreateSnapshot`` this copies the volume's
+    current content, synchronously (the snapshot is point-in-time: the product freezes the
+    filesystems around the call), into ``state_dir/<snapshot-id>.img`` (``cp --sparse=always``: the
+    file system here has no reflink). The volume's bytes are found through the machine
+    (:func:`volume_backing_file`), as the :class:`LoopEbs` that backs it may run in another process.
+    A volume that is not backed here (never attached in this rehearsal) has no content: nothing is
+    kept, and an AMI of that snapshot is not bootable here. ``DeleteSnapshot`` removes the copy;
+    :meth:`reset` / :meth:`close` remove all (and a new instance removes what a killed run left).
+    ``LoopEbs(..., snapshots_dir=state_dir)`` starts a volume created from a snapshot as its copy;
+    :mod:`rehearsal.guests` boots an AMI whose root snapshot has content.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        #: copies that failed (a test asserts there are none; the snapshot itself stays in moto)
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self.reset()
+
+    def content(self, snapshot_id: str) -> Path | None:
+        """The kept content of a snapshot, or None (no content, or not a snapshot id)."""
+        if not SNAPSHOT_ID_RE.match(snapshot_id or ""):
+            return None
+        path = snapshot_image(self.state_dir, snapshot_id)
+        return path if path.is_file() else None
+
+    def before(self, action: str, params: dict[str, str], moto: Any) -> tuple[int, bytes] | None:
+        """Never answers a call itself."""
+        return None
+
+    def after(self, action: str, params: dict[str, str], status: int, body: bytes, moto: Any) -> bytes:
+        """Copy the volume on CreateSnapshot, remove the copy on DeleteSnapshot (only once moto did)."""
+        if status != 200:
+            return body
+        if action == "CreateSnapshot":
+            self._keep(_xml_text(body, "snapshotId"), params.get("VolumeId", ""))
+        elif action == "DeleteSnapshot":
+            path = self.content(params.get("SnapshotId", ""))
+            if path is not None:
+                path.unlink(missing_ok=True)
+                log.info("snapshot %s deleted: its content is gone", path.stem)
+        return body
+
+    def reset(self) -> None:
+        """Remove every kept snapshot (``LocalEc2.reset``)."""
+        with self._lock:
+            for path in self.state_dir.glob("snap-*.img*"):
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove every kept snapshot (``LocalEc2.stop``)."""
+        self.reset()
+
+    def _keep(self, snapshot_id: str, volume_id: str) -> None:
+        """Copy the volume's backing file to the snapshot's file (renamed at the end: no partial copy
+        is ever seen as content)."""
+        if not SNAPSHOT_ID_RE.match(snapshot_id) or not VOLUME_ID_RE.match(volume_id):
+            return
+        source = volume_backing_file(volume_id)
+        if source is None:
+            log.info("snapshot %s of %s: volume not backed here, no content kept", snapshot_id, volume_id)
+            return
+        target = snapshot_image(self.state_dir, snapshot_id)
+        partial = target.with_name(target.name + ".partial")
+        started = time.monotonic()
+        with self._lock:
+            try:
+                _run("cp", "--sparse=always", str(source), str(partial))
+                partial.rename(target)
+            except Exception as exc:
+                partial.unlink(missing_ok=True)
+                self.errors.append(f"{snapshot_id} of {volume_id}: {exc}")
+                log.error("snapshot %s of %s: content not kept: %s", snapshot_id, volume_id, exc)
+                return
+        seconds = time.monotonic() - started
+        log.info("snapshot %s of %s: content kept in %.1f s", snapshot_id, volume_id, seconds)
+
+
+def _xml_text(body: bytes, name: str) -> str:
+    """Text of the first element called ``name`` (any namespace) of an EC2 answer, '' if none."""
+    for elem in ET.fromstring(body).iter():
+        if elem.tag.rsplit("}", 1)[-1] == name:
+            return elem.text or ""
+    return ""

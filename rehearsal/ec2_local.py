@@ -138,13 +138,16 @@ def _fault_label(rule: _Rule | None) -> str | None:
 def standard_extensions(
     *,
     policy: dict[str, Any] | None = None,
+    snapshots: Extension | None = None,
     boxes: Extension | None = None,
     **delays: float,
 ) -> list[Extension]:
     """The local EC2 API's extensions in the order they must run: the IAM policy (if one is given:
     it answers ``UnauthorizedOperation`` before DryRun is answered), the AWS rules moto lacks
     (``delays``: ``consistency_s``, ``snapshot_s``, ``linger_s``, see :func:`rehearsal.aws_rules.aws_rules`),
-    then the boxes (if given: they start on moto's RunInstances answer)."""
+    the snapshot content (``rehearsal.ebs.EbsSnapshots``, if given: kept on CreateSnapshot), then the
+    boxes (if given: they start on moto's RunInstances answer; with ``Boxes(guests=Guests(snapshots))``
+    an AMI whose root snapshot has content boots its own bytes)."""
     from rehearsal.aws_rules import aws_rules
 
     found: list[Extension] = []
@@ -153,6 +156,8 @@ def standard_extensions(
 
         found.append(IamEnforcer(policy))
     found.extend(aws_rules(**delays))
+    if snapshots is not None:
+        found.append(snapshots)
     if boxes is not None:
         found.append(boxes)
     return found
@@ -676,6 +681,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--box-logs", type=Path, metavar="DIR", help="keep the boxes' build logs here")
     parser.add_argument(
+        "--snapshots",
+        type=Path,
+        metavar="DIR",
+        help="keep each snapshot's content in DIR (rehearsal.ebs.EbsSnapshots; give LoopEbs the same "
+        "snapshots_dir); with --boxes, an AMI of such a snapshot boots its own bytes (rehearsal.guests)",
+    )
+    parser.add_argument(
         "--iam-policy", type=Path, metavar="FILE", help="enforce this IAM policy (JSON) on every call"
     )
     parser.add_argument(
@@ -706,19 +718,27 @@ def main(argv: list[str] | None = None) -> int:
             policy = json.loads(args.iam_policy.read_text())
         except (OSError, ValueError) as exc:
             parser.error(f"--iam-policy {args.iam_policy}: {exc}")
+    if args.moto_only and (policy is not None or args.boxes or args.snapshots):
+        parser.error("--moto-only cannot be combined with --iam-policy, --boxes or --snapshots")
+    snapshots = None
+    if args.snapshots:
+        from rehearsal.ebs import EbsSnapshots
+
+        snapshots = EbsSnapshots(args.snapshots)
     boxes = None
     if args.boxes:
         from rehearsal.boxes import Boxes
+        from rehearsal.guests import Guests
 
         box_env = dict(item.partition("=")[::2] for item in args.box_env)
-        boxes = Boxes(parent_dir=args.boxes, session_env=box_env, keep_logs=args.box_logs)
+        guests = Guests(snapshots, parent_dir=args.boxes) if snapshots is not None else None
+        boxes = Boxes(parent_dir=args.boxes, session_env=box_env, keep_logs=args.box_logs, guests=guests)
     if args.moto_only:
-        if policy is not None or boxes is not None:
-            parser.error("--moto-only cannot be combined with --iam-policy or --boxes")
         extensions: list[Extension] = []
     else:
         extensions = standard_extensions(
             policy=policy,
+            snapshots=snapshots,
             boxes=boxes,
             consistency_s=args.consistency_s,
             snapshot_s=args.snapshot_s,

@@ -164,6 +164,7 @@ RESOURCES: dict[str, Callable[[dict[str, str], State], list[Resource]]] = {
     "DeleteVolume": lambda p, _: _existing("volume", p.get("VolumeId")),
     "TerminateInstances": lambda p, _: _existing("instance", *_numbered(p, "InstanceId")),
     "DescribeInstanceAttribute": lambda p, _: _existing("instance", p.get("InstanceId")),
+    "GetConsoleOutput": lambda p, _: _existing("instance", p.get("InstanceId")),
     "CreateSnapshot": lambda p, _: [
         Resource("snapshot", created=True),
         *_existing("volume", p.get("VolumeId")),

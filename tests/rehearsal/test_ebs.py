@@ -12,7 +12,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from rehearsal.ebs import LoopEbs, link_path, loops_backed_by, mounts_of
+from rehearsal.ebs import EbsSnapshots, LoopEbs, link_path, loops_backed_by, mounts_of, snapshot_image
+from rehearsal.ec2_local import LocalEc2
 
 pytestmark = [
     pytest.mark.root,
@@ -207,3 +208,107 @@ def test_link_path_refuses_a_non_volume_id():
     """The link name is derived only from a well-formed volume id."""
     with pytest.raises(ValueError, match="volume_id"):
         link_path("../../etc/passwd")
+
+
+# -- snapshot content (EbsSnapshots) ----------------------------------------------------------------
+MIB = 1024**2
+#: offsets (bytes) of the test pattern: the start of the disk and far into it (a sparse region)
+PATTERN_AT = (0, 700 * MIB)
+
+
+def write_pattern(loop_dev: str, pattern: bytes) -> None:
+    """Write ``pattern`` (1 MiB of it) at each offset of PATTERN_AT, through to the backing file."""
+    fd = os.open(loop_dev, os.O_WRONLY)
+    try:
+        for offset in PATTERN_AT:
+            os.pwrite(fd, pattern * (MIB // len(pattern)), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_pattern(path: str | Path, length: int) -> list[bytes]:
+    """The first ``length`` bytes at each offset of PATTERN_AT."""
+    with open(path, "rb") as fh:
+        return [os.pread(fh.fileno(), length, offset) for offset in PATTERN_AT]
+
+
+@pytest.fixture
+def snapshot_api(tmp_path: Path) -> Iterator[tuple[LocalEc2, EbsSnapshots, LoopEbs]]:
+    """A local EC2 API keeping snapshot content, and a LoopEbs that starts volumes from it."""
+    snapshots = EbsSnapshots(tmp_path / "snapshots")
+    with LocalEc2(extensions=[snapshots]) as api:
+        with LoopEbs(
+            api.moto_url,
+            api.region,
+            tmp_path / "ebs",
+            poll_interval=0.1,
+            snapshots_dir=tmp_path / "snapshots",
+        ) as ebs:
+            yield api, snapshots, ebs
+    assert list((tmp_path / "snapshots").iterdir()) == []  # close() removed every kept snapshot
+    assert list((tmp_path / "ebs").glob("*.img")) == []
+
+
+def test_a_snapshot_keeps_the_volume_as_it_was_and_a_volume_from_it_starts_as_that(snapshot_api):
+    """CreateSnapshot copies the attached volume's bytes (point in time, sparse); a later write does
+    not reach the snapshot; a bigger volume created from it shows the old bytes; DeleteSnapshot
+    removes the copy."""
+    api, snapshots, ebs = snapshot_api
+    client = api.boto3_client(recorded=True)
+    zone = f"{api.region}a"
+    image = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
+    instance = client.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    vol = client.create_volume(Size=1, AvailabilityZone=zone)["VolumeId"]
+    client.attach_volume(VolumeId=vol, InstanceId=instance, Device="/dev/sdf")
+    loop_dev = ebs.wait_for(vol, timeout=30)
+    write_pattern(loop_dev, b"old ")
+
+    snap = client.create_snapshot(VolumeId=vol, Description="test")["SnapshotId"]
+    kept = snapshot_image(snapshots.state_dir, snap)
+    assert snapshots.content(snap) == kept
+    assert kept.stat().st_size == 1024**3
+    assert kept.stat().st_blocks * 512 < 64 * MIB  # sparse: only the written MiBs take space
+    write_pattern(loop_dev, b"new ")
+    assert read_pattern(loop_dev, 4) == [b"new ", b"new "]
+    assert read_pattern(kept, 8) == [b"old old ", b"old old "]
+
+    copy = client.create_volume(Size=2, AvailabilityZone=zone, SnapshotId=snap)["VolumeId"]
+    client.attach_volume(VolumeId=copy, InstanceId=instance, Device="/dev/sdg")
+    copy_dev = ebs.wait_for(copy, timeout=60)
+    assert read_pattern(copy_dev, 8) == [b"old old ", b"old old "]
+    assert int(sh("blockdev", "--getsize64", copy_dev)) == 2 * 1024**3  # grown to the volume's size
+    write_pattern(copy_dev, b"mine")
+    assert read_pattern(kept, 4) == [b"old ", b"old "]  # the snapshot is never written through
+
+    client.delete_snapshot(SnapshotId=snap)
+    assert not kept.exists() and snapshots.content(snap) is None
+    assert [c["VolumeId"] for c in api.calls("CreateSnapshot")] == [vol]
+    assert [c.get("SnapshotId") for c in api.calls("CreateVolume")] == [None, snap]
+    assert [c["SnapshotId"] for c in api.calls("DeleteSnapshot")] == [snap]
+    assert snapshots.errors == [] and ebs.errors == []
+    for v in (vol, copy):
+        client.detach_volume(VolumeId=v, InstanceId=instance)
+        ebs.wait_for(v, attached=False, timeout=30)
+
+
+def test_a_snapshot_of_a_volume_never_attached_here_has_no_content(snapshot_api):
+    """No backing on this machine → nothing kept (a volume from it starts blank); reset removes all."""
+    api, snapshots, ebs = snapshot_api
+    client = api.boto3_client(recorded=True)
+    vol = client.create_volume(Size=1, AvailabilityZone=f"{api.region}a")["VolumeId"]
+    snap = client.create_snapshot(VolumeId=vol)["SnapshotId"]
+    assert snapshots.content(snap) is None
+    assert list(snapshots.state_dir.iterdir()) == []
+    assert snapshots.errors == []
+
+    other = snapshots.state_dir / "snap-0123456789abcdef0.img"
+    other.write_bytes(b"x")  # as a killed run would leave it
+    api.reset()
+    assert not other.exists()
+
+
+def test_snapshot_image_refuses_a_non_snapshot_id(tmp_path):
+    """The content's file name comes only from a well-formed snapshot id."""
+    with pytest.raises(ValueError, match="snapshot_id"):
+        snapshot_image(tmp_path, "../vol-1.img")

@@ -135,7 +135,9 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     ami = re.search(r"AMI id:\s+(ami-[0-9a-f]{8,17})", out)
     snapshot = re.search(r"snapshot id:\s+(snap-[0-9a-f]{8,17})", out)
     assert ami and snapshot, out[-3000:]
-    for task in ("remote_chroot_build", "frozen_snapshot", "register_hvm_ami", "delete_canvas"):
+    tasks = ("remote_chroot_build", "frozen_snapshot", "register_hvm_ami", "smoke_instance",
+             "rotate_amis", "terminate_smoke_instance", "delete_canvas")
+    for task in tasks:  # smoke_instance: the AMI's own bytes booted through the local EC2 API
         assert re.search(rf"{task}\s+success", out), f"{task} did not succeed"
 
     # 4. nothing is left: processes, keys, loop devices, mounts, links, images, box work dirs
@@ -153,6 +155,7 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     assert mounts_under(str(state), *box_dirs) == []
     assert volume_links(volumes) == []
     assert list((state / "ebs").glob("*.img")) == []
+    assert list((state / "snapshots").glob("*")) == []  # the snapshot copies the smoke instance booted
     assert [d for d in box_dirs if Path(d).exists()] == []
 
 

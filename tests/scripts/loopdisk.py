@@ -1,6 +1,7 @@
 """Real disks for the build-script tests and benchmarks: a sparse file on a loop device, registered
-under a volume id exactly as Nitro udev (and the offline rehearsal) does, plus a runner for
-``build-image`` that parses its progress lines.
+under a volume id exactly as Nitro udev does, by the rehearsal's EBS emulator itself
+(``rehearsal.ebs.attach_image`` / ``detach_image``), plus a runner for ``build-image`` that parses
+its progress lines.
 
 Everything made here is undone by ``LoopVolume.close()``, which tests and benchmarks call in a
 ``finally``: thaw, unmount, detach, remove the by-id link and the file.
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from operators.rules.contract import CONTRACT
+from rehearsal.ebs import attach_image, detach_image, mounts_of
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGE = REPO / "include" / "scripts" / "build-image"
-BYID_DIR = Path(CONTRACT.nvme_byid_dir)
 PROGRESS_PREFIX = CONTRACT.progress_prefix
 #: Every LoopVolume made in this process, so a test session can prove none was left behind.
 CREATED: list[LoopVolume] = []
@@ -34,15 +35,6 @@ def new_volume_id() -> str:
 def byid_link(volume_id: str) -> Path:
     """The Nitro by-id link of a volume id (what udev makes and build-image looks up)."""
     return Path(CONTRACT.nvme_byid_link(volume_id))
-
-
-def mountinfo() -> list[tuple[str, str]]:
-    """(major:minor, mount point) of every mount of this process's namespace."""
-    rows = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        parts = line.split()
-        rows.append((parts[2], parts[4]))
-    return rows
 
 
 def majmin(dev: str) -> str:
@@ -70,13 +62,7 @@ class LoopVolume:
         try:
             with open(self.image, "wb") as f:
                 f.truncate(self.size_gib * 1024**3)
-            self.device = subprocess.run(
-                ["losetup", "-f", "--show", "-P", str(self.image)],
-                check=True, capture_output=True, text=True,
-            ).stdout.strip()
-            if self.link:
-                BYID_DIR.mkdir(parents=True, exist_ok=True)
-                byid_link(self.volume_id).symlink_to(self.device)
+            self.device = attach_image(self.image, self.volume_id if self.link else None)
         except BaseException:
             self.close()
             raise
@@ -91,14 +77,8 @@ class LoopVolume:
         return f"{self.device}p{n}"
 
     def mountpoints(self) -> list[str]:
-        """Mount points of the device or any of its partitions."""
-        if not self.device or not os.path.exists(self.device):
-            return []
-        ids = {majmin(self.device)}
-        sys_dir = Path("/sys/dev/block") / majmin(self.device)
-        for part in sys_dir.resolve().glob("*/partition"):
-            ids.add(part.parent.joinpath("dev").read_text().strip())
-        return [mp for mid, mp in mountinfo() if mid in ids]
+        """Mount points of the device or any of its partitions, and every mount beneath them."""
+        return mounts_of(self.device) if self.device and os.path.exists(self.device) else []
 
     def teardown(self, recipe: str = "debian12") -> None:
         """Stop the freeze guard and any build on the volume, then remove every trace of it."""
@@ -109,21 +89,15 @@ class LoopVolume:
 
     def close(self) -> None:
         """Thaw, unmount, detach, remove link, extra nodes and files; safe to call twice."""
-        for mp in sorted(self.mountpoints(), key=len, reverse=True):
-            subprocess.run(["xfs_freeze", "-u", mp], capture_output=True)
-        # Processes (qemu, a build) still using the disk would keep it busy.
-        for mp in sorted(self.mountpoints(), key=len, reverse=True):
-            subprocess.run(["umount", mp], capture_output=True)
-        link = byid_link(self.volume_id)
-        if link.is_symlink():
-            link.unlink()
         for node in self.extra_nodes:
             if os.path.lexists(node):
                 os.unlink(node)
         self.extra_nodes.clear()
-        if self.device:
-            subprocess.run(["losetup", "-d", self.device], capture_output=True)
-            self.device = ""
+        detach_image(self.image, self.device, self.volume_id if self.link else None)
+        self.device = ""
+        link = byid_link(self.volume_id)  # a test may have linked this unique id by hand
+        if link.is_symlink():
+            link.unlink()
         subprocess.run(["rm", "-rf", "--one-file-system", str(self.tmp)], capture_output=True)
 
 

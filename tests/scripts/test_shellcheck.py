@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "include" / "scripts"
-ALL = sorted([SCRIPTS / "build-image", SCRIPTS / "instance-check", *SCRIPTS.glob("lib/*.sh"),
-              *SCRIPTS.glob("recipes/*.sh")])
+ALL = sorted([SCRIPTS / "build-image", SCRIPTS / "instance-check", SCRIPTS / "ec2-guest",
+              *SCRIPTS.glob("lib/*.sh"), *SCRIPTS.glob("recipes/*.sh")])
 
 
 def test_scripts_exist() -> None:

@@ -15,7 +15,9 @@ stdin/stdout. It answers as IMDS does with ``HttpTokens=required`` (what Registe
 
 Tokens are stateless (expiry + HMAC with the secret in STATE_DIR/imds-secret), so a token from one
 connection is valid on the next, each served by its own process. STATE_DIR/imds.json holds the
-instance's values (written by lib/bootcheck.sh); each request is appended to STATE_DIR/imds.log.
+instance's values (written by lib/bootcheck.sh, or by rehearsal/guests.py for an instance of the
+local EC2 API; an empty ``public_key`` means no key pair: no ``public-keys/``); each request is
+appended to STATE_DIR/imds.log.
 Python 3.6 compatible (the EL7 box's python3), standard library only.
 """
 
@@ -54,7 +56,7 @@ def metadata_tree(cfg):
         "vpc-ipv4-cidr-block": cfg["subnet_cidr"],
         "vpc-ipv4-cidr-blocks": cfg["subnet_cidr"],
     }
-    return {
+    tree = {
         "ami-id": cfg["ami_id"],
         "ami-launch-index": "0",
         "ami-manifest-path": "(unknown)",
@@ -69,11 +71,13 @@ def metadata_tree(cfg):
         "mac": mac,
         "network": {"interfaces": {"macs": {mac: iface}}},
         "placement": {"availability-zone": cfg["availability_zone"], "region": cfg["region"]},
-        "public-keys": {"0": {"openssh-key": cfg["public_key"]}},
         "reservation-id": cfg["reservation_id"],
         "security-groups": cfg["security_group"],
         "services": {"domain": "amazonaws.com", "partition": "aws"},
     }
+    if cfg.get("public_key"):  # an instance launched without a key pair has no public-keys/ at all
+        tree["public-keys"] = {"0": {"openssh-key": cfg["public_key"]}}
+    return tree
 
 
 def identity_document(cfg):
