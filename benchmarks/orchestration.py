@@ -1,7 +1,9 @@
 """Orchestration figures of amibake, measured on this machine and printed as a table.
 
 1. Orchestration overhead of a rehearsal run: its wall time minus the time the build script spent in
-   its phases (boot check included), in seconds and as a share of the wall time.
+   its phases (boot check included), in seconds and as a share of the wall time; and the share of the
+   two boots in it: the boot check on the box (the build's ``bootcheck`` phase) and the smoke
+   instance (the ``smoke_instance`` task: the registered AMI launched through the local EC2 API).
 2. Parse time of ``dags/amibake_nightly.py`` against an empty DAG, median of fresh processes.
 3. Worker slot-seconds of a run in which moto's instances, snapshots and AMIs take as long as on AWS
    (instance 60 s, snapshot 10 min, AMI 2 min): the time tasks held a worker slot, read from the task
@@ -12,7 +14,7 @@
 Usage (root, after ``bin/setup``)::
 
     .venv/bin/python benchmarks/orchestration.py            # two rehearsal runs, ~20 min
-    .venv/bin/python benchmarks/orchestration.py --smoke    # one run, latencies / 20, no boot check
+    .venv/bin/python benchmarks/orchestration.py --smoke    # one run, latencies / 20, no boot, no smoke
 
 This prints figures; it asserts nothing about speed.
 """
@@ -39,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from rehearsal.__main__ import BASE_IMAGE_NAME, DAG_ID, Options, RunResult, rehearse  # noqa: E402
 
 BUILD_TASK = "remote_chroot_build"
+SMOKE_TASK = "smoke_instance"
 PHASE_RE = re.compile(r"phase (\S+) finished in ([0-9.]+) s")
 #: Simulated AWS latencies in seconds (what the issue asks for).
 AWS_LATENCIES = {"instance": 60.0, "snapshot": 600.0, "image": 120.0}
@@ -145,16 +148,22 @@ def task_logs(result: RunResult, home: Path) -> dict[tuple[str, int], list[dict[
     return logs
 
 
-def build_seconds(logs: dict[tuple[str, int], list[dict[str, Any]]]) -> float:
-    """Seconds the build script spent in its phases (boot check included), from its progress lines."""
+def build_seconds(logs: dict[tuple[str, int], list[dict[str, Any]]], phase: str | None = None) -> float:
+    """Seconds the build script spent in its phases (boot check included), or in one ``phase``,
+    from its progress lines."""
     total = 0.0
     for (task, _), events in logs.items():
         if task == BUILD_TASK:
             for event in events:
                 match = PHASE_RE.search(str(event.get("event", "")))
-                if match:
+                if match and phase in (None, match.group(1)):
                     total += float(match.group(2))
     return total
+
+
+def task_seconds(result: RunResult, task_id: str) -> float:
+    """Duration of one task of the run (0 when it did not run)."""
+    return sum(float(ti.get("duration") or 0.0) for ti in result.tasks if ti["task_id"] == task_id)
 
 
 def slot_seconds(logs: dict[tuple[str, int], list[dict[str, Any]]]) -> float:
@@ -208,10 +217,17 @@ def one_run(opts: Options, lag: dict[str, float] | None) -> tuple[RunResult, dic
     return result, task_logs(result, opts.state_dir / "airflow")
 
 
+def _share(seconds: float, wall: float) -> str:
+    """Seconds and their share of the wall time."""
+    return f"{seconds:.1f} s ({seconds / wall:.0%})" if wall else f"{seconds:.1f} s"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="one run, latencies / 20, no boot check (CI)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="one run, latencies / 20, no boot check, no smoke instance (CI)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="parses per DAG file (median)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -227,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = 20.0 if args.smoke else 1.0
     lag = {k: v / scale for k, v in AWS_LATENCIES.items()}
-    opts = Options(boot_check=not args.smoke, ec2_in_process=True)
+    opts = Options(boot_check=not args.smoke, ec2_in_process=True, conf={"smoke_check": not args.smoke})
     if args.smoke:
         plain, plain_logs = one_run(opts, lag)
         slow, slow_logs = plain, plain_logs
@@ -236,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         slow, slow_logs = one_run(opts, lag)
 
     build = build_seconds(plain_logs)
+    boot = build_seconds(plain_logs, "bootcheck")
+    smoke = task_seconds(plain, SMOKE_TASK)
     overhead = plain.wall_seconds - build
     slow_build = build_seconds(slow_logs)
     calls = Counter(c["action"] for c in plain.ec2_calls)
@@ -248,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("  build script phases (boot check " + ("off" if args.smoke else "on") + ")", f"{build:.1f} s"),
         ("  orchestration overhead", f"{overhead:.1f} s ({overhead / plain.wall_seconds:.0%})"),
+        ("  boot check on the box (phase bootcheck)", _share(boot, plain.wall_seconds)),
+        (f"  smoke instance of the AMI (task {SMOKE_TASK})", _share(smoke, plain.wall_seconds)),
+        ("  the two boots together", _share(boot + smoke, plain.wall_seconds)),
         ("DAG parse: amibake_nightly.py (median)", f"{parse_ours * 1000:.0f} ms"),
         ("DAG parse: empty DAG (median)", f"{parse_empty * 1000:.0f} ms"),
         (f"run with simulated AWS waits ({lag_text}): wall", f"{slow.wall_seconds:.1f} s"),

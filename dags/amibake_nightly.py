@@ -18,7 +18,9 @@ from operators import (
     RegisterHVMAmi,
     RemoteChrootBuild,
     RotateAmis,
+    SmokeInstance,
     TerminateBuildBox,
+    TerminateSmokeInstance,
     defaults,
     notify,
 )
@@ -44,10 +46,20 @@ Builds the image **from scratch** on a temporary EC2 build box and registers it 
 5. **frozen_snapshot**: freeze the canvas filesystems, CreateSnapshot, thaw at once.
 6. **register_hvm_ami**: RegisterImage (HVM, ENA, SR-IOV, legacy BIOS, IMDSv2) and announce it
    as the Asset `amibake://ami/<recipe>`.
-7. **rotate_amis**: only after the new AMI is available: keep the newest `keep_amis` of its
-   image line (recipe + AMI name prefix), set `deprecate_at` on the next `deprecate_grace`,
-   deregister older ones with their snapshots. A failed night never gets here, so every
-   existing AMI stays as it was; AMIs of other prefixes are never touched.
+7. **smoke_instance**: launch ONE instance of the new AMI (`smoke_instance_type`, default
+   t3.micro) in the build's subnet and security group, with a login key and a host key made for it
+   alone (the private key lives only in the task's memory, so this wait holds a worker slot);
+   wait for 2/2 status checks, log in and run the same `instance-check` as the boot check. Every
+   item passed: the AMI is tagged `amibake:verified=true`. Otherwise the AMI is deprecated at once,
+   stays unverified, the console's tail is in the log, and the run fails naming the failed items.
+   `smoke_check` off: the AMI stays unverified (the log says so); this task and rotation are
+   skipped, so nothing is retired.
+8. **rotate_amis**: only after the new AMI is available AND verified: keep the newest `keep_amis`
+   VERIFIED AMIs of its image line (recipe + AMI name prefix), set `deprecate_at` on the next
+   `deprecate_grace`, deregister older ones with their snapshots. Unverified AMIs never count as
+   good: they are deprecated, and deregistered once `keep_amis + deprecate_grace` verified AMIs
+   are newer. A failed night never gets here, so every existing AMI stays as it was; AMIs of other
+   prefixes are never touched.
 
 **How long it takes**: the EC2 waits take a few minutes (snapshot and AMI: 5-30 min on AWS, held
 by the triggerer, not a worker slot); the build itself takes 5-15 min for CentOS 7 (yum from the
@@ -62,10 +74,11 @@ removed the box, its security group and the canvas; the sweeper DAG removes anyt
 left. Fix the cause (a mirror, a quota, a Param) and trigger again, or clear the failed task: a
 retry reuses what the run already made.
 
-Teardowns **terminate_build_box** (with its security group) and **delete_canvas** run whatever
-happens (the run is still marked failed when a step failed). Every resource carries the
-`amibake:build-id` tag, so a retry finds what an earlier try made and creates nothing twice, and
-the sweeper DAG removes anything a crash left behind.
+Teardowns **terminate_smoke_instance**, **terminate_build_box** (with its security group, after
+the smoke instance in it is gone) and **delete_canvas** run whatever happens (the run is still
+marked failed when a step failed). Every resource carries the `amibake:build-id` tag, so a retry
+finds what an earlier try made and creates nothing twice, and the sweeper DAG removes anything a
+crash left behind.
 
 SSH keys: the box gets the PUBLIC half of the `amibake_ssh` connection's key through cloud-init
 user data; there is no EC2 key pair to leak and the private key never leaves the connection (or
@@ -198,6 +211,22 @@ with DAG(
             description="Subnet of the build box. Empty = [amibake] subnet_id.",
             section="Build box",
         ),
+        "smoke_check": Param(
+            defaults.setting("smoke_check").lower() == "true",
+            type="boolean",
+            title="Smoke-check after registering",
+            description="Launch one instance of the new AMI, check its first boot over SSH, and only then "
+            "tag it amibake:verified=true (rotation counts verified AMIs only). Off = the AMI stays "
+            "unverified (the task log says so); the check and rotation are skipped.",
+            section="Smoke check",
+        ),
+        "smoke_instance_type": Param(
+            defaults.setting("smoke_instance_type"),
+            type="string",
+            title="Smoke instance type",
+            description="EC2 instance type of the smoke instance (launched in the build box's subnet).",
+            section="Smoke check",
+        ),
         "keep_amis": Param(
             defaults.DEFAULT_KEEP_AMIS,
             type="integer",
@@ -285,6 +314,19 @@ with DAG(
         execution_timeout=_wait_budget(defaults.WAIT_IMAGE_AVAILABLE),
         **AWS_STEP,
     )
+    smoke = SmokeInstance(
+        task_id="smoke_instance",
+        recipe=p["recipe"],
+        ami=register.output,
+        build=build.output,
+        box=launch.output,
+        instance_type=p["smoke_instance_type"],
+        smoke_check=p["smoke_check"],
+        # a blocking wait (the login key lives only in the task's memory) + login + instance-check
+        execution_timeout=_wait_budget(defaults.WAIT_INSTANCE_STATUS_OK)
+        + timedelta(seconds=2 * defaults.SMOKE_CHECK_TIMEOUT_S),
+        **AWS_STEP,
+    )
     rotate = RotateAmis(
         task_id="rotate_amis",
         recipe=p["recipe"],
@@ -294,11 +336,16 @@ with DAG(
         execution_timeout=timedelta(minutes=15),
         **AWS_STEP,
     )
+    terminate_smoke = TerminateSmokeInstance(task_id="terminate_smoke_instance", **AWS_STEP)
     terminate = TerminateBuildBox(task_id="terminate_build_box", **AWS_STEP)
     delete_canvas = DeleteCanvas(task_id="delete_canvas", **AWS_STEP)
 
-    preflight >> launch >> attach >> build >> snapshot >> register >> terminate >> delete_canvas
-    register >> rotate  # only after the new AMI is available; a failed night rotates nothing
+    preflight >> launch >> attach >> build >> snapshot >> register >> smoke
+    smoke >> terminate_smoke >> terminate >> delete_canvas
+    smoke >> rotate  # only after the new AMI is available and verified; a failed night rotates nothing
+    # finds the smoke instance by tags, whether the smoke task passed, failed or never ran; the
+    # security group it sits in is deleted only after it (terminate_build_box is downstream)
+    terminate_smoke.as_teardown(setups=launch)
     terminate.as_teardown(setups=launch)
     # runs when the box was launched even if attaching failed: it finds the canvas by tags
     delete_canvas.as_teardown(setups=[launch, attach])

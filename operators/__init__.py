@@ -19,6 +19,8 @@ _EXPORTS = {
     "RemoteChrootBuild": "operators.remote_build",
     "FrozenSnapshot": "operators.snapshot",
     "RegisterHVMAmi": "operators.ami",
+    "SmokeInstance": "operators.smoke",
+    "TerminateSmokeInstance": "operators.smoke",
     "RotateAmis": "operators.rotate",
     "SweepOrphans": "operators.sweep",
 }

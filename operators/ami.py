@@ -148,7 +148,7 @@ class RegisterHVMAmi(AmibakeOperator):
         image_id = event.get("image_id", "")
         if event.get("status") != "success":
             raise AirflowException(f"AMI {image_id} did not become available: {event.get('message')}")
-        image = self.hook.conn.describe_images(ImageIds=[image_id])["Images"][0]
+        image = self.hook.describe_image(image_id)
         result = {
             "ami_id": image_id,
             "ami_name": image["Name"],

@@ -157,8 +157,7 @@ class LaunchBuildBox(AmibakeOperator):
 
     def _recover_host_key(self, instance_id: str) -> str:
         """The public host key the box got through its user data (every try reads it back)."""
-        attr = self.hook.conn.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-        encoded = attr.get("UserData", {}).get("Value", "")
+        encoded = self.hook.user_data(instance_id)
         key = launch.host_key_from_user_data(encoded) if encoded else ""
         if not key:
             raise RuntimeError(f"build box {instance_id} has no amibake host key in its user data")

@@ -45,6 +45,15 @@ SRIOV_NET_SUPPORT = "simple"
 ARCHITECTURE = "x86_64"
 ASSET_ALIAS = "amibake-ami"
 
+# -- the smoke instance (after registration) -------------------------------------------------------
+DEFAULT_SMOKE_INSTANCE_TYPE = "t3.micro"
+#: Its root volume is the AMI's size plus this much, so growpart has work to do (as in the boot check).
+SMOKE_EXTRA_GIB = 2
+#: Hard limit of instance-check over SSH (its cloud-init item alone may wait up to 900 s).
+SMOKE_CHECK_TIMEOUT_S = 20 * 60
+#: Lines of the console output put in the task log when the smoke check failed.
+CONSOLE_TAIL_LINES = 80
+
 # -- AMI rotation (after a new AMI is available) ---------------------------------------------------
 #: keep the newest N AMIs of a recipe, set deprecate_at on the next M, deregister the rest
 DEFAULT_KEEP_AMIS = 3
@@ -84,6 +93,8 @@ WAIT_VOLUME_IN_USE = (5, 120)  # 10 min
 WAIT_VOLUME_AVAILABLE = (5, 120)  # 10 min
 WAIT_SNAPSHOT_COMPLETED = (30, 360)  # 3 h
 WAIT_IMAGE_AVAILABLE = (30, 360)  # 3 h
+#: the smoke instance's status checks (2/2 ok: EC2's reachability and the OS's own)
+WAIT_INSTANCE_STATUS_OK = (15, 60)  # 15 min
 #: (longest pause s, attempts) of a lookup of a resource just created, which EC2 may not know yet:
 #: pauses 0.5, 1, 2, 4, 8, 8 ... s (about 45 s in all)
 NEW_RESOURCE_RETRIES = (8, 10)
@@ -109,6 +120,12 @@ SETTINGS: dict[str, str] = {
     # box cannot (its qemu-kvm 1.5.3 has no NVMe, no q35): CentOS 7 nights fail at the box's tools
     # phase until this is "false" (the image is then registered unbooted, and the task log says so)
     "boot_check": "true",
+    # the default of the smoke_check Param: launch one instance of the new AMI, check its first boot
+    # over SSH, and only then tag it verified (rotation counts verified AMIs only). "false" registers
+    # AMIs unverified (the task log says so); the smoke task and rotation are skipped.
+    "smoke_check": "true",
+    # the default of the smoke_instance_type Param: the instance type of that smoke instance
+    "smoke_instance_type": DEFAULT_SMOKE_INSTANCE_TYPE,
     "scripts_dir": "",
     # failure and deadline notifications: dotted path of an Airflow notifier class (any provider's,
     # e.g. airflow.providers.smtp.notifications.smtp.SmtpNotifier) and its keyword arguments as JSON

@@ -56,13 +56,17 @@ def run_checks(
     checks += rules.subnet(subnet, params.subnet_id, params.ssh_address)
     if subnet:
         zone = subnet["AvailabilityZone"]
-        try:
-            offered: bool | None = hook.instance_type_offered(params.instance_type, zone)
-        except Exception as exc:
-            if error_code(exc) != "UnauthorizedOperation":
-                raise
-            offered = None
-        checks.append(rules.instance_type(offered, params.instance_type, zone))
+        types = {"instance_type": params.instance_type}
+        if params.smoke_check:  # the smoke instance is launched in the build box's subnet
+            types["smoke_instance_type"] = params.smoke_instance_type
+        for field, type_name in types.items():
+            try:
+                offered: bool | None = hook.instance_type_offered(type_name, zone)
+            except Exception as exc:
+                if error_code(exc) != "UnauthorizedOperation":
+                    raise
+                offered = None
+            checks.append(rules.instance_type(offered, type_name, zone, field))
     base, problem = _base_ami(hook, params)
     checks.append(rules.base_ami(base, problem, by_id=bool(params.base_ami)))
     if params.encrypted and params.kms_key_id:

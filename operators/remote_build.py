@@ -25,7 +25,9 @@ class RemoteChrootBuild(AmibakeOperator):
     left running, then runs the build with a pty, logging every output line as it arrives (phase
     start / end with durations at INFO). No silence timeout; ``build_timeout`` is a hard limit.
     Every value reaches the remote shell as its own quoted argument. A failure names the phase
-    and the exit code. XCom: ``{"volume_id"}``.
+    and the exit code. XCom: ``records.Build``: ``{"volume_id", "expectations"}``, the latter what a
+    first boot of the image must show (login user, kernel arguments, baked host keys, SELinux), as
+    build-image reported it after its verify phase; ``SmokeInstance`` checks the AMI with it.
 
     :param box: ``LaunchBuildBox``'s XCom.
     :param canvas: ``AttachCanvas``'s XCom.
@@ -65,16 +67,14 @@ class RemoteChrootBuild(AmibakeOperator):
         self._channel: paramiko.Channel | None = None
         self._abort_argv: dict[str, Any] | None = None
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> records.Build:
         """Ship the scripts, abort a previous try, run the build, report the phase that failed."""
         from operators.hooks.box import box_session, run_streaming, ship_directory
 
         _, canvas = records.box_and_canvas(self.box, self.canvas)
         volume_id, device, size = canvas["volume_id"], canvas["device_name"], canvas["size_gib"]
         mirror = validation.validate_mirror_url(self.mirror_url or "")
-        boot_check = validation.as_bool(
-            {"boot_check": self.boot_check}, "boot_check", True
-        )
+        boot_check = validation.as_bool({"boot_check": self.boot_check}, "boot_check", True)
         if not boot_check:
             self.log.warning(
                 "boot_check is off ([amibake] boot_check or the run's Param): this image will be "
@@ -117,7 +117,8 @@ class RemoteChrootBuild(AmibakeOperator):
             )
         total = sum(result.progress.finished.values())
         self.log.info("build %s: image built on %s in %.1f s of phases", build, volume_id, total)
-        return {"volume_id": volume_id}
+        # what the smoke instance checks after registration: checked here, where it was reported
+        return records.check("build", {"volume_id": volume_id, "expectations": result.progress.expectations})
 
     def _set_channel(self, channel: paramiko.Channel | None) -> None:
         self._channel = channel

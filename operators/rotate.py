@@ -15,13 +15,16 @@ from operators.rules.validation import AMI_ID_RE, ParamError, require_id, valida
 
 
 class RotateAmis(AmibakeOperator):
-    """Retire old AMIs of ``new_ami_id``'s image line once it is available (policy:
+    """Retire old AMIs of ``new_ami_id``'s image line once it is available AND verified (policy:
     ``operators.rules.lifecycle``; the line is the recipe + AMI name prefix, ``lifecycle.line_of``).
 
-    Keeps the newest ``keep`` (>= 1), sets ``deprecate_at`` on the next ``grace``, deregisters the
-    rest and deletes their snapshots. AMIs of other lines are neither counted nor touched. Does
-    nothing unless the newest available amibake AMI of the line is ``new_ami_id``: it fails when
-    that AMI is missing or not available, and is skipped when a newer one exists (that one's run
+    Runs after ``SmokeInstance``. Only verified AMIs (``amibake:verified=true``, read from EC2, not
+    XCom) count as good: keeps the newest ``keep`` (>= 1) verified ones, sets ``deprecate_at`` on the
+    next ``grace``, deregisters the rest and deletes their snapshots. An unverified AMI is never
+    kept in a verified one's place: it is deprecated, and deregistered once ``keep + grace``
+    verified AMIs are newer. AMIs of other lines are neither counted nor touched. Does nothing unless
+    the newest available amibake AMI of the line is ``new_ami_id``: it fails when that AMI is
+    missing, not available or not verified, and is skipped when a newer one exists (that one's run
     rotates). Returns what it did to XCom.
     """
 

@@ -6,6 +6,7 @@ Imported by tasks at run time only (it imports paramiko).
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import os
 import posixpath
@@ -19,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from operators import defaults
-from operators.rules.remote import BOOT_STAGE, CHECK, CHECK_FAIL, BuildProgress
+from operators.rules.remote import (
+    BOOT_STAGE,
+    CHECK,
+    CHECK_FAIL,
+    EXPECTATIONS,
+    BuildProgress,
+    parse_check_lines,
+)
 
 if TYPE_CHECKING:
     from airflow.providers.ssh.hooks.ssh import SSHHook
@@ -77,6 +85,7 @@ def run_streaming(
     timeout_s: float,
     log: logging.Logger,
     on_channel: Callable[[paramiko.Channel | None], None] | None = None,
+    stdin: bytes | None = None,
 ) -> CommandResult:
     """Run one command with a pty, logging each output line as it arrives.
 
@@ -84,7 +93,8 @@ def run_streaming(
     limit on the whole command; when it passes the channel is closed (the pty hangs up the remote
     process group) and ``timed_out`` is set. Progress lines are parsed into ``progress`` and logged
     as phase start / end lines instead of raw JSON. ``on_channel`` is told the open channel (and
-    None at the end) so ``on_kill`` can close it.
+    None at the end) so ``on_kill`` can close it. With ``stdin`` the command gets those bytes and
+    then end-of-file (a script for ``bash -s``), so it runs without a pty, stderr merged into stdout.
     """
     result = CommandResult(exit_code=None)
     transport = client.get_transport()
@@ -94,9 +104,15 @@ def run_streaming(
     if on_channel:
         on_channel(channel)
     try:
-        channel.get_pty(term="dumb", width=200, height=50)
+        if stdin is None:
+            channel.get_pty(term="dumb", width=200, height=50)
+        else:
+            channel.set_combine_stderr(True)
         channel.settimeout(READ_SLICE_S)
         channel.exec_command(command)
+        if stdin is not None:
+            channel.sendall(stdin)
+            channel.shutdown_write()
         deadline = time.monotonic() + timeout_s
         pending = b""
         while True:
@@ -129,7 +145,13 @@ def _emit(line: str, result: CommandResult, log: logging.Logger) -> None:
     result.lines.append(line)
     event = result.progress.feed(line)
     if event is None:
-        log.info("box | %s", line)
+        item = parse_check_lines([line])[0]
+        if item:  # an instance-check line, run over SSH on an instance (the smoke check)
+            ((name, (status, detail)),) = item.items()
+            level = logging.ERROR if status == CHECK_FAIL else logging.INFO
+            log.log(level, "instance check: %s: %s: %s", name, status, detail)
+        else:
+            log.info("box | %s", line)
         return
     kind, phase = event.get("event"), event.get("phase")
     if kind == "phase-start":
@@ -150,6 +172,14 @@ def _emit(line: str, result: CommandResult, log: logging.Logger) -> None:
     elif kind == CHECK:
         level = logging.ERROR if event.get("status") == CHECK_FAIL else logging.INFO
         log.log(level, "boot check: %s: %s: %s", event.get("item"), event.get("status"), event.get("detail"))
+    elif kind == EXPECTATIONS:
+        log.info(
+            "first boot must show: login user %s, kernel arguments %r, baked host keys %s, SELinux %s",
+            event.get("login_user"),
+            event.get("cmdline"),
+            event.get("baked_host_keys") or "none",
+            "required" if event.get("require_selinux") else "not required",
+        )
     else:
         log.info("build-image: %s", {k: v for k, v in event.items() if k != "event"} | {"event": kind})
 
@@ -185,10 +215,33 @@ def box_ssh_hook(box: dict[str, Any], *, ssh_conn_id: str) -> SSHHook:
         port=int(box["port"]),
         conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S,
     )
-    key_type, key_b64 = box["host_key"].split()[:2]
+    _pin_host_key(hook, box["host_key"])
+    return hook
+
+
+def instance_ssh_hook(*, address: str, username: str, private_key: str, host_key: str) -> SSHHook:
+    """The SSH provider's hook for an instance amibake launched with its own login key (the smoke
+    instance): no connection, the key given in memory (never a file), only ``host_key`` accepted."""
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    hook = SSHHook(
+        remote_host=address,
+        username=username,
+        port=22,
+        conn_timeout=defaults.SSH_CONNECT_TIMEOUT_S,
+        conn_retry_attempts=1,
+    )
+    hook.pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(private_key))
+    hook.look_for_keys = False  # this key only, not the worker's ~/.ssh keys or agent
+    _pin_host_key(hook, host_key)
+    return hook
+
+
+def _pin_host_key(hook: SSHHook, host_key: str) -> None:
+    """Accept only ``host_key`` (``type base64``) from the hook's host."""
+    key_type, key_b64 = host_key.split()[:2]
     hook.host_key = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
     hook.no_host_key_check = False
-    return hook
 
 
 def box_session(

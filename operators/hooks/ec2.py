@@ -101,10 +101,10 @@ class BuildEc2Hook(EC2Hook):
         )
 
     # -- lookups ---------------------------------------------------------------------------------
-    def find_instances(self, build: str) -> list[dict]:
-        """Live build boxes of one build, newest first."""
+    def find_instances(self, build: str, role: Role = Role.BUILD_BOX) -> list[dict]:
+        """Live instances of one role (the build box, or the smoke instance) of one build, newest first."""
         filters = [
-            *naming.build_filters(build, Role.BUILD_BOX),
+            *naming.build_filters(build, role),
             {"Name": "instance-state-name", "Values": LIVE_INSTANCE_STATES},
         ]
         found = [
@@ -118,6 +118,15 @@ class BuildEc2Hook(EC2Hook):
     def describe_instance(self, instance_id: str) -> dict:
         """One instance by id."""
         return self.conn.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+    def user_data(self, instance_id: str) -> str:
+        """An instance's user data, base64 as EC2 returns it ('' if none)."""
+        attr = self.conn.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        return attr.get("UserData", {}).get("Value", "")
+
+    def describe_image(self, image_id: str) -> dict:
+        """One AMI by id."""
+        return self.conn.describe_images(ImageIds=[image_id])["Images"][0]
 
     def find_security_groups(self, build: str) -> list[dict]:
         """The temporary security group(s) of one build."""
@@ -268,9 +277,12 @@ class BuildEc2Hook(EC2Hook):
         live = self.find_instances(build)
         if live:
             return live[0], False
-        token = f"amibake-{build}-box-{attempt}"
-        reservation = self.conn.run_instances(**run_args, MinCount=1, MaxCount=1, ClientToken=token)
-        return reservation["Instances"][0], True
+        return self.run_instance(run_args, token=f"amibake-{build}-box-{attempt}"), True
+
+    def run_instance(self, run_args: dict[str, Any], *, token: str) -> dict:
+        """Launch ONE instance (RunInstances with ``token`` as ClientToken, so botocore's retries of a
+        lost answer never launch a second); returns it."""
+        return self.conn.run_instances(**run_args, MinCount=1, MaxCount=1, ClientToken=token)["Instances"][0]
 
     def ensure_volume(self, build: str, *, create_args: dict[str, Any], attempt: int) -> tuple[dict, bool]:
         """The build's canvas volume, or a new one from ``create_args``; returns (volume, created).
@@ -511,6 +523,32 @@ class BuildEc2Hook(EC2Hook):
     def deprecate_image(self, image_id: str, at: datetime) -> None:
         """Set an AMI's deprecation time."""
         self.conn.enable_image_deprecation(ImageId=image_id, DeprecateAt=at)
+
+    # -- the smoke instance ------------------------------------------------------------------------
+    def status_checks(self, instance_id: str) -> tuple[str, str]:
+        """(instance status, system status) of a running instance: "ok" twice is EC2's 2/2 ('' while
+        EC2 reports none, e.g. before the instance runs)."""
+        statuses = self.conn.describe_instance_status(InstanceIds=[instance_id])["InstanceStatuses"]
+        if not statuses:
+            return "", ""
+        return statuses[0]["InstanceStatus"]["Status"], statuses[0]["SystemStatus"]["Status"]
+
+    def console_output(self, instance_id: str) -> str:
+        """The instance's console output as EC2 last captured it (GetConsoleOutput), '' if none.
+        EC2 sends it base64-encoded; botocore decodes it (``decode_console_output``)."""
+        return self.conn.get_console_output(InstanceId=instance_id).get("Output") or ""
+
+    def mark_verified(self, image_id: str) -> None:
+        """Tag an AMI of ours ``amibake:verified=true`` (its smoke check passed)."""
+        self.conn.create_tags(
+            Resources=[image_id], Tags=[{"Key": naming.TAG_VERIFIED, "Value": naming.VERIFIED}]
+        )
+
+    def terminate_smoke_instances(self, build: str) -> list[str]:
+        """Terminate every live smoke instance of the build and wait until terminated; returns their ids."""
+        ids = [i["InstanceId"] for i in self.find_instances(build, Role.SMOKE)]
+        self.terminate_instances(ids)
+        return ids
 
     # -- teardown of one build, found by its tags ---------------------------------------------------
     def terminate_build_boxes(self, build: str) -> list[str]:

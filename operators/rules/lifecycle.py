@@ -16,12 +16,19 @@ Sweeper rules (``plan_sweep``):
 
 Rotation policy (``plan_rotation``), per image line (recipe + AMI name prefix: the
 ``amibake:image-line`` tag, else the prefix of the amibake AMI name), over ``available`` AMIs with
-our tags, newest first by ``CreationDate``:
-- the first ``keep`` (N >= 1) stay untouched;
-- the next ``grace`` (M >= 0) are deprecated (``deprecate_at`` = the next whole minute) but stay
-  registered, so a rollback to them is still possible;
+our tags, newest first by ``CreationDate``. Only VERIFIED AMIs (``amibake:verified=true``: a smoke
+instance of it passed every first-boot check) count as good:
+- nothing at all unless the newest available AMI of the line is the one this run produced, and it
+  is verified (an unverified new AMI is refused: rotating on it could retire the last good one);
+- the first ``keep`` (N >= 1) verified AMIs stay untouched, so the last verified AMI is never
+  deregistered;
+- the next ``grace`` (M >= 0) verified ones are deprecated (``deprecate_at`` = the next whole
+  minute) but stay registered, so a rollback to them is still possible;
 - the rest are deregistered and their snapshots (ours, not used by any remaining AMI) deleted;
-- nothing at all unless the newest available AMI of the line is the one this run produced;
+- an UNVERIFIED AMI (its smoke check failed or was off, or it predates the check) never counts
+  toward ``keep`` nor takes a verified one's place; every one is older than the new verified AMI
+  (which is the newest), so it is deprecated now, and deregistered (with its snapshots) once
+  ``keep + grace`` verified AMIs are newer than it: it goes when a verified AMI of its age would;
 - AMIs of other lines (a test prefix, a manual build) are never counted nor touched.
 """
 
@@ -339,37 +346,51 @@ def plan_rotation(
             "its own run rotates, this one leaves every AMI as it is",
             superseded=True,
         )
+    if not is_verified(new):
+        raise RotationRefused(
+            f"new_image_id {new_image_id} is not verified (no {naming.TAG_VERIFIED}={naming.VERIFIED} "
+            "tag: its smoke check failed or did not run): only a verified AMI may push older ones out; "
+            "every AMI stays as it is"
+        )
 
-    kept = [i["ImageId"] for i in candidates[:keep]]
+    verified = [i for i in candidates if is_verified(i)]
+    kept = [i["ImageId"] for i in verified[:keep]]
     deprecate_at = _next_minute(now)
     deprecate: list[Action] = []
-    for rank, img in enumerate(candidates[keep : keep + grace], start=keep + 1):
-        current = parse_time(img.get("DeprecationTime"))
-        if current is not None and current <= deprecate_at:
-            continue
-        deprecate.append(
-            Action(
-                "image",
-                img["ImageId"],
-                "deprecate",
-                f"number {rank} of image line {line}: beyond keep={keep}, within grace={grace}",
-                tags_of(img)[naming.TAG_BUILD_ID],
-                {"deprecate_at": deprecate_at.isoformat()},
-            )
-        )
+    leaving: list[Mapping[str, Any]] = []
+    deregister: list[Action] = []
 
-    leaving = candidates[keep + grace :]
-    leaving_ids = {i["ImageId"] for i in leaving}
-    deregister = [
-        Action(
-            "image",
-            img["ImageId"],
-            "deregister",
-            f"number {rank} of image line {line}: beyond keep={keep} + grace={grace}",
-            tags_of(img)[naming.TAG_BUILD_ID],
+    def retire(img: Mapping[str, Any], deregistered: bool, reason: str) -> None:
+        build = tags_of(img)[naming.TAG_BUILD_ID]
+        if deregistered:
+            leaving.append(img)
+            deregister.append(Action("image", img["ImageId"], "deregister", reason, build))
+            return
+        current = parse_time(img.get("DeprecationTime"))
+        if current is None or current > deprecate_at:
+            detail = {"deprecate_at": deprecate_at.isoformat()}
+            deprecate.append(Action("image", img["ImageId"], "deprecate", reason, build, detail))
+
+    for rank, img in enumerate(verified[keep:], start=keep + 1):
+        within = rank <= keep + grace
+        where = f"within grace={grace}" if within else f"beyond keep={keep} + grace={grace}"
+        retire(img, not within, f"number {rank} of the verified AMIs of image line {line}: {where}")
+    for img in candidates:
+        if is_verified(img):
+            continue
+        newer = sum(1 for v in verified if _newest_first(v) < _newest_first(img))
+        gone = newer >= keep + grace
+        retire(
+            img,
+            gone,
+            f"unverified AMI of image line {line}, older than the new verified {new_image_id}, with {newer} "
+            f"verified AMI(s) newer than it ({'>=' if gone else '<'} keep={keep} + grace={grace})",
         )
-        for rank, img in enumerate(leaving, start=keep + grace + 1)
-    ]
+    order = {i["ImageId"]: n for n, i in enumerate(candidates)}  # every list newest first
+    deprecate.sort(key=lambda a: order[a.resource_id])
+    leaving.sort(key=lambda i: order[i["ImageId"]])
+    deregister.sort(key=lambda a: order[a.resource_id])
+    leaving_ids = {i["ImageId"] for i in leaving}
 
     still_used = {
         sid
@@ -390,6 +411,16 @@ def plan_rotation(
     return RotationPlan(
         kept=kept, deprecate=deprecate, deregister=deregister, delete_snapshots=delete_snapshots
     )
+
+
+def is_verified(image: Mapping[str, Any]) -> bool:
+    """Whether a smoke instance of this AMI passed every first-boot check (``amibake:verified=true``)."""
+    return tags_of(image).get(naming.TAG_VERIFIED) == naming.VERIFIED
+
+
+def deprecate_now(now: datetime) -> datetime:
+    """The earliest deprecation time EC2 accepts from ``now``: the next whole minute."""
+    return _next_minute(_aware(now))
 
 
 def line_of(image: Mapping[str, Any]) -> str:

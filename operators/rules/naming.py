@@ -21,6 +21,10 @@ TAG_CREATED_AT = "amibake:created-at"
 TAG_SNAPSHOT_ID = "amibake:snapshot-id"
 #: The AMI name prefix, set on every AMI at registration: rotation retires AMIs of one line only.
 TAG_IMAGE_LINE = "amibake:image-line"
+#: Set on an AMI once a smoke instance launched from it passed every first-boot check
+#: (``operators.smoke``); rotation counts only AMIs carrying it with :data:`VERIFIED`.
+TAG_VERIFIED = "amibake:verified"
+VERIFIED = "true"
 
 #: AWS allows these characters in an AMI name, 3 to 128 of them.
 AMI_NAME_RE = re.compile(r"^[A-Za-z0-9()\[\] ./'@_-]{3,128}$")
@@ -37,6 +41,7 @@ class Role(StrEnum):
     CANVAS = "canvas"
     SNAPSHOT = "snapshot"
     AMI = "ami"
+    SMOKE = "smoke-instance"
 
 
 def build_id(dag_id: str, run_id: str) -> str:

@@ -202,11 +202,13 @@ def subnet(found: Mapping[str, Any] | None, subnet_id: str, ssh_address: str) ->
     return checks
 
 
-def instance_type(offered: bool | None, type_name: str, zone: str) -> Check:
-    """The instance type is offered in the subnet's availability zone (None: not allowed to ask)."""
+def instance_type(offered: bool | None, type_name: str, zone: str, field: str = "instance_type") -> Check:
+    """An instance type (``field``: the build box's, or ``smoke_instance_type``) is offered in the
+    subnet's availability zone (None: not allowed to ask)."""
+    name = field.replace("_", " ")
     if offered is None:
         return Check(
-            "instance type",
+            name,
             True,
             f"cannot tell whether {type_name} is offered in {zone}: DescribeInstanceTypeOfferings is denied",
             "the IAM policy of the amibake_aws connection's principal",
@@ -214,12 +216,12 @@ def instance_type(offered: bool | None, type_name: str, zone: str) -> Check:
             warning=True,
         )
     if offered:
-        return Check("instance type", True, f"{type_name} is offered in {zone}")
+        return Check(name, True, f"{type_name} is offered in {zone}")
     return Check(
-        "instance type",
+        name,
         False,
         f"{type_name} is not offered in {zone}",
-        "instance_type, subnet_id",
+        f"{field}, subnet_id",
         "choose a type offered there (aws ec2 describe-instance-type-offerings) or a subnet in another zone",
     )
 

@@ -41,6 +41,23 @@ class Snapshot(TypedDict):
     volume_id: str
 
 
+class Expectations(TypedDict):
+    """What a first boot of the image must show, as ``build-image`` reported it after its verify phase
+    (the ``expectations`` progress event): ``instance-check``'s arguments and who logs in."""
+
+    login_user: str
+    cmdline: str
+    baked_host_keys: list[str]
+    require_selinux: bool
+
+
+class Build(TypedDict):
+    """``RemoteChrootBuild``'s XCom."""
+
+    volume_id: str
+    expectations: Expectations
+
+
 class Ami(TypedDict):
     """``RegisterHVMAmi``'s XCom."""
 
@@ -63,6 +80,34 @@ def _size(v: Any) -> str | None:
     except validation.ParamError as exc:
         return str(exc).split(": ", 1)[1]
     return None
+
+
+#: A security group id (the build's temporary group, in ``Box``).
+SECURITY_GROUP_ID_RE = re.compile(r"sg-[0-9a-f]{8,17}")
+#: A Linux user name as cloud-init's default_user may have it (useradd's rule, no leading dash).
+USER_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+#: A SHA256 host-key fingerprint as ``ssh-keygen -l`` prints it.
+FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+def _expectations(v: Any) -> str | None:
+    """None when ``v`` is a well-formed :class:`Expectations`, else what was expected."""
+    expected = (
+        "build-image's expectations {login_user: a user name, cmdline: 'root=...', "
+        "baked_host_keys: [SHA256 fingerprints], require_selinux: true|false}"
+    )
+    if not isinstance(v, dict):
+        return expected
+    ok = (
+        isinstance(v.get("login_user"), str)
+        and USER_NAME_RE.fullmatch(v["login_user"]) is not None
+        and isinstance(v.get("cmdline"), str)
+        and v["cmdline"].startswith("root=")
+        and isinstance(v.get("baked_host_keys"), list)
+        and all(isinstance(f, str) and FINGERPRINT_RE.fullmatch(f) for f in v["baked_host_keys"])
+        and isinstance(v.get("require_selinux"), bool)
+    )
+    return None if ok else expected
 
 
 def _port(v: Any) -> str | None:
@@ -91,8 +136,16 @@ CONTRACTS: dict[str, tuple[str, dict[str, Callable[[Any], str | None]]]] = {
         },
     ),
     "snapshot": ("FrozenSnapshot", {"snapshot_id": _pattern(validation.SNAPSHOT_ID_RE, "a snapshot id")}),
+    "build": (
+        "RemoteChrootBuild",
+        {
+            "volume_id": _pattern(validation.VOLUME_ID_RE, "a volume id"),
+            "expectations": _expectations,
+        },
+    ),
     "ami": ("RegisterHVMAmi", {"ami_id": _pattern(validation.AMI_ID_RE, "an AMI id")}),
 }
+
 
 def check(kind: str, value: Any) -> Any:
     """``value`` as the record ``kind``, or a ParamError naming the producing task and the field."""

@@ -29,6 +29,8 @@ FROZEN, RESULT = CONTRACT.event("frozen"), CONTRACT.event("result")
 # From inside the bootcheck phase: one per boot stage (with its seconds), one per instance-check item.
 BOOT_STAGE, CHECK = CONTRACT.event("boot-stage"), CONTRACT.event("check")
 CHECK_FAIL = "FAIL"
+#: Once per successful build, after the verify phase: what instance-check must be told about the image.
+EXPECTATIONS = CONTRACT.event("expectations")
 STATUS_OK, STATUS_FAIL = CONTRACT.status("ok"), CONTRACT.status("fail")
 ACTIONS = ("all", "freeze", "thaw", "umount", "abort")
 
@@ -121,6 +123,7 @@ class BuildProgress:
     frozen: list[str] = field(default_factory=list)
     boot_stages: dict[str, float] = field(default_factory=dict)
     checks: dict[str, tuple[str, str]] = field(default_factory=dict)
+    expectations: dict[str, Any] | None = None
 
     def feed(self, line: str) -> dict[str, Any] | None:
         """Take one output line; return its event if it was a progress line."""
@@ -143,6 +146,8 @@ class BuildProgress:
             self.boot_stages[str(event.get("stage"))] = float(event.get("seconds", 0.0))
         elif kind == CHECK:
             self.checks[str(event.get("item"))] = (str(event.get("status")), str(event.get("detail", "")))
+        elif kind == EXPECTATIONS:
+            self.expectations = {k: v for k, v in event.items() if k != "event"}
         elif kind == RESULT:
             self.result = event
             if event.get("status") == STATUS_FAIL:
@@ -167,3 +172,37 @@ class BuildProgress:
         where = f"; full log on the box: {self.failed_log}" if self.failed_log else ""
         checks = f"; failed checks: {', '.join(self.failed_checks)}" if self.failed_checks else ""
         return f"build-image failed in phase {phase!r} with exit code {rc}{checks}{where}"
+
+
+def instance_check_argv(expectations: dict[str, Any]) -> list[str]:
+    """argv of ``instance-check`` run as root from its text on stdin (``sudo -n bash -s -- ...``),
+    with the build's expectations (``records.Expectations``): the same arguments the boot check gives."""
+    argv = ["sudo", "-n", "bash", "-s", "--", "--expect-cmdline", str(expectations["cmdline"])]
+    for fingerprint in expectations["baked_host_keys"]:
+        argv += ["--baked-host-key", str(fingerprint)]
+    if expectations["require_selinux"]:
+        argv.append("--require-selinux")
+    return argv
+
+
+#: What ``instance-check`` prints per item: ``amibake-check: <item>: <status>: <detail>``.
+CHECK_LINE_PREFIX = "amibake-check: "
+#: Its last line's item.
+CHECK_DONE = "done"
+
+
+def parse_check_lines(lines: list[str]) -> tuple[dict[str, tuple[str, str]], bool]:
+    """instance-check's output as {item: (status, detail)} in order, and whether it reached ``done``."""
+    items: dict[str, tuple[str, str]] = {}
+    done = False
+    for line in lines:
+        text = line.rstrip("\r")
+        if not text.startswith(CHECK_LINE_PREFIX):
+            continue
+        item, _, rest = text[len(CHECK_LINE_PREFIX) :].partition(": ")
+        if item == CHECK_DONE:
+            done = True
+            continue
+        status, _, detail = rest.partition(": ")
+        items[item] = (status, detail)
+    return items, done

@@ -42,6 +42,7 @@ TRIGGER_PARAMS = frozenset(
     {
         "recipe", "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check", "base_ami",
         "base_ami_owner", "base_ami_name", "instance_type", "subnet_id", "keep_amis", "deprecate_grace",
+        "smoke_check", "smoke_instance_type",
     }
 )  # fmt: skip
 #: Values that are the operator's to set, never a trigger's: where each one is set instead.
@@ -83,6 +84,8 @@ class BuildParams:
     ssh_cidr: str
     keep_amis: int
     deprecate_grace: int
+    smoke_check: bool
+    smoke_instance_type: str
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what the validate task pushes to XCom)."""
@@ -248,6 +251,13 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
         INSTANCE_TYPE_RE,
         "an EC2 instance type like t3.medium",
     )
+    smoke_instance_type = match_field(
+        "smoke_instance_type",
+        _str(params, "smoke_instance_type")
+        or settings.get("smoke_instance_type", defaults.DEFAULT_SMOKE_INSTANCE_TYPE),
+        INSTANCE_TYPE_RE,
+        "an EC2 instance type like t3.micro",
+    )
     subnet_id = _str(params, "subnet_id") or settings.get("subnet_id", "")
     if not subnet_id:
         raise ParamError("subnet_id", "is required (a trigger parameter or [amibake] subnet_id)")
@@ -322,6 +332,8 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
                 integer=True,
             )
         ),
+        smoke_check=as_bool(params, "smoke_check", as_bool(settings, "smoke_check", True)),
+        smoke_instance_type=smoke_instance_type,
     )
 
 

@@ -73,14 +73,25 @@ def test_shape_of_the_nightly_dag(dagbag) -> None:
     assert dag.doc_md and "teardown" in dag.doc_md.lower()
     assert set(dag.params.keys()) >= {
         "recipe", "base_ami", "base_ami_owner", "base_ami_name", "instance_type", "subnet_id",
-        "canvas_size_gib", "ami_name_prefix", "mirror_url",
+        "canvas_size_gib", "ami_name_prefix", "mirror_url", "smoke_check", "smoke_instance_type",
     }  # fmt: skip
     chain = ["validate_params", "launch_build_box", "attach_canvas", "remote_chroot_build",
-             "frozen_snapshot", "register_hvm_ami", "terminate_build_box", "delete_canvas"]  # fmt: skip
+             "frozen_snapshot", "register_hvm_ami", "smoke_instance", "terminate_smoke_instance",
+             "terminate_build_box", "delete_canvas"]  # fmt: skip
     for upstream, downstream in zip(chain, chain[1:], strict=False):
         assert upstream in dag.get_task(downstream).upstream_task_ids, (upstream, downstream)
+    # rotation only after the smoke check (which verifies the AMI), never straight after registering
+    assert dag.get_task("rotate_amis").upstream_task_ids == {"validate_params", "smoke_instance"}
     assert dag.get_task("launch_build_box").is_setup and dag.get_task("attach_canvas").is_setup
-    assert dag.get_task("terminate_build_box").is_teardown and dag.get_task("delete_canvas").is_teardown
+    for teardown in ("terminate_smoke_instance", "terminate_build_box", "delete_canvas"):
+        assert dag.get_task(teardown).is_teardown, teardown
+    # the smoke instance's teardown runs when the box was launched, whatever the smoke task did
+    assert "launch_build_box" in dag.get_task("terminate_smoke_instance").upstream_task_ids
+    smoke = dag.get_task("smoke_instance")
+    assert not getattr(smoke, "deferrable", False), "the login key must not leave the task: no deferral"
+    assert smoke.execution_timeout.total_seconds() > 2 * defaults.SMOKE_CHECK_TIMEOUT_S + (
+        defaults.WAIT_INSTANCE_STATUS_OK[0] * defaults.WAIT_INSTANCE_STATUS_OK[1]
+    )
     for task in dag.tasks:
         assert task.execution_timeout and task.execution_timeout > timedelta(0), task.task_id
     for task_id in ("launch_build_box", "attach_canvas", "frozen_snapshot", "register_hvm_ami"):

@@ -79,7 +79,9 @@ def test_two_runs_on_celery_queue_and_do_not_interfere(
     boot_check = {"celery-first": True, "celery-second": False}
     started = time.monotonic()
     for prefix in prefixes:
-        run_conf = {**conf, "ami_name_prefix": prefix, "boot_check": boot_check[prefix]}
+        # the smoke instance's boot is proven by the green night and the rehearsal; here it would
+        # only add a third TCG boot to what two concurrent runs on Celery prove
+        run_conf = {**conf, "ami_name_prefix": prefix, "boot_check": boot_check[prefix], "smoke_check": False}
         prefixes[prefix] = rh.trigger(airflow, DAG_ID, run_conf)
         record_run(prefixes[prefix])  # so the harness removes what the build left on the "box"
     first, second = prefixes.values()
@@ -112,8 +114,12 @@ def test_two_runs_on_celery_queue_and_do_not_interfere(
     executed = [line for line in worker_log.splitlines() if "Executing workload in Celery" in line]
     for run_id in (first, second):
         tis = rh.task_instances(airflow, DAG_ID, run_id)
-        assert {ti["state"] for ti in tis} == {"success"}
-        for ti in tis:
+        # smoke_check off: the smoke task skips itself (on the worker) and rotation never runs
+        skipped = {"smoke_instance", "rotate_amis"}
+        assert {ti["task_id"]: ti["state"] for ti in tis} == {
+            ti["task_id"]: "skipped" if ti["task_id"] in skipped else "success" for ti in tis
+        }
+        for ti in (ti for ti in tis if ti["task_id"] != "rotate_amis"):
             assert any(
                 f"task_id='{ti['task_id']}'" in line and f"run_id='{run_id}'" in line for line in executed
             ), f"{ti['task_id']} of {run_id} was not executed by the Celery worker"

@@ -87,10 +87,12 @@ def make_ami(
     recipe: str = "centos7",
     state: str = "available",
     line: str | None = None,
+    verified: bool = True,
 ) -> str:
     """An AMI tagged like ours (moto drops RegisterImage tags, so they are added after), with the
-    given state and CreationDate set in moto's backend, ``amibake:snapshot-id`` naming its snapshot
-    and ``amibake:image-line`` its line (default ``amibake-<recipe>``, the default AMI name prefix)."""
+    given state and CreationDate set in moto's backend, ``amibake:snapshot-id`` naming its snapshot,
+    ``amibake:image-line`` its line (default ``amibake-<recipe>``, the default AMI name prefix) and,
+    when ``verified``, ``amibake:verified=true`` (its smoke check passed, as ``SmokeInstance`` tags it)."""
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.ec2.models import ec2_backends
 
@@ -107,6 +109,8 @@ def make_ami(
     ]
     if snapshot:
         image_tags.append({"Key": naming.TAG_SNAPSHOT_ID, "Value": snapshot})
+    if verified:
+        image_tags.append({"Key": naming.TAG_VERIFIED, "Value": naming.VERIFIED})
     ec2.create_tags(Resources=[image], Tags=image_tags)
     moto_image = ec2_backends[DEFAULT_ACCOUNT_ID][local.region].amis[image]
     moto_image.state = state

@@ -102,6 +102,26 @@ def test_nothing_changes_while_the_new_ami_is_not_available(ec2: Any, history: d
     assert mutating(ec2) == []
 
 
+def test_an_unverified_new_ami_is_refused_and_an_unverified_old_one_never_kept(
+    ec2: Any, history: dict[str, Any]
+) -> None:
+    """Rotation runs after the smoke check: an AMI without ``amibake:verified=true`` is no good AMI."""
+    amis = history["amis"]
+    failed = make_ami(ec2, "0000000000bb", NOW, verified=False)  # tonight's AMI failed its smoke check
+    ec2.clear_requests()
+    with pytest.raises(RotationRefused, match=f"{failed} is not verified"):
+        rotate(new_ami_id=failed, keep=1, grace=0)
+    assert mutating(ec2) == []
+    # the next night's verified AMI keeps 2 VERIFIED AMIs: the new one and night 0, not the failed one
+    good = make_ami(ec2, "0000000000cc", NOW + timedelta(minutes=1))
+    ec2.clear_requests()
+    result = rotate(new_ami_id=good, keep=2, grace=0)
+    assert result["kept"] == [good, amis[0]]
+    assert result["deregistered"] == amis[1:]
+    # the failed one has only 1 verified AMI newer than it (< keep + grace): deprecated, not yet gone
+    assert result["deprecated"] == [failed]
+
+
 def test_a_run_superseded_by_a_newer_ami_is_skipped_and_changes_nothing(
     ec2: Any, history: dict[str, Any]
 ) -> None:

@@ -42,6 +42,11 @@ def test_rotating_amis_registered_by_the_pipeline(ec2: Any, tmp_path: Path) -> N
             ec2.boto3_client().describe_images(ImageIds=[ami])["Images"][0]["Tags"]
         )
         assert image_tags[naming.TAG_IMAGE_LINE] == "amibake-debian12", "registration names the image line"
+        assert naming.TAG_VERIFIED not in image_tags, "registration alone never verifies an AMI"
+        # what SmokeInstance does once every first-boot check passed (tests/operators/test_smoke.py)
+        ec2.boto3_client().create_tags(
+            Resources=[ami], Tags=[{"Key": naming.TAG_VERIFIED, "Value": naming.VERIFIED}]
+        )
     ec2.clear_requests()
 
     result = RotateAmis(

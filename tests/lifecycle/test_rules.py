@@ -67,9 +67,12 @@ def image(
     recipe: str = "centos7",
     tag_snap: str | None = None,
     line: str | None = None,
+    verified: bool = True,
 ) -> dict:
     t = tags(build, "ami", created, recipe)
     t.append({"Key": naming.TAG_IMAGE_LINE, "Value": line or f"amibake-{recipe}"})
+    if verified:
+        t.append({"Key": naming.TAG_VERIFIED, "Value": naming.VERIFIED})
     if tag_snap:
         t.append({"Key": naming.TAG_SNAPSHOT_ID, "Value": tag_snap})
     bdm = [{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}] if snap else []
@@ -432,3 +435,78 @@ def test_the_image_line_of_an_untagged_ami_comes_from_its_amibake_name() -> None
         rotate([new], [])
     new["Name"] = name
     assert rotate([new], []).kept == ["ami-0"]
+
+
+# --- rotation counts verified AMIs only ------------------------------------------------------------
+
+
+def unverify(img: dict) -> dict:
+    """The AMI without the verified tag (its smoke check failed, was off, or predates the check)."""
+    img["Tags"] = [t for t in img["Tags"] if t["Key"] != naming.TAG_VERIFIED]
+    return img
+
+
+def test_rotation_refuses_an_unverified_new_ami_and_changes_nothing() -> None:
+    images, snaps = history(5)
+    unverify(images[0])
+    with pytest.raises(RotationRefused, match="ami-0 is not verified") as err:
+        rotate(images, snaps, keep=1, grace=0)
+    assert not err.value.superseded
+    images[0]["Tags"].append({"Key": naming.TAG_VERIFIED, "Value": "false"})
+    with pytest.raises(RotationRefused, match="not verified"):
+        rotate(images, snaps, keep=1, grace=0)
+
+
+def test_unverified_amis_never_count_toward_keep_nor_replace_a_verified_one() -> None:
+    """Nights 1 and 2 failed their smoke check: keep=2 keeps the new AMI and night 3, not night 1."""
+    images, snaps = history(6)
+    unverify(images[1])
+    unverify(images[2])
+    plan = rotate(images, snaps, keep=2, grace=1)
+    assert plan.kept == ["ami-0", "ami-3"]
+    # verified: ami-4 within grace, ami-5 beyond; unverified ami-1/ami-2 have only 1 verified newer
+    assert [a.resource_id for a in plan.deprecate] == ["ami-1", "ami-2", "ami-4"]
+    assert [a.resource_id for a in plan.deregister] == ["ami-5"]
+    assert "unverified" in plan.deprecate[0].reason and "1 verified AMI(s) newer" in plan.deprecate[0].reason
+    assert [a.resource_id for a in plan.delete_snapshots] == ["snap-5"]
+
+
+def test_an_unverified_ami_goes_once_keep_plus_grace_verified_amis_are_newer() -> None:
+    images, snaps = history(6)
+    unverify(images[3])
+    plan = rotate(images, snaps, keep=2, grace=1)
+    # ami-0, ami-1, ami-2 are verified and newer than ami-3: 3 >= keep + grace
+    assert plan.kept == ["ami-0", "ami-1"]
+    assert [a.resource_id for a in plan.deprecate] == ["ami-2"]
+    assert [a.resource_id for a in plan.deregister] == ["ami-3", "ami-4", "ami-5"]
+    assert "3 verified AMI(s) newer than it (>= keep=2 + grace=1)" in plan.deregister[0].reason
+    assert [a.resource_id for a in plan.delete_snapshots] == ["snap-3", "snap-4", "snap-5"]
+
+
+def test_the_first_verified_night_deprecates_older_unverified_amis_and_deregisters_none() -> None:
+    """The night the smoke check is first on: every older AMI is unverified. The new one is the only
+    good AMI; the others stay registered (deprecated) until keep + grace verified ones replace them."""
+    images, snaps = history(4)
+    for img in images[1:]:
+        unverify(img)
+    plan = rotate(images, snaps, keep=1, grace=0)
+    assert plan.kept == ["ami-0"]
+    assert [a.resource_id for a in plan.deprecate] == []  # 1 verified newer >= keep + grace = 1
+    assert [a.resource_id for a in plan.deregister] == ["ami-1", "ami-2", "ami-3"]
+    plan = rotate(images, snaps, keep=2, grace=1)
+    assert plan.kept == ["ami-0"] and plan.deregister == [] and plan.delete_snapshots == []
+    assert [a.resource_id for a in plan.deprecate] == ["ami-1", "ami-2", "ami-3"]
+
+
+def test_an_unverified_ami_already_deprecated_is_not_deprecated_again() -> None:
+    """A failed smoke check deprecated its AMI at once: rotation leaves that time as it is."""
+    images, snaps = history(3)
+    unverify(images[1])["DeprecationTime"] = (NOW - timedelta(minutes=5)).isoformat()
+    plan = rotate(images, snaps, keep=2, grace=1)
+    assert plan.kept == ["ami-0", "ami-2"] and plan.actions() == []
+
+
+def test_deprecate_now_is_the_next_whole_minute() -> None:
+    assert lifecycle.deprecate_now(NOW) == datetime(2026, 11, 25, 12, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        lifecycle.deprecate_now(NOW.replace(tzinfo=None))

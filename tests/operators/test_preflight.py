@@ -183,6 +183,13 @@ def test_green_preflight_asks_only_read_only_and_dry_run_requests(
         pytest.param(
             {"instance_type": "t9.nano"}, {}, "instance type", "instance_type", id="type-not-offered"
         ),
+        pytest.param(
+            {"smoke_instance_type": "t9.nano"},
+            {},
+            "smoke instance type",
+            "smoke_instance_type",
+            id="smoke-type-not-offered",
+        ),
     ],
 )
 def test_each_bad_setting_fails_naming_it_and_creates_nothing(

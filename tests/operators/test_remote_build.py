@@ -13,6 +13,7 @@ test_snapshot.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import textwrap
 import time
@@ -34,6 +35,14 @@ from operators.rules.validation import ParamError
 
 RUN_ID = "manual__2026-11-25T03:00:00+00:00"
 VOLUME = "vol-0123456789abcdef0"
+#: What build-image reports after its verify phase (lib/verify.sh write_expectations).
+EXPECTATIONS = {
+    "login_user": "admin",
+    "cmdline": "root=UUID=0b5fe0d4-8f3a-4c4e-9d71-3e7d2d6c1a10 console=ttyS0",
+    "baked_host_keys": [],
+    "require_selinux": False,
+}
+EXPECTATIONS_LINE = "AMIBAKE " + json.dumps({"event": "expectations", **EXPECTATIONS})
 HEADER = """#!/usr/bin/env bash
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -129,14 +138,15 @@ def test_build_ships_scripts_quotes_arguments_and_streams(rig: Rig) -> None:
         for _ in $(seq 600); do [[ -e $marks/go ]] && break; sleep 0.1; done
         [[ -e $marks/go ]] || exit 9
         echo 'AMIBAKE {"event":"phase-end","phase":"mkfs","seconds":0.5}'
+        echo 'EXPECTATIONS'
         echo 'AMIBAKE {"event":"result","status":"ok"}'
-        """,
+        """.replace("EXPECTATIONS", EXPECTATIONS_LINE),
     )
 
     dag, op = _op(rig, mirror_url="http://127.0.0.1:9/debian/bookworm-mirror", boot_check=True)
     with _watch_task_log("waiting for the task log", go.touch):
         result = run_operator(op, make_context(dag, RUN_ID)).result
-    assert result == {"volume_id": VOLUME}
+    assert result == {"volume_id": VOLUME, "expectations": EXPECTATIONS}
     shipped = rig.on_box.path(remote_dir(naming.build_id(rig.dag_id, RUN_ID))) / "scripts"
     # shipped over SFTP by the box's non-root user, into a dir only it may change
     assert (shipped.stat().st_uid, shipped.stat().st_mode & 0o777) == (1000, 0o700)
@@ -199,10 +209,20 @@ def test_hard_timeout_hangs_up_and_aborts(rig: Rig) -> None:
 
 
 def test_retry_aborts_the_earlier_build_first(rig: Rig) -> None:
-    _write(rig.scripts, 'echo \'AMIBAKE {"event":"result","status":"ok"}\'\n')
+    ok = 'AMIBAKE {"event":"result","status":"ok"}'
+    _write(rig.scripts, f"echo '{EXPECTATIONS_LINE}'\necho '{ok}'\n")
     dag, op = _op(rig)
     run_operator(op, make_context(dag, RUN_ID, try_number=2, max_tries=1))
     assert (rig.marks / "actions").read_text().split() == ["abort", "all"]
+
+
+def test_a_build_that_reports_no_expectations_is_refused(rig: Rig) -> None:
+    """The smoke check needs them: a build-image that succeeds without saying what its first boot
+    must show (an older script, a broken contract) fails here, naming the record and the field."""
+    _write(rig.scripts, 'echo \'AMIBAKE {"event":"result","status":"ok"}\'\n')
+    dag, op = _op(rig)
+    with pytest.raises(ParamError, match="^build.expectations: .*RemoteChrootBuild's XCom"):
+        run_operator(op, make_context(dag, RUN_ID))
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk import DAG
+from airflow.sdk.exceptions import AirflowFailException
 from botocore.exceptions import ClientError
 from operator_harness import RecordingTI, make_context, run_operator
 
@@ -33,6 +34,7 @@ from operators.canvas import AttachCanvas, DeleteCanvas
 from operators.rotate import RotateAmis
 from operators.rules import naming
 from operators.rules.naming import Role
+from operators.smoke import SmokeInstance, TerminateSmokeInstance
 from operators.snapshot import FrozenSnapshot
 from operators.sweep import SweepOrphans
 from rehearsal.ec2_local import LocalEc2
@@ -49,6 +51,12 @@ from rehearsal.iam import (
 )
 
 REGION = "us-east-1"
+#: RemoteChrootBuild's XCom for a Debian 12 image whose login user is the AMI name's (rehearsal.boxes).
+SMOKE_BUILD = {
+    "volume_id": "vol-0123456789abcdef0",
+    "expectations": {"login_user": "admin", "cmdline": "root=UUID=0", "baked_host_keys": [],
+                     "require_selinux": False},
+}  # fmt: skip
 BUILD = "0123456789ab"
 OUR_TAGS = {"Name": "amibake-x", naming.TAG_BUILD_ID: BUILD, naming.TAG_ROLE: "canvas"}
 
@@ -203,6 +211,7 @@ FULL_REQUESTS: dict[str, dict[str, str]] = {
     "DeleteVolume": {"VolumeId": "vol-1"},
     "TerminateInstances": {"InstanceId.1": "i-1", "InstanceId.2": "i-2"},
     "DescribeInstanceAttribute": {"InstanceId": "i-1"},
+    "GetConsoleOutput": {"InstanceId": "i-1"},
     "CreateSnapshot": {"VolumeId": "vol-1"},
     "DeleteSnapshot": {"SnapshotId": "snap-1"},
     "RegisterImage": {"BlockDeviceMapping.1.Ebs.SnapshotId": "snap-1"},
@@ -337,6 +346,26 @@ def test_no_create_tags_outside_a_create(kind: str) -> None:
     ]
     foreign_keys = ours | {"aws:TagKeys": [*OUR_TAGS, "owner"], "ec2:CreateAction": ["CreateVolume"]}
     assert not policy.decide(Authorization("ec2:CreateTags", arn, foreign_keys))[0]
+
+
+def test_the_only_tag_added_to_an_existing_resource_is_verified_true_on_our_ami() -> None:
+    """SmokeInstance's CreateTags: ``amibake:verified=true`` on an AMI of ours, and nothing else."""
+    policy = Policy(load_policy())
+    ours = {f"aws:ResourceTag/{k}": [v] for k, v in OUR_TAGS.items()}
+
+    def allowed(kind: str, tags: dict[str, str], resource: dict[str, list[str]]) -> bool:
+        request = {f"aws:RequestTag/{k}": [v] for k, v in tags.items()} | {"aws:TagKeys": list(tags)}
+        return policy.decide(
+            Authorization("ec2:CreateTags", Resource(kind, "x-1").arn(REGION), request | resource)
+        )[0]
+
+    verified = {naming.TAG_VERIFIED: naming.VERIFIED}
+    assert allowed("image", verified, ours)
+    assert not allowed("image", verified, {})  # someone else's AMI
+    assert not allowed("image", {naming.TAG_VERIFIED: "yes"}, ours)
+    assert not allowed("image", {**verified, naming.TAG_BUILD_ID: BUILD}, ours)  # adopting on the way
+    for kind in ("instance", "volume", "snapshot", "security-group"):
+        assert not allowed(kind, verified, ours), kind
 
 
 def test_a_request_that_names_no_resource_id_is_judged_on_star() -> None:
@@ -598,14 +627,30 @@ def test_a_green_night_teardowns_rotation_and_sweep_pass_the_policy(
                 TerminateBuildBox(task_id="terminate_build_box", recipe="debian12"),
                 DeleteCanvas(task_id="delete_canvas", recipe="debian12"),
             ]
-        amis.append(run_operator(register, context).result["ami_id"])
+        ami = run_operator(register, context).result
+        amis.append(ami["ami_id"])
+        if len(amis) == 2:
+            # the middle night's smoke instance (a box of this machine, no EC2 first boot) fails its
+            # check: RunInstances of the AMI, DescribeInstanceStatus, GetConsoleOutput, the AMI's
+            # deprecation, and the smoke teardown's TerminateInstances
+            with context["dag"]:
+                smoke = SmokeInstance(
+                    task_id="smoke_instance", recipe="debian12", ami=ami, build=SMOKE_BUILD, box=box,
+                    status_wait=(1, 30), check_timeout=60,
+                )  # fmt: skip
+                teardowns.insert(0, TerminateSmokeInstance(task_id="terminate_smoke", recipe="debian12"))
+            with pytest.raises(AirflowFailException, match="failed items: "):
+                run_operator(smoke, context)
+        else:  # what SmokeInstance does when every item passed (its only CreateTags after a create)
+            register.hook.mark_verified(ami["ami_id"])
         for teardown in teardowns:
             run_operator(teardown, context)
     _make_old(ec2, amis)
     with DAG(dag_id, schedule=None):
-        rotate = RotateAmis(task_id="rotate_amis", recipe="debian12", new_ami_id=amis[-1], keep=1, grace=1)
+        rotate = RotateAmis(task_id="rotate_amis", recipe="debian12", new_ami_id=amis[-1], keep=1, grace=0)
     rotated = rotate.execute(make_context(rotate.dag, "rotate"))
-    assert rotated["deprecated"] and rotated["deregistered"] and rotated["deleted_snapshots"]
+    # the other verified AMI and the unverified (deprecated) one, with their snapshots
+    assert set(rotated["deregistered"]) == set(amis[:2]) and len(rotated["deleted_snapshots"]) == 2
 
     # a crashed night's leftovers for the sweeper: a box with its canvas attached, a group, a snapshot
     crashed = make_context(DAG(f"{dag_id}_crashed", schedule=None), "scheduled__crashed")
@@ -630,6 +675,7 @@ def test_a_green_night_teardowns_rotation_and_sweep_pass_the_policy(
         "RunInstances", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "CreateVolume",
         "AttachVolume", "CreateSnapshot", "RegisterImage", "TerminateInstances", "DeleteSecurityGroup",
         "DeleteVolume", "EnableImageDeprecation", "DeregisterImage", "DeleteSnapshot",
+        "DescribeInstanceStatus", "GetConsoleOutput", "CreateTags",
     }  # fmt: skip
     assert len(iam.decisions) == len(ec2.requests), "every recorded request was evaluated"
     assert not iam.denials(), iam.report()

@@ -60,13 +60,14 @@ TEXT_FIELDS = "input[name^=element_]:not([type=hidden]):not([type=checkbox])"
 SECTIONS = {
     "Image": ["recipe", "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check"],
     "Build box": ["base_ami", "base_ami_owner", "base_ami_name", "instance_type", "subnet_id"],
+    "Smoke check": ["smoke_check", "smoke_instance_type"],
     "Retention": ["keep_amis", "deprecate_grace"],
 }
 SECTION_OF = {param: section for section, params in SECTIONS.items() for param in params}
 #: The optional text Params: nullable, default None, so their fields start empty.
 OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "mirror_url", "base_ami", "subnet_id"}
 #: Every task of a run (the task list of the run page).
-TASK_COUNT = 10
+TASK_COUNT = 12
 CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader"]
 
 

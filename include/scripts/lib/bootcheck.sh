@@ -145,47 +145,8 @@ random_hex() {
     od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'
 }
 
-# The login user cloud-init creates: system_info.default_user.name of the image's cloud.cfg
-# (cloud.cfg.d files read after it win, as in cloud-init).
-image_login_user() {
-    local f user="" u
-    for f in "$ROOT/etc/cloud/cloud.cfg" "$ROOT"/etc/cloud/cloud.cfg.d/*.cfg; do
-        [[ -r $f ]] || continue
-        u=$(awk '
-            /^system_info:/ { si = 1; next }
-            si && /^[^ #]/ { si = 0 }
-            si && /^ +default_user:/ { du = 1; ind = match($0, /[^ ]/); next }
-            du && /^ *[^ #]/ && match($0, /[^ ]/) <= ind { du = 0 }
-            du && /^ +name:/ { print $2; exit }' "$f")
-        [[ -n $u ]] && user=$u
-    done
-    [[ -n $user ]] || die "bootcheck: no system_info.default_user.name in the image's /etc/cloud/cloud.cfg: no login user to check with"
-    echo "$user"
-}
-
-# The kernel arguments the recipe intends: root=UUID=<canvas root> and the image's GRUB_CMDLINE_LINUX
-# and GRUB_CMDLINE_LINUX_DEFAULT (what the recipe wrote into /etc/default/grub).
-intended_cmdline() {
-    local key val args="root=UUID=$1"
-    for key in GRUB_CMDLINE_LINUX GRUB_CMDLINE_LINUX_DEFAULT; do
-        val=$(sed -n "s/^$key=[\"']\\{0,1\\}\\([^\"']*\\)[\"']\\{0,1\\}\$/\\1/p" "$ROOT/etc/default/grub" | tail -n1)
-        [[ -n $val ]] && args+=" $val"
-    done
-    echo "$args"
-}
-
-# SHA256 fingerprints of every SSH host key in the image (none is expected: the clean phase removes them).
-baked_host_keys() {
-    local f
-    for f in "$ROOT"/etc/ssh/ssh_host_*_key; do
-        [[ -e $f ]] || continue
-        if [[ -e $f.pub ]]; then
-            ssh-keygen -lf "$f.pub" | awk '{ print $2 }'
-        else
-            ssh-keygen -yf "$f" | ssh-keygen -lf - | awk '{ print $2 }'
-        fi
-    done
-}
+# image_login_user, intended_cmdline, baked_host_keys: lib/verify.sh (the verify phase reports them
+# as the "expectations" event, which the smoke instance after registration checks with too).
 
 # The metadata of the instance the check plays, for lib/imds.py.
 write_imds_state() {
@@ -253,32 +214,21 @@ boot_failed() {
     die "bootcheck: $item: $detail (serial console below)"
 }
 
-# Start qemu on an overlay of the canvas with the EC2-like platform; prints nothing.
+# Start qemu on an overlay of the canvas through ec2-guest (the EC2-like platform's one home, which
+# the rehearsal's local EC2 API uses too), with this check's throwaway metadata.
 start_guest() {
-    local qemu=$1 dev=$2 dir mac uuid size args=()
+    local qemu=$1 dev=$2 dir size
     dir=$(bc_dir)
     size=$(blockdev --getsize64 "$dev")
     qemu-img create -q -f qcow2 -o "backing_file=$dev,backing_fmt=raw" "$dir/disk.qcow2" \
         "$((size + BOOTCHECK_EXTRA_GIB * 1073741824))"
-    mac=$(write_imds_state "$dir" "$dir/id_ed25519")
-    uuid="ec2$(random_hex 3 | cut -c1-5)-$(random_hex 2)-$(random_hex 2)-$(random_hex 2)-$(random_hex 6)"
+    write_imds_state "$dir" "$dir/id_ed25519" >/dev/null
     free_port >"$dir/ssh-port"
-    # reboot-timeout: when no disk is bootable SeaBIOS reboots, and -no-reboot turns that into qemu exiting.
-    args=(-machine "q35,accel=tcg" -m 1024 -smp 2 -display none -vga none -monitor none -parallel none
-        -no-reboot -boot reboot-timeout=1000 -serial "file:$(serial_file)"
-        -smbios "type=1,manufacturer=Amazon EC2,product=$GUEST_INSTANCE_TYPE,serial=$uuid,uuid=$uuid"
-        -drive "file=$dir/disk.qcow2,format=qcow2,if=none,id=root"
-        -device "nvme,drive=root,serial=${VOLUME_ID//-/},bootindex=0"
-        -netdev "user,id=net0,net=169.254.0.0/16,dhcpstart=$GUEST_IPV4,hostfwd=tcp:127.0.0.1:$(<"$dir/ssh-port")-:22,guestfwd=tcp:169.254.169.254:80-cmd:python3 $SCRIPTS_DIR/lib/imds.py $dir"
-        -device "virtio-net-pci,netdev=net0,mac=$mac")
-    if "$qemu" -cpu help 2>/dev/null | grep -w max >/dev/null; then
-        args+=(-cpu max)
-    fi
-    echo "platform: NVMe serial ${VOLUME_ID//-/}, SMBIOS uuid=serial=$uuid, instance $(sed -n 's/.*"instance_id": "\([^"]*\)".*/\1/p' "$dir/imds.json"), disk $((size / 1048576)) MiB + ${BOOTCHECK_EXTRA_GIB} GiB, ssh on 127.0.0.1:$(<"$dir/ssh-port")"
-    echo "+ $qemu ${args[*]}"
+    echo "disk $((size / 1048576)) MiB + ${BOOTCHECK_EXTRA_GIB} GiB (qcow2 overlay of the frozen canvas)"
     # fd 4 (the caller's progress pipe) stays with the phase: qemu must not hold the SSH session open.
-    "$qemu" "${args[@]}" </dev/null >/dev/null 2>"$dir/qemu.err" 4>&- &
-    echo $! >"$(qemu_pidfile)"
+    bash "$SCRIPTS_DIR/ec2-guest" --qemu "$qemu" --disk "$dir/disk.qcow2" --volume-id "$VOLUME_ID" \
+        --state-dir "$dir" --ssh "127.0.0.1:$(<"$dir/ssh-port")" --serial "$(serial_file)" \
+        --pidfile "$(qemu_pidfile)" 4>&-
 }
 
 # Report the console stages reached since the last call (STAGES_SEEN counts them).

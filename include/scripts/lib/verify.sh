@@ -173,6 +173,71 @@ verify_root_locked() {
     esac
 }
 
+# --- what a first boot of this image must show (instance-check's arguments) ------------------------
+# Both checks of a first boot use them: the boot check on the box (lib/bootcheck.sh) and the smoke
+# instance launched from the registered AMI (operators/smoke.py, from the "expectations" event).
+
+# The login user cloud-init creates: system_info.default_user.name of the image's cloud.cfg
+# (cloud.cfg.d files read after it win, as in cloud-init).
+image_login_user() {
+    local f user="" u
+    for f in "$ROOT/etc/cloud/cloud.cfg" "$ROOT"/etc/cloud/cloud.cfg.d/*.cfg; do
+        [[ -r $f ]] || continue
+        u=$(awk '
+            /^system_info:/ { si = 1; next }
+            si && /^[^ #]/ { si = 0 }
+            si && /^ +default_user:/ { du = 1; ind = match($0, /[^ ]/); next }
+            du && /^ *[^ #]/ && match($0, /[^ ]/) <= ind { du = 0 }
+            du && /^ +name:/ { print $2; exit }' "$f")
+        [[ -n $u ]] && user=$u
+    done
+    [[ -n $user ]] || die "bootcheck: no system_info.default_user.name in the image's /etc/cloud/cloud.cfg: no login user to check with"
+    echo "$user"
+}
+
+# The kernel arguments the recipe intends: root=UUID=<canvas root> and the image's GRUB_CMDLINE_LINUX
+# and GRUB_CMDLINE_LINUX_DEFAULT (what the recipe wrote into /etc/default/grub).
+intended_cmdline() {
+    local key val args="root=UUID=$1"
+    for key in GRUB_CMDLINE_LINUX GRUB_CMDLINE_LINUX_DEFAULT; do
+        val=$(sed -n "s/^$key=[\"']\\{0,1\\}\\([^\"']*\\)[\"']\\{0,1\\}\$/\\1/p" "$ROOT/etc/default/grub" | tail -n1)
+        [[ -n $val ]] && args+=" $val"
+    done
+    echo "$args"
+}
+
+# SHA256 fingerprints of every SSH host key in the image (none is expected: the clean phase removes them).
+baked_host_keys() {
+    local f
+    for f in "$ROOT"/etc/ssh/ssh_host_*_key; do
+        [[ -e $f ]] || continue
+        if [[ -e $f.pub ]]; then
+            ssh-keygen -lf "$f.pub" | awk '{ print $2 }'
+        else
+            ssh-keygen -yf "$f" | ssh-keygen -lf - | awk '{ print $2 }'
+        fi
+    done
+}
+
+# Record what instance-check must be told about this image (login user, kernel arguments, baked host
+# keys, SELinux) as the JSON fields of the "expectations" progress event, which build-image emits
+# once the verify phase has passed (only build-image's own process holds the progress pipe).
+write_expectations() {
+    local user cmdline keys=() fp selinux=false
+    user=$(image_login_user)
+    cmdline=$(intended_cmdline "$(root_uuid)")
+    while read -r fp; do
+        [[ -n $fp ]] && keys+=("$fp")
+    done < <(baked_host_keys)
+    ((${RECIPE_SELINUX:-0})) && selinux=true
+    printf '"login_user":%s,"cmdline":%s,"baked_host_keys":%s,"require_selinux":%s\n' \
+        "$(json_str "$user")" "$(json_str "$cmdline")" "$(json_list ${keys[@]+"${keys[@]}"})" "$selinux" \
+        >"$(expectations_file)"
+    echo "verify: first-boot expectations: login user $user; kernel arguments $cmdline; ${#keys[@]} baked host key(s); SELinux required: $selinux"
+}
+
+expectations_file() { echo "$RUN_DIR/expectations"; }
+
 phase_verify() {
     ensure_root_mounted
     VERIFY_FAILS=0
@@ -192,5 +257,6 @@ phase_verify() {
         echo "build-image: verify: $VERIFY_FAILS check(s) failed, first: $VERIFY_FIRST" >&2
         return 1
     fi
+    write_expectations
     echo "verify: all checks passed"
 }
