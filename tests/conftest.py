@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,26 +62,29 @@ def airflow_db() -> None:
 
 
 @pytest.fixture(scope="session")
-def local_ec2() -> Iterator[Any]:
+def local_ec2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One local EC2 API (moto + the AWS rules of rehearsal.aws_rules) for the session (each test
     resets it via ``ec2``); every instance launched through it gets a box (rehearsal.boxes), whose
-    sessions share the offline package cache (the suite's Debian builds download once)."""
+    sessions share the offline package cache (the suite's Debian builds download once), except an
+    instance of an AMI whose snapshot the EBS emulator took: that one boots the AMI's bytes
+    (rehearsal.guests)."""
     from rehearsal.boxes import Boxes
+    from rehearsal.ebs import EbsSnapshots
     from rehearsal.ec2_local import LocalEc2, standard_extensions
+    from rehearsal.guests import Guests
     from rehearsal.iam import load_policy
     from rehearsal.sshd import package_cache_env
 
-    boxes = Boxes(session_env=package_cache_env(package_cache()))
-    with LocalEc2(extensions=standard_extensions(policy=load_policy(), boxes=boxes)) as server:
+    snapshots = EbsSnapshots(tmp_path_factory.mktemp("snapshots"))
+    boxes = Boxes(session_env=package_cache_env(package_cache()), guests=Guests(snapshots))
+    extensions = standard_extensions(policy=load_policy(), snapshots=snapshots, boxes=boxes)
+    with LocalEc2(extensions=extensions) as server:
         yield server
 
 
-@pytest.fixture
-def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """An empty moto (no box running) with the ``amibake_aws`` connection pointing at the recording
-    proxy. At the end of the test every box is terminated (its processes and mounts end), as the
-    next test's reset would, so nothing of it outlives the test. Fails the test if amibake's IAM
-    policy (docs/iam-policy.json, enforced by the local EC2 API) refused any request."""
+@contextmanager
+def _ec2_for(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The body of ``ec2``, for a test or (``shared_stack``) for a whole module."""
     from rehearsal.boxes import Boxes
     from rehearsal.ec2_local import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
     from rehearsal.iam import IamEnforcer
@@ -98,17 +103,33 @@ def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             }
         ),
     )
-    yield local_ec2
-    for ext in local_ec2.extensions:
-        if isinstance(ext, Boxes):
-            for box in ext.boxes:
-                ext.terminate(box.instance_id)
+    try:
+        yield local_ec2
+    finally:
+        for ext in local_ec2.extensions:
+            if isinstance(ext, Boxes):
+                for box in ext.boxes:
+                    ext.terminate(box.instance_id)
     assert not iam.denials(), iam.report()
+
+
+@pytest.fixture
+def ec2(local_ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """An empty moto (no box running) with the ``amibake_aws`` connection pointing at the recording
+    proxy. At the end of the test every box is terminated (its processes and mounts end), as the
+    next test's reset would, so nothing of it outlives the test. Fails the test if amibake's IAM
+    policy (docs/iam-policy.json, enforced by the local EC2 API) refused any request."""
+    with _ec2_for(local_ec2, monkeypatch) as server:
+        yield server
 
 
 @pytest.fixture
 def boxes(ec2: Any) -> Any:
     """The local EC2 API's boxes (``rehearsal.boxes.Boxes``): look one up by instance id."""
+    return _boxes_of(ec2)
+
+
+def _boxes_of(ec2: Any) -> Any:
     from rehearsal.boxes import Boxes
 
     return next(ext for ext in ec2.extensions if isinstance(ext, Boxes))
@@ -126,6 +147,10 @@ def login_key() -> Any:
 def box_login(login_key: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``amibake_ssh`` = login + private key only, reached as on AWS: ``[amibake] ssh_address=public_ip``
     with tcp/22 admitted from ``ssh_cidr=127.0.0.0/8`` (where every box's address lies)."""
+    return _login_as(login_key, monkeypatch)
+
+
+def _login_as(login_key: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     from rehearsal.boxes import BOX_NETWORK
 
     monkeypatch.setenv("AIRFLOW_CONN_AMIBAKE_SSH", json.dumps(login_key.connection()))
@@ -181,6 +206,10 @@ def launched_box(ec2: Any, boxes: Any, box_login: Any) -> tuple[dict[str, Any], 
 @pytest.fixture
 def subnet(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> dict:
     """moto's default subnet, also set as ``[amibake] subnet_id``."""
+    return _default_subnet(ec2, monkeypatch)
+
+
+def _default_subnet(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> dict:
     found = ec2.boto3_client().describe_subnets()["Subnets"][0]
     monkeypatch.setenv("AIRFLOW__AMIBAKE__SUBNET_ID", found["SubnetId"])
     return found
@@ -197,6 +226,10 @@ def nightly(airflow_db: None) -> Any:
     ``DagRun.update_state``. The runs under a real scheduler (tests/rehearsal, tests/ui,
     tests/distributed) keep the deadline.
     """
+    return _load_nightly()
+
+
+def _load_nightly() -> Any:
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py"))
@@ -204,3 +237,33 @@ def nightly(airflow_db: None) -> Any:
     dag = bag.dags["amibake_nightly"]
     dag.deadline = None
     return dag
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What ``ec2``, ``boxes``, ``box_login``, ``subnet`` and ``nightly`` give a test, plus the
+    monkeypatch that set it up (undone when the stack ends)."""
+
+    ec2: Any
+    boxes: Any
+    login: Any
+    subnet: dict
+    nightly: Any
+    monkeypatch: pytest.MonkeyPatch
+
+
+@pytest.fixture(scope="module")
+def shared_stack(local_ec2: Any, login_key: Any, airflow_db: None) -> Iterator[Stack]:
+    """``ec2`` + ``boxes`` + ``box_login`` + ``subnet`` + ``nightly`` once for a whole module, set up
+    and checked (boxes terminated, no IAM denial) exactly as those fixtures do per test: for a module
+    whose tests all read the results of one expensive run (tests/e2e). Such a module must run in one
+    xdist worker (``pytest.mark.xdist_group``) with no other test of that worker in between."""
+    with pytest.MonkeyPatch.context() as monkeypatch, _ec2_for(local_ec2, monkeypatch) as server:
+        yield Stack(
+            ec2=server,
+            boxes=_boxes_of(server),
+            login=_login_as(login_key, monkeypatch),
+            subnet=_default_subnet(server, monkeypatch),
+            nightly=_load_nightly(),
+            monkeypatch=monkeypatch,
+        )

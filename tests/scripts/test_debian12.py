@@ -9,7 +9,6 @@ sets it.
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,8 @@ from loopdisk import BuildResult, LoopVolume, run_build
 
 from rehearsal.sshd import package_cache, package_cache_env
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+#: One worker builds the image once for all of them (./run-tests: --dist loadgroup).
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.xdist_group("debian12-image")]
 
 ALL_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader",
               "relabel", "clean", "verify", "bootcheck"]
@@ -280,42 +280,60 @@ def assert_nothing_left(vol: LoopVolume) -> None:
 
 
 @contextmanager
-def broken_copy(vol: LoopVolume, break_it) -> Iterator[LoopVolume]:
-    """A copy of the built canvas on its own loop device and volume id, broken by ``break_it(root)``
-    (its root filesystem mounted at the copy's work dir). The original is unmounted meanwhile: two
-    mounted XFS with one UUID are refused. Removed afterwards, even on failure."""
-    assert run_build(vol, "umount").rc == 0
-    copy = LoopVolume(size_gib=vol.size_gib)
+def broken(vol: LoopVolume, break_it, touched: list[str]) -> Iterator[LoopVolume]:
+    """The built canvas broken in place by ``break_it(root)`` (its root filesystem mounted), and put
+    back afterwards, even on failure: each path in TOUCHED (relative to the root; the only ones
+    ``break_it`` may change, create or remove) gets its bytes and mode back, or is removed if it did
+    not exist; then verify must pass again. The boot check boots a qcow2 overlay of the frozen canvas
+    and never writes it, so nothing else changes.
+
+    Not a copy of the canvas: it would carry the same XFS UUID, and the kernel refuses to mount it
+    while the original's filesystem is alive anywhere, e.g. in the private mount namespace of a box
+    (rehearsal.boxes) that another test launched while the original was mounted.
+
+    After breaking, the root is unmounted. XFS writes the partition past the whole-disk device's page
+    cache, where the earlier boot check's qemu left the blocks it read: the boot check drops that
+    cache (BLKFLSBUF) before it starts qemu, else the guest would read stale blocks (seen before that
+    fix: the old grub.cfg and "Metadata corruption detected"). These breakages prove it does."""
+    mount_root(vol)
+    root = vol.work / "root"
+    saved = {rel: ((root / rel).read_bytes(), (root / rel).stat().st_mode) if (root / rel).exists() else None
+             for rel in touched}
     try:
-        # conv=sparse skips the zeros, so only the ~1 GiB of data is written
-        subprocess.run(["dd", f"if={vol.device}", f"of={copy.device}", "bs=4M", "conv=sparse", "status=none"],
-                       check=True)
-        # the kernel learns the copied partition table only when asked (no udev here)
-        subprocess.run(["partprobe", copy.device], check=True)
-        deadline = time.monotonic() + 30
-        while not Path(copy.partition(2)).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        res = run_build(copy, "mount")
-        assert res.rc == 0, res.stderr
-        break_it(copy.work / "root")
-        yield copy
+        break_it(root)
+        assert run_build(vol, "umount").rc == 0
+        yield vol
     finally:
-        copy.teardown()
+        mount_root(vol)
+        for rel, kept in saved.items():
+            path = root / rel
+            if kept is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(kept[0])
+                path.chmod(kept[1])
+    assert verify(vol).rc == 0, "the canvas was not put back as built"
 
 
-def boot_check(copy: LoopVolume) -> BuildResult:
-    """The bootcheck phase alone on the copy (a generous limit: TCG on 2 shared cores)."""
-    return run_build(copy, "--boot-timeout", "900", "bootcheck", timeout=1500)
+def boot_check(vol: LoopVolume) -> BuildResult:
+    """The bootcheck phase alone (a generous limit: TCG on 2 shared cores)."""
+    return run_build(vol, "--boot-timeout", "900", "bootcheck", timeout=1500)
+
+
+def only_failures(res: BuildResult, *items: str) -> dict[str, str]:
+    """Assert ITEMS (in instance-check's order) are exactly the failed checks, nothing else blamed,
+    and the phase names them; return item -> detail."""
+    got = checks(res)
+    failed = {i: d for i, (status, d) in got.items() if status == "FAIL"}
+    assert list(failed) == list(items), got
+    assert res.rc != 0
+    assert "phase bootcheck failed" in res.stderr and f"bootcheck: {' '.join(items)}" in res.stderr
+    return failed
 
 
 def only_failure(res: BuildResult, item: str) -> str:
     """Assert ITEM is the one failed check (nothing else blamed) and return its detail."""
-    got = checks(res)
-    failed = {i: d for i, (status, d) in got.items() if status == "FAIL"}
-    assert list(failed) == [item], got
-    assert res.rc != 0
-    assert "phase bootcheck failed" in res.stderr and f"bootcheck: {item}" in res.stderr
-    return failed[item]
+    return only_failures(res, item)[item]
 
 
 def test_breakage_initramfs_without_nvme(built) -> None:
@@ -330,13 +348,13 @@ def test_breakage_initramfs_without_nvme(built) -> None:
         cfg = root / "boot/grub/grub.cfg"
         cfg.write_text(cfg.read_text().replace(" ro ", " ro initcall_blacklist=nvme_init "))
 
-    with broken_copy(vol, no_nvme) as copy:
-        res = boot_check(copy)
+    with broken(vol, no_nvme, ["boot/grub/grub.cfg"]) as broke:
+        res = boot_check(broke)
         detail = only_failure(res, "boot")
         assert "root device never appeared" in detail
         # the console tail reaches the task log (the last lines of the phase log)
         assert "----- end of serial console -----" in res.other_stdout[-1]
-        assert_nothing_left(copy)
+        assert_nothing_left(broke)
 
 
 def test_breakage_root_on_a_loop_device(built) -> None:
@@ -348,11 +366,11 @@ def test_breakage_root_on_a_loop_device(built) -> None:
         cfg = root / "boot/grub/grub.cfg"
         cfg.write_text(cfg.read_text().replace(f"root=UUID={uuid}", "root=/dev/loop0p2"))
 
-    with broken_copy(vol, loop_root) as copy:
-        res = boot_check(copy)
+    with broken(vol, loop_root, ["boot/grub/grub.cfg"]) as broke:
+        res = boot_check(broke)
         detail = only_failure(res, "kernel-cmdline")
         assert f"the kernel got root=/dev/loop0p2, the image intends root=UUID={uuid}" in detail
-        assert_nothing_left(copy)
+        assert_nothing_left(broke)
 
 
 def test_breakage_cloud_init_without_datasource(built) -> None:
@@ -362,53 +380,48 @@ def test_breakage_cloud_init_without_datasource(built) -> None:
     def no_datasource(root: Path) -> None:
         (root / "etc/cloud/cloud.cfg.d/90-amibake.cfg").write_text("datasource_list: [ None ]\n")
 
-    with broken_copy(vol, no_datasource) as copy:
-        res = boot_check(copy)
+    with broken(vol, no_datasource, ["etc/cloud/cloud.cfg.d/90-amibake.cfg"]) as broke:
+        res = boot_check(broke)
         detail = only_failure(res, "cloud-init")
         assert "datasource 'DataSourceNone', not Ec2" in detail
-        assert_nothing_left(copy)
+        assert_nothing_left(broke)
 
 
-def test_breakage_growpart_missing_and_the_el7_branch(built) -> None:
-    """Without growpart the root stays at the image size: root-grew fails, and only it.
+def test_breakage_growpart_missing_a_baked_host_key_and_the_el7_branch(built) -> None:
+    """Two independent breakages share one boot, as instance-check reports every item: each is
+    caught by the check that names it, and nothing else fails.
 
-    The same copy says it is EL (``ID_LIKE`` in /etc/os-release), so instance-check runs its EL7
-    branch on this Debian guest: every other item still passes and the SELinux items say "not
-    applicable" (no SELinux policy in this image), never a silent pass."""
+    - Without growpart the root stays at the image size: root-grew fails ("growpart did not grow").
+    - A host key left in the image: host-keys fails naming its fingerprint (every instance would
+      share the private key).
+    - The same image says it is EL (``ID_LIKE`` in /etc/os-release), so instance-check runs its EL7
+      branch on this Debian guest: every other item still passes and the SELinux items say "not
+      applicable" (no SELinux policy in this image), never a silent pass."""
     vol, _ = built
+    baked: list[str] = []  # the fingerprint of the baked key
 
-    def no_growpart_and_el(root: Path) -> None:
+    def no_growpart_baked_key_and_el(root: Path) -> None:
         (root / "usr/bin/growpart").unlink()
         os_release = (root / "etc/os-release").resolve()  # a relative link to ../usr/lib/os-release
-        assert os_release.is_relative_to(root)
+        assert os_release == root / "usr/lib/os-release"
         os_release.write_text(os_release.read_text() + 'ID_LIKE="rhel fedora"\n')
+        key = root / "etc/ssh/ssh_host_ed25519_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        baked.append(subprocess.run(["ssh-keygen", "-lf", f"{key}.pub"],
+                                    capture_output=True, text=True, check=True).stdout.split()[1])
 
-    with broken_copy(vol, no_growpart_and_el) as copy:
-        res = boot_check(copy)
-        detail = only_failure(res, "root-grew")
-        assert "growpart did not grow the root partition" in detail
+    touched = ["usr/bin/growpart", "usr/lib/os-release", "etc/ssh/ssh_host_ed25519_key",
+               "etc/ssh/ssh_host_ed25519_key.pub"]
+    with broken(vol, no_growpart_baked_key_and_el, touched) as broke:
+        res = boot_check(broke)
+        failed = only_failures(res, "root-grew", "host-keys")
+        assert "growpart did not grow the root partition" in failed["root-grew"]
+        (fingerprint,) = baked
+        assert fingerprint in failed["host-keys"]
         got = checks(res)
         assert list(got) == CHECK_ITEMS
         assert got["selinux-enforcing"][0] == got["selinux-labels"][0] == "not applicable"
         assert "no SELinux policy in this image" in got["selinux-labels"][1]
-        log = (copy.work / "logs" / "bootcheck.log").read_text(errors="replace")
+        log = (broke.work / "logs" / "bootcheck.log").read_text(errors="replace")
         assert "(family el)" in log
-        assert_nothing_left(copy)
-
-
-def test_breakage_host_key_baked_into_the_image(built) -> None:
-    """A host key left in the image: host-keys fails (every instance would share the private key)."""
-    vol, _ = built
-
-    def bake_key(root: Path) -> None:
-        key = root / "etc/ssh/ssh_host_ed25519_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-
-    with broken_copy(vol, bake_key) as copy:
-        fingerprint = subprocess.run(
-            ["ssh-keygen", "-lf", str(copy.work / "root/etc/ssh/ssh_host_ed25519_key.pub")],
-            capture_output=True, text=True, check=True).stdout.split()[1]
-        res = boot_check(copy)
-        detail = only_failure(res, "host-keys")
-        assert fingerprint in detail
-        assert_nothing_left(copy)
+        assert_nothing_left(broke)

@@ -338,6 +338,9 @@ phase_bootcheck() {
     image_login_user >"$dir/login-user"
     ssh-keygen -q -t ed25519 -N '' -C amibake-bootcheck -f "$dir/id_ed25519"
     freeze_canvas $((BOOT_TIMEOUT + 600)) 4>&-
+    # qemu reads the whole-disk device, whose page cache may still hold blocks an earlier check read
+    # (a retried build on this box); the filesystems wrote through the partitions, past that cache.
+    blockdev --flushbufs "$dev"
     echo "froze the canvas filesystems for a consistent disk; login user $(<"$dir/login-user"); intended kernel arguments: $cmdline"
     : >"$(serial_file)"
     STAGE_T0=$(now)

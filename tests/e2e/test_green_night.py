@@ -1,0 +1,427 @@
+"""ONE green night of amibake_nightly, read by every test that only checks its results.
+
+The night (``dag.test``: the local EC2 API with its boxes and the IAM policy enforced, a real box
+reached as on AWS, a real Debian 12 build with its qemu boot check on a loop-backed canvas,
+rehearsal.ebs.LoopEbs) runs once per module (``night``); each concern is its own test reading it:
+the run and its XComs against the EC2 requests, what is left afterwards, the secrets scan, the fence
+of the box. A night that did not succeed fails each of them with the same clear message (``green``).
+The module runs in one xdist worker (``xdist_group``; ./run-tests uses ``--dist loadgroup``).
+
+Secrets: the AWS secret key of the ``amibake_aws`` connection (a unique value for this module) and
+the SSH private key of ``amibake_ssh`` (whole, and each line of its base64 body) must appear in no
+XCom, no task log line, no rendered template field, no box-side log, and no request sent to EC2.
+Boundaries: the security group admits tcp/22 only from ``[amibake] ssh_cidr``; IMDSv2 is required
+on the box and on the AMI; the canvas is created encrypted, so its snapshot is too.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from operators import defaults
+from operators.rules import naming
+from operators.rules.naming import Role
+from operators.rules.remote import remote_dir
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts"),
+    pytest.mark.xdist_group("green-night"),
+]
+DAG_ID = "amibake_nightly"
+#: ``[amibake] ssh_cidr`` of the night: not the boxes' loopback network, so the fence test sees that
+#: the rule admits exactly this range (the local EC2 API does not enforce security groups).
+SSH_CIDR = "198.51.100.0/24"
+CONF = {"recipe": "debian12", "canvas_size_gib": 3, "ami_name_prefix": "amibake-e2e"}
+
+
+@dataclass
+class Night:
+    """What the one green night left to read: the run, its task log (stdout/stderr of ``dag.test``,
+    which runs the tasks in this process), the box-side phase logs, and the stack it ran on."""
+
+    stack: Any
+    ebs: Any
+    aws_secret: str
+    run: Any = None
+    build: str = ""
+    log: str = ""
+    box_logs: str = ""
+    error: str = ""  # the traceback, when dag.test itself raised
+    states: dict[str, str] = field(default_factory=dict)
+
+    def failure(self) -> str:
+        """Why this night cannot serve the tests (empty when it is green)."""
+        if self.error:
+            return f"dag.test raised:\n{self.error}"
+        if str(self.run.state) == "success" and set(self.states.values()) == {"success"}:
+            return ""
+        failed = sorted(t for t, s in self.states.items() if s != "success")
+        tail = "\n".join(self.log.splitlines()[-80:])
+        return (
+            f"run {self.run.state}; tasks not successful: {failed}; states {self.states}\nlog tail:\n{tail}"
+        )
+
+
+class _TaskLogCapture:
+    """fd 1 and 2 captured around ``dag.test``, the way the ``capfd`` fixture does it (pytest has no
+    module-scoped capfd): the tasks' log is what they print."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        from _pytest.capture import CaptureFixture, FDCapture
+
+        self._capman = request.config.pluginmanager.getplugin("capturemanager")
+        self._fixture = CaptureFixture(FDCapture, request, _ispytest=True)
+
+    def __enter__(self) -> _TaskLogCapture:
+        self._capman.set_fixture(self._fixture)
+        self._fixture._start()
+        return self
+
+    def read(self) -> str:
+        out, err = self._fixture.readouterr()
+        return out + err
+
+    def __exit__(self, *exc: object) -> None:
+        self._fixture.close()
+        self._capman.unset_fixture()
+
+
+def _box_logs(boxes: Any, ec2: Any, build: str) -> str:
+    """The box-side phase logs (the terminated box's files stay until the next reset, as a disk kept
+    for inspection): the build's work dir and each canvas's."""
+    dirs = [box.path(remote_dir(build)) for box in boxes.boxes]
+    for volume_id in [c["VolumeId"] for c in ec2.calls("AttachVolume")]:
+        dirs += [box.path(f"{defaults.REMOTE_BASE_DIR}/{volume_id}") for box in boxes.boxes]
+    return "".join(p.read_text(errors="replace") for d in dirs for p in d.glob("logs/*.log"))
+
+
+@pytest.fixture(scope="module")
+def night(
+    shared_stack: Any, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Night]:
+    """The green night, run once for the module. Never raises for a failed run: each test says so."""
+    from rehearsal.ebs import LoopEbs
+    from rehearsal.ec2_local import FAKE_ACCESS_KEY
+
+    ec2, mp = shared_stack.ec2, shared_stack.monkeypatch
+    aws_secret = f"amibakeTestSecret{secrets.token_hex(16)}"  # moto accepts any secret key
+    conn = {
+        "conn_type": "aws",
+        "login": FAKE_ACCESS_KEY,
+        "password": aws_secret,
+        "extra": ec2.connection_extra(),
+    }
+    mp.setenv("AIRFLOW_CONN_AMIBAKE_AWS", json.dumps(conn))
+    mp.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", SSH_CIDR)
+    with LoopEbs(ec2.moto_url, ec2.region, tmp_path_factory.mktemp("ebs")) as ebs:
+        result = Night(stack=shared_stack, ebs=ebs, aws_secret=aws_secret)
+        base_ami = ec2.register_base_image("amibake-e2e-base")
+        with _TaskLogCapture(request) as capture:
+            try:
+                result.run = shared_stack.nightly.test(run_conf={**CONF, "base_ami": base_ami})
+            except Exception:
+                result.error = traceback.format_exc()
+            result.log = capture.read()
+        if result.run is not None:
+            result.build = naming.build_id(DAG_ID, result.run.run_id)
+            result.states = {ti.task_id: str(ti.state) for ti in result.run.get_task_instances()}
+            result.box_logs = _box_logs(shared_stack.boxes, ec2, result.build)
+        yield result
+
+
+@pytest.fixture
+def green(night: Night) -> Night:
+    """The night, when it was green; otherwise the test fails saying why (once per dependent test)."""
+    why = night.failure()
+    if why:
+        pytest.fail(
+            f"the one green night of this module failed, so this cannot be checked:\n{why}", pytrace=False
+        )
+    return night
+
+
+def _xcom(dag_run: Any, task_id: str) -> Any:
+    """The return value a task pushed (read from the metadata DB)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalars(
+            select(XComModel).where(
+                XComModel.dag_id == DAG_ID,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.task_id == task_id,
+                XComModel.key == "return_value",
+            )
+        ).one()
+        return XComModel.deserialize_value(row)
+
+
+def _launches(ec2: Any, role: Role) -> list[dict[str, str]]:
+    """The RunInstances requests that tagged their instance with ``amibake:role=ROLE`` (the night
+    launches a build box and, with the smoke check, a smoke instance)."""
+    calls = ec2.calls("RunInstances")
+    return [c for c in calls if _tags_of(c, "TagSpecification").get(naming.TAG_ROLE) == role]
+
+
+def _tags_of(call: dict[str, str], prefix: str) -> dict[str, str]:
+    """The tags a recorded request gives in the TagSpecification(s) whose keys start with ``prefix``."""
+    return {
+        v: call[k.removesuffix("Key") + "Value"]
+        for k, v in call.items()
+        if k.startswith(prefix) and k.endswith(".Key")
+    }
+
+
+# --- the DAG run, its XComs and the EC2 requests -------------------------------------------------
+
+
+def test_the_run_and_every_task_succeed(green: Night) -> None:
+    assert str(green.run.state) == "success", green.states
+    assert set(green.states.values()) == {"success"}, green.states
+
+
+def test_xcoms_and_ec2_requests_tell_one_story(green: Night) -> None:
+    """Box, canvas, snapshot and AMI records agree with each other and with what EC2 was asked; the
+    AMI is available under the requested name and announced as the recipe's asset."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    ec2, dag_run, build = green.stack.ec2, green.run, green.build
+    box = _xcom(dag_run, "launch_build_box")
+    canvas = _xcom(dag_run, "attach_canvas")
+    built = _xcom(dag_run, "remote_chroot_build")
+    snapshot = _xcom(dag_run, "frozen_snapshot")
+    image = _xcom(dag_run, "register_hvm_ami")
+    (run,) = _launches(ec2, Role.BUILD_BOX)
+    assert box["build_id"] == build and box["instance_id"].startswith("i-")
+    (attach,) = ec2.calls("AttachVolume")
+    assert (attach["InstanceId"], attach["VolumeId"]) == (box["instance_id"], canvas["volume_id"])
+    (create_snapshot,) = ec2.calls("CreateSnapshot")
+    assert create_snapshot["VolumeId"] == canvas["volume_id"] == built["volume_id"] == snapshot["volume_id"]
+    (register,) = ec2.calls("RegisterImage")
+    assert register["BlockDeviceMapping.1.Ebs.SnapshotId"] == snapshot["snapshot_id"] == image["snapshot_id"]
+    assert register["BlockDeviceMapping.1.Ebs.VolumeSize"] == "3"
+    assert image["ami_name"].startswith("amibake-e2e-") and image["ami_name"].endswith(build)
+    assert ec2.boto3_client().describe_images(ImageIds=[image["ami_id"]])["Images"][0]["State"] == "available"
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == dag_run.run_id)).all()
+        assert [(e.asset.uri, e.extra["ami_id"]) for e in events] == [
+            ("amibake://ami/debian12", image["ami_id"])
+        ]
+
+
+def _left_in_moto(ec2: Any, build: str) -> dict[str, list[str]]:
+    client = ec2.boto3_client()
+    boxes = [
+        i["InstanceId"]
+        for role in (Role.BUILD_BOX, Role.SMOKE)
+        for r in client.describe_instances(Filters=naming.build_filters(build, role))["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] != "terminated"
+    ]
+    volumes = [
+        v["VolumeId"]
+        for v in client.describe_volumes(Filters=naming.build_filters(build, Role.CANVAS))["Volumes"]
+    ]
+    groups = [
+        g["GroupId"]
+        for g in client.describe_security_groups(Filters=naming.build_filters(build, Role.BUILD_SG))[
+            "SecurityGroups"
+        ]
+    ]
+    return {"instances": boxes, "canvas_volumes": volumes, "security_groups": groups}
+
+
+def test_the_night_leaves_nothing(green: Night) -> None:
+    """No box (build box or smoke instance), canvas or security group of the build in EC2; the canvas
+    detached from its loop device and no box runs any more (their mounts died with them)."""
+    ec2, boxes = green.stack.ec2, green.stack.boxes
+    assert _left_in_moto(ec2, green.build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
+    for volume_id in [c["VolumeId"] for c in ec2.calls("AttachVolume")]:
+        green.ebs.wait_for(volume_id, attached=False)
+    running = [(box.instance_id, box.mounts()) for box in boxes.boxes if box.alive]
+    assert running == [], "a build box is still running"
+
+
+def test_the_iam_policy_refused_no_request(green: Night) -> None:
+    """docs/iam-policy.json, enforced by the local EC2 API, admitted every request of the night
+    (shared_stack checks it again at the end of the module)."""
+    from rehearsal.iam import IamEnforcer
+
+    iam = IamEnforcer.of(green.stack.ec2)
+    assert not iam.denials(), iam.report()
+
+
+# --- secrets and the fence of the box -----------------------------------------------------------
+
+
+def _run_rows(dag_run: Any) -> dict[str, list[str]]:
+    """Every XCom value and rendered template field of the run, as JSON text."""
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        xcoms = session.scalars(
+            select(XComModel).where(XComModel.dag_id == DAG_ID, XComModel.run_id == dag_run.run_id)
+        ).all()
+        rendered = session.scalars(
+            select(RenderedTaskInstanceFields).where(
+                RenderedTaskInstanceFields.dag_id == DAG_ID,
+                RenderedTaskInstanceFields.run_id == dag_run.run_id,
+            )
+        ).all()
+        return {
+            "xcom": [
+                f"{x.task_id}/{x.key}: {json.dumps(XComModel.deserialize_value(x), default=str)}"
+                for x in xcoms
+            ],
+            "rendered": [f"{r.task_id}: {json.dumps(r.rendered_fields, default=str)}" for r in rendered],
+        }
+
+
+def _secret_needles(aws_secret: str, private_key_pem: str) -> list[str]:
+    body = [
+        line.strip() for line in private_key_pem.splitlines() if line.strip() and "PRIVATE KEY" not in line
+    ]
+    assert body and all(len(line) >= 20 for line in body[:-1])
+    return [aws_secret, private_key_pem.strip(), *[line for line in body if len(line) >= 20]]
+
+
+def test_no_secret_in_xcom_logs_templates_or_requests(green: Night) -> None:
+    ec2, login = green.stack.ec2, green.stack.login
+    rows = _run_rows(green.run)
+    assert len(rows["xcom"]) >= 7 and len(rows["rendered"]) >= 7, rows  # what was scanned is really there
+    assert "launch_build_box" in green.log and "phase mkfs" in green.log
+    assert green.box_logs, "the box-side phase logs were found and scanned"
+    places = {
+        "xcom": "\n".join(rows["xcom"]),
+        "rendered templates": "\n".join(rows["rendered"]),
+        "task logs": green.log,
+        "box-side logs": green.box_logs,
+        "EC2 requests": json.dumps(ec2.requests),
+    }
+    for needle in _secret_needles(green.aws_secret, login.private_key_pem):
+        for place, text in places.items():
+            assert needle not in text, f"a secret ({needle[:6]}…) is in the {place}"
+    assert "PRIVATE KEY" not in places["xcom"] + places["rendered templates"] + places["EC2 requests"]
+
+
+def test_the_box_is_fenced_and_the_disks_encrypted(green: Night) -> None:
+    """tcp/22 from ``ssh_cidr`` only; IMDSv2 required on the box and on the AMI; the canvas created
+    encrypted, so its snapshot is too."""
+    ec2 = green.stack.ec2
+    (ingress,) = ec2.calls("AuthorizeSecurityGroupIngress")
+    assert {k: v for k, v in ingress.items() if k.startswith("IpPermissions")} == {
+        "IpPermissions.1.IpProtocol": "tcp",
+        "IpPermissions.1.FromPort": "22",
+        "IpPermissions.1.ToPort": "22",
+        "IpPermissions.1.IpRanges.1.CidrIp": SSH_CIDR,
+        **{k: v for k, v in ingress.items() if k.startswith("IpPermissions.1.IpRanges.1.Description")},
+    }
+    (run,) = _launches(ec2, Role.BUILD_BOX)
+    assert run["MetadataOptions.HttpTokens"] == "required"
+    # and every other instance of the night (the smoke instance) too
+    assert {r.get("MetadataOptions.HttpTokens") for r in ec2.calls("RunInstances")} == {"required"}
+    (volume,) = ec2.calls("CreateVolume")
+    assert volume["Encrypted"] == "true"
+    (register,) = ec2.calls("RegisterImage")
+    assert register["ImdsSupport"] == "v2.0"
+    (snapshot,) = ec2.boto3_client().describe_snapshots(
+        SnapshotIds=[register["BlockDeviceMapping.1.Ebs.SnapshotId"]]
+    )["Snapshots"]
+    assert snapshot["Encrypted"] is True  # a snapshot of an encrypted volume is encrypted
+
+
+# --- the smoke instance (a second boot of the registered AMI) ------------------------------------
+
+
+def test_the_smoke_instance_is_launched_from_the_new_ami_as_the_build_asked(green: Night) -> None:
+    """One launch of the registered AMI: the box's subnet and security group, t3.micro, IMDSv2, root
+    2 GiB larger than the AMI and deleted with it, tagged as the smoke instance on instance, volume
+    and interface, with its OWN login key and host key (not the box's)."""
+    from operators.rules.launch import host_key_from_user_data
+
+    ec2 = green.stack.ec2
+    image = _xcom(green.run, "register_hvm_ami")
+    box = _xcom(green.run, "launch_build_box")
+    (box_run,) = _launches(ec2, Role.BUILD_BOX)
+    (smoke,) = _launches(ec2, Role.SMOKE)
+    assert smoke["ImageId"] == image["ami_id"]
+    assert smoke["SubnetId"] == box_run["SubnetId"]
+    assert smoke["SecurityGroupId.1"] == box["security_group_id"]
+    assert smoke["InstanceType"] == "t3.micro"
+    assert smoke["MetadataOptions.HttpTokens"] == "required"
+    assert smoke["BlockDeviceMapping.1.Ebs.VolumeSize"] == "5"  # the 3 GiB AMI + 2 GiB for growpart
+    assert smoke["BlockDeviceMapping.1.Ebs.DeleteOnTermination"] == "true"
+    specs = {smoke[k]: k.removesuffix(".ResourceType") for k in smoke if k.endswith(".ResourceType")}
+    assert set(specs) == {"instance", "volume", "network-interface"}
+    for prefix in specs.values():
+        tags = _tags_of(smoke, prefix)
+        assert (tags[naming.TAG_ROLE], tags[naming.TAG_BUILD_ID]) == (Role.SMOKE, green.build), tags
+    smoke_user_data, box_user_data = (base64.b64decode(c["UserData"]).decode() for c in (smoke, box_run))
+    assert host_key_from_user_data(smoke["UserData"]) not in ("", box["host_key"])
+    login_key = re.search(r"ssh-ed25519 \S+", smoke_user_data.split('"ssh_keys"')[0])
+    assert login_key and login_key.group(0) not in box_user_data, "the smoke instance has a key of its own"
+
+
+def test_the_smoke_instance_booted_the_amis_bytes_and_passed_every_check(green: Night) -> None:
+    """The instance was qemu booting the snapshot the build took (its console shows the image's
+    kernel and cloud-init on the EC2 datasource); 2/2 was awaited, every instance-check item passed,
+    and only then was the AMI tagged verified. Rotation then ran on the verified AMI."""
+    ec2 = green.stack.ec2
+    image = _xcom(green.run, "register_hvm_ami")
+    smoke = _xcom(green.run, "smoke_instance")
+    assert smoke["verified"] is True and smoke["ami_id"] == image["ami_id"]
+    assert smoke["checks"] and set(smoke["checks"].values()) <= {"PASS", "not applicable"}, smoke
+    assert {i for i, st in smoke["checks"].items() if st == "PASS"} >= {
+        "cloud-init",
+        "root-grew",
+        "hostname",
+        "host-keys",
+        "imdsv2-only",
+        "kernel-cmdline",
+    }
+    assert {c["InstanceId.1"] for c in ec2.calls("DescribeInstanceStatus")} == {smoke["instance_id"]}
+    guest = green.stack.boxes.guests.get(smoke["instance_id"])
+    console = guest.console().decode(errors="replace")
+    assert "Linux version" in console and "DataSourceEc2" in console, console[-2000:]
+    (tagged,) = [c for c in ec2.calls("CreateTags") if c.get("ResourceId.1") == image["ami_id"]]
+    assert (tagged["Tag.1.Key"], tagged["Tag.1.Value"]) == (naming.TAG_VERIFIED, naming.VERIFIED)
+    tags = ec2.boto3_client().describe_images(ImageIds=[image["ami_id"]])["Images"][0]["Tags"]
+    assert {t["Key"]: t["Value"] for t in tags}[naming.TAG_VERIFIED] == naming.VERIFIED
+    assert "passed every smoke check" in green.log
+    assert image["ami_id"] in _xcom(green.run, "rotate_amis")["kept"]
+
+
+def test_the_smoke_instance_is_gone_before_its_security_group(green: Night) -> None:
+    """terminate_smoke_instance ended the instance (qemu stopped, its disk removed) before
+    terminate_build_box deleted the security group it sat in."""
+    ec2 = green.stack.ec2
+    smoke = _xcom(green.run, "smoke_instance")
+    actions = [(r["action"], r["params"]) for r in ec2.requests]
+    terminated = [
+        n
+        for n, (a, p) in enumerate(actions)
+        if a == "TerminateInstances" and smoke["instance_id"] in p.values()
+    ]
+    deleted = [n for n, (a, _) in enumerate(actions) if a == "DeleteSecurityGroup"]
+    assert terminated and deleted and terminated[0] < deleted[0], actions
+    guest = green.stack.boxes.guests.get(smoke["instance_id"])
+    assert not guest.alive and not guest.disk.exists()
