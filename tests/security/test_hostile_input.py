@@ -10,6 +10,7 @@ proves on a real box (its sshd, sudo) that values which do reach it arrive as si
 
 from __future__ import annotations
 
+import json
 import shutil
 import textwrap
 import uuid
@@ -257,6 +258,18 @@ def test_each_operator_refuses_before_its_first_call(
     assert not on_box.path(remote.remote_dir(build)).exists(), "an SSH session shipped files"
 
 
+#: What a real build reports after verify (lib/verify.sh write_expectations).
+EXPECTATIONS_LINE = "AMIBAKE " + json.dumps(
+    {
+        "event": "expectations",
+        "login_user": "admin",
+        "cmdline": "root=UUID=0b5fe0d4-8f3a-4c4e-9d71-3e7d2d6c1a10",
+        "baked_host_keys": [],
+        "require_selinux": False,
+    }
+)
+
+
 @pytest.fixture
 def recording_scripts(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     """(dag id, local scripts dir, file on the box where build-image writes its argv NUL-separated)."""
@@ -265,13 +278,15 @@ def recording_scripts(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     scripts.mkdir()
     argv_file = tmp_path / "argv"
     entry = scripts / "build-image"
-    # stands in for build-image: records the argv it was given, then reports success
+    # stands in for build-image: records the argv it was given, then reports success (with the
+    # expectations a real build reports after verify)
     entry.write_text(
         textwrap.dedent(
             f"""\
             #!/usr/bin/env bash
             set -euo pipefail
             printf '%s\\0' "$@" >{argv_file}
+            echo '{EXPECTATIONS_LINE}'
             echo 'AMIBAKE {{"event":"result","status":"ok"}}'
             """
         )
