@@ -63,9 +63,9 @@ Builds the image **from scratch** on a temporary EC2 build box and registers it 
 
 **How long it takes**: the EC2 waits take a few minutes (snapshot and AMI: 5-30 min on AWS, held
 by the triggerer, not a worker slot); the build itself takes 5-15 min for CentOS 7 (yum from the
-configured mirror). The offline rehearsal of the Debian 12 recipe takes about 3 minutes. A run
-that takes an hour longer than the average of the last runs, or 4 hours in all, raises a deadline
-alert.
+configured mirror); the smoke instance 2-5 min. The offline rehearsal of the Debian 12 recipe
+takes about 10 minutes (two qemu boots without KVM). A run that takes an hour longer than the
+average of the last runs, or 4 hours in all, raises a deadline alert.
 
 **When it fails**: the failed task's log names the build phase and the exit code, followed by the
 tail of that phase's output (the full phase logs stay on the box under
