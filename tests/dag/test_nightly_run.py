@@ -16,57 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dag_runs import DAG_ID, left_in_moto, xcom_of
 
 from operators.rules import naming
-from operators.rules.naming import Role
 
 REPO = Path(__file__).resolve().parents[2]
-DAG_ID = "amibake_nightly"
 
 
 def _task_states(dag_run: Any) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
-def _xcom(dag_run: Any, task_id: str) -> Any:
-    """The return value a task pushed (read from the metadata DB)."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        row = session.scalars(
-            select(XComModel).where(
-                XComModel.dag_id == DAG_ID,
-                XComModel.run_id == dag_run.run_id,
-                XComModel.task_id == task_id,
-                XComModel.key == "return_value",
-            )
-        ).one()
-        return XComModel.deserialize_value(row)
-
-
-def _left_in_moto(ec2: Any, build: str) -> dict[str, list[str]]:
-    client = ec2.boto3_client()
-    boxes = [
-        i["InstanceId"]
-        for r in client.describe_instances(Filters=naming.build_filters(build, Role.BUILD_BOX))[
-            "Reservations"
-        ]
-        for i in r["Instances"]
-        if i["State"]["Name"] != "terminated"
-    ]
-    volumes = [
-        v["VolumeId"]
-        for v in client.describe_volumes(Filters=naming.build_filters(build, Role.CANVAS))["Volumes"]
-    ]
-    groups = [
-        g["GroupId"]
-        for g in client.describe_security_groups(Filters=naming.build_filters(build, Role.BUILD_SG))[
-            "SecurityGroups"
-        ]
-    ]
-    return {"instances": boxes, "canvas_volumes": volumes, "security_groups": groups}
 
 
 def _free_closed_port() -> int:
@@ -151,8 +109,8 @@ def test_failed_build_runs_teardowns_and_fails_the_run(
     assert [json.loads(line) for line in notified.read_text().splitlines()] == [
         {"dag_id": DAG_ID, "run_id": dag_run.run_id}
     ]
-    assert _left_in_moto(ec2, build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
+    assert left_in_moto(ec2, build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
     _no_canvas_left(loop_ebs, boxes, [c["VolumeId"] for c in ec2.calls("AttachVolume")])
     key_body = box_login.private_key_pem.splitlines()[1]
     assert key_body not in log, "the SSH private key must never reach a task log"
-    assert key_body not in json.dumps([_xcom(dag_run, t) for t in ("launch_build_box", "attach_canvas")])
+    assert key_body not in json.dumps([xcom_of(dag_run, t) for t in ("launch_build_box", "attach_canvas")])

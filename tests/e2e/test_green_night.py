@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from dag_runs import DAG_ID, left_in_moto, xcom_of
 
 from operators import defaults
 from operators.rules import naming
@@ -39,7 +40,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts"),
     pytest.mark.xdist_group("green-night"),
 ]
-DAG_ID = "amibake_nightly"
 #: ``[amibake] ssh_cidr`` of the night: not the boxes' loopback network, so the fence test sees that
 #: the rule admits exactly this range (the local EC2 API does not enforce security groups).
 SSH_CIDR = "198.51.100.0/24"
@@ -152,24 +152,6 @@ def green(night: Night) -> Night:
     return night
 
 
-def _xcom(dag_run: Any, task_id: str) -> Any:
-    """The return value a task pushed (read from the metadata DB)."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        row = session.scalars(
-            select(XComModel).where(
-                XComModel.dag_id == DAG_ID,
-                XComModel.run_id == dag_run.run_id,
-                XComModel.task_id == task_id,
-                XComModel.key == "return_value",
-            )
-        ).one()
-        return XComModel.deserialize_value(row)
-
-
 def _launches(ec2: Any, role: Role) -> list[dict[str, str]]:
     """The RunInstances requests that tagged their instance with ``amibake:role=ROLE`` (the night
     launches a build box and, with the smoke check, a smoke instance)."""
@@ -202,11 +184,11 @@ def test_xcoms_and_ec2_requests_tell_one_story(green: Night) -> None:
     from sqlalchemy import select
 
     ec2, dag_run, build = green.stack.ec2, green.run, green.build
-    box = _xcom(dag_run, "launch_build_box")
-    canvas = _xcom(dag_run, "attach_canvas")
-    built = _xcom(dag_run, "remote_chroot_build")
-    snapshot = _xcom(dag_run, "frozen_snapshot")
-    image = _xcom(dag_run, "register_hvm_ami")
+    box = xcom_of(dag_run, "launch_build_box")
+    canvas = xcom_of(dag_run, "attach_canvas")
+    built = xcom_of(dag_run, "remote_chroot_build")
+    snapshot = xcom_of(dag_run, "frozen_snapshot")
+    image = xcom_of(dag_run, "register_hvm_ami")
     (run,) = _launches(ec2, Role.BUILD_BOX)
     assert box["build_id"] == build and box["instance_id"].startswith("i-")
     (attach,) = ec2.calls("AttachVolume")
@@ -225,33 +207,11 @@ def test_xcoms_and_ec2_requests_tell_one_story(green: Night) -> None:
         ]
 
 
-def _left_in_moto(ec2: Any, build: str) -> dict[str, list[str]]:
-    client = ec2.boto3_client()
-    boxes = [
-        i["InstanceId"]
-        for role in (Role.BUILD_BOX, Role.SMOKE)
-        for r in client.describe_instances(Filters=naming.build_filters(build, role))["Reservations"]
-        for i in r["Instances"]
-        if i["State"]["Name"] != "terminated"
-    ]
-    volumes = [
-        v["VolumeId"]
-        for v in client.describe_volumes(Filters=naming.build_filters(build, Role.CANVAS))["Volumes"]
-    ]
-    groups = [
-        g["GroupId"]
-        for g in client.describe_security_groups(Filters=naming.build_filters(build, Role.BUILD_SG))[
-            "SecurityGroups"
-        ]
-    ]
-    return {"instances": boxes, "canvas_volumes": volumes, "security_groups": groups}
-
-
 def test_the_night_leaves_nothing(green: Night) -> None:
     """No box (build box or smoke instance), canvas or security group of the build in EC2; the canvas
     detached from its loop device and no box runs any more (their mounts died with them)."""
     ec2, boxes = green.stack.ec2, green.stack.boxes
-    assert _left_in_moto(ec2, green.build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
+    assert left_in_moto(ec2, green.build) == {"instances": [], "canvas_volumes": [], "security_groups": []}
     for volume_id in [c["VolumeId"] for c in ec2.calls("AttachVolume")]:
         green.ebs.wait_for(volume_id, attached=False)
     running = [(box.instance_id, box.mounts()) for box in boxes.boxes if box.alive]
@@ -359,8 +319,8 @@ def test_the_smoke_instance_is_launched_from_the_new_ami_as_the_build_asked(gree
     from operators.rules.launch import host_key_from_user_data
 
     ec2 = green.stack.ec2
-    image = _xcom(green.run, "register_hvm_ami")
-    box = _xcom(green.run, "launch_build_box")
+    image = xcom_of(green.run, "register_hvm_ami")
+    box = xcom_of(green.run, "launch_build_box")
     (box_run,) = _launches(ec2, Role.BUILD_BOX)
     (smoke,) = _launches(ec2, Role.SMOKE)
     assert smoke["ImageId"] == image["ami_id"]
@@ -386,8 +346,8 @@ def test_the_smoke_instance_booted_the_amis_bytes_and_passed_every_check(green: 
     kernel and cloud-init on the EC2 datasource); 2/2 was awaited, every instance-check item passed,
     and only then was the AMI tagged verified. Rotation then ran on the verified AMI."""
     ec2 = green.stack.ec2
-    image = _xcom(green.run, "register_hvm_ami")
-    smoke = _xcom(green.run, "smoke_instance")
+    image = xcom_of(green.run, "register_hvm_ami")
+    smoke = xcom_of(green.run, "smoke_instance")
     assert smoke["verified"] is True and smoke["ami_id"] == image["ami_id"]
     assert smoke["checks"] and set(smoke["checks"].values()) <= {"PASS", "not applicable"}, smoke
     assert {i for i, st in smoke["checks"].items() if st == "PASS"} >= {
@@ -407,14 +367,14 @@ def test_the_smoke_instance_booted_the_amis_bytes_and_passed_every_check(green: 
     tags = ec2.boto3_client().describe_images(ImageIds=[image["ami_id"]])["Images"][0]["Tags"]
     assert {t["Key"]: t["Value"] for t in tags}[naming.TAG_VERIFIED] == naming.VERIFIED
     assert "passed every smoke check" in green.log
-    assert image["ami_id"] in _xcom(green.run, "rotate_amis")["kept"]
+    assert image["ami_id"] in xcom_of(green.run, "rotate_amis")["kept"]
 
 
 def test_the_smoke_instance_is_gone_before_its_security_group(green: Night) -> None:
     """terminate_smoke_instance ended the instance (qemu stopped, its disk removed) before
     terminate_build_box deleted the security group it sat in."""
     ec2 = green.stack.ec2
-    smoke = _xcom(green.run, "smoke_instance")
+    smoke = xcom_of(green.run, "smoke_instance")
     actions = [(r["action"], r["params"]) for r in ec2.requests]
     terminated = [
         n
