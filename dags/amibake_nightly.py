@@ -103,6 +103,11 @@ def _wait_budget(limits: tuple[int, int]) -> timedelta:
     return timedelta(seconds=delay * attempts + 1800)
 
 
+def _switch(key: str) -> bool:
+    """Default of a boolean Param from its ``[amibake]`` setting (validate_params rejects a bad one)."""
+    return defaults.setting(key).lower() == "true"
+
+
 def _schedule() -> str:
     """Nightly cron from ``[amibake] schedule`` (in-memory configuration, no I/O)."""
     return defaults.setting("schedule")
@@ -167,7 +172,7 @@ with DAG(
         ),
         "boot_check": Param(
             # [amibake] boot_check: CentOS 7 on an EL7 box cannot boot-check yet (README)
-            defaults.setting("boot_check").lower() == "true",
+            _switch("boot_check"),
             type="boolean",
             title="Boot-check before registering",
             description="Boot the finished canvas on the box the way EC2 boots it (NVMe, EC2 platform, "
@@ -212,7 +217,7 @@ with DAG(
             section="Build box",
         ),
         "smoke_check": Param(
-            defaults.setting("smoke_check").lower() == "true",
+            _switch("smoke_check"),
             type="boolean",
             title="Smoke-check after registering",
             description="Launch one instance of the new AMI, check its first boot over SSH, and only then "

@@ -186,11 +186,7 @@ class LaunchBuildBox(AmibakeOperator):
 
             hook = SSHHook(ssh_conn_id=self.ssh_conn_id)
             return str(hook.remote_host), int(hook.port or 22)
-        key = "PublicIpAddress" if ssh_address == "public_ip" else "PrivateIpAddress"
-        address = instance.get(key)
-        if not address:
-            raise RuntimeError(f"build box {instance['InstanceId']} has no {key} (ssh_address={ssh_address})")
-        return address, 22
+        return launch.instance_address(instance, ssh_address), 22
 
     # -- step 2: running; wait until it answers on SSH --------------------------------------------
     def execute_running(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +248,7 @@ class LaunchBuildBox(AmibakeOperator):
         build = self.build_of(context)
 
         def remove() -> None:
-            self.hook.terminate_build_boxes(build)
+            self.hook.terminate_build_instances(build)
             self.hook.delete_security_groups(build)
 
         return self.cleanup_on_final_failure(context, "launching the build box", remove)
@@ -270,7 +266,7 @@ class TerminateBuildBox(AmibakeOperator):
     def execute(self, context: Context) -> dict[str, list[str]]:
         """Terminate, wait, delete the group."""
         build = self.build_of(context)
-        terminated = self.hook.terminate_build_boxes(build)
+        terminated = self.hook.terminate_build_instances(build)
         groups = self.hook.delete_security_groups(build)
         self.log.info("build %s: terminated %s, deleted security groups %s", build, terminated, groups)
         return {"terminated": terminated, "security_groups": groups}

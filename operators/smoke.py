@@ -133,7 +133,7 @@ class SmokeInstance(AmibakeOperator):
         )
         hook = self.hook
         build = self.build_of(context)
-        earlier = hook.terminate_smoke_instances(build)
+        earlier = hook.terminate_build_instances(build, Role.SMOKE)
         if earlier:
             self.log.info(
                 "build %s: terminated smoke instance(s) %s of an earlier try (their key is gone)",
@@ -279,6 +279,6 @@ class TerminateSmokeInstance(AmibakeOperator):
     def execute(self, context: Context) -> dict[str, list[str]]:
         """Terminate and wait."""
         build = self.build_of(context)
-        terminated = self.hook.terminate_smoke_instances(build)
+        terminated = self.hook.terminate_build_instances(build, Role.SMOKE)
         self.log.info("build %s: terminated smoke instance(s) %s", build, terminated)
         return {"terminated": terminated}

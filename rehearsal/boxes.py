@@ -167,7 +167,7 @@ def parse_user_data(encoded: str) -> CloudConfig:
     )
 
 
-def _free_box_address() -> str:
+def free_box_address() -> str:
     """A loopback address whose port 22 nobody holds (random, so parallel test workers rarely meet)."""
     while True:
         address = f"127.{random.randint(16, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
@@ -350,7 +350,7 @@ class Boxes:
             self._write_identity(box, config)
             last_error = ""
             for _ in range(START_ATTEMPTS):
-                box.address = _free_box_address()
+                box.address = free_box_address()
                 if self._run_init(box):
                     with self._lock:
                         self._boxes[instance_id] = box

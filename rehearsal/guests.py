@@ -267,11 +267,11 @@ class Guests:
 
     def _boot(self, guest: Guest) -> None:
         """Start qemu through the launcher on a free loopback address (another one if it is taken)."""
-        from rehearsal.boxes import _free_box_address
+        from rehearsal.boxes import free_box_address
 
         last_error = ""
         for _ in range(START_ATTEMPTS):
-            guest.address = _free_box_address()
+            guest.address = free_box_address()
             argv = [
                 "bash", str(LAUNCHER), "--foreground", "--disk", str(guest.disk),
                 "--volume-id", guest.volume_id, "--state-dir", str(guest.dir),

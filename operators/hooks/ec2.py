@@ -544,16 +544,11 @@ class BuildEc2Hook(EC2Hook):
             Resources=[image_id], Tags=[{"Key": naming.TAG_VERIFIED, "Value": naming.VERIFIED}]
         )
 
-    def terminate_smoke_instances(self, build: str) -> list[str]:
-        """Terminate every live smoke instance of the build and wait until terminated; returns their ids."""
-        ids = [i["InstanceId"] for i in self.find_instances(build, Role.SMOKE)]
-        self.terminate_instances(ids)
-        return ids
-
     # -- teardown of one build, found by its tags ---------------------------------------------------
-    def terminate_build_boxes(self, build: str) -> list[str]:
-        """Terminate every live box of the build and wait until terminated; returns their ids."""
-        ids = [i["InstanceId"] for i in self.find_instances(build)]
+    def terminate_build_instances(self, build: str, role: Role = Role.BUILD_BOX) -> list[str]:
+        """Terminate every live instance of one role (the build box, or the smoke instance) of the
+        build and wait until terminated; returns their ids."""
+        ids = [i["InstanceId"] for i in self.find_instances(build, role)]
         self.terminate_instances(ids)
         return ids
 

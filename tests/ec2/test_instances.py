@@ -87,7 +87,7 @@ def test_teardown_waits_out_the_lingering_interface(ec2: Any, hook: Any, moto: A
         TagSpecifications=[naming.tag_specification("instance", tags)],
     )
     started = time.monotonic()
-    assert hook.terminate_build_boxes(build) == [instance_id]
+    assert hook.terminate_build_instances(build) == [instance_id]
     assert hook.delete_security_groups(build) == [group]
     assert time.monotonic() - started < 10, "the retry backs off from 0.5 s, not the 10 s of its cap"
     statuses = answers(ec2, "DeleteSecurityGroup")

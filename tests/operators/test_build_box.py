@@ -250,7 +250,7 @@ def test_security_group_deletion_waits_out_a_lingering_interface(
     # the interface lingering is injected here, counted; the local EC2 API's own rule (tested in
     # tests/ec2/test_instances.py) would add refusals of its own within its linger time
     ec2.configure_rule("LingeringInterfaces", linger=0)
-    hook.terminate_build_boxes(box["build_id"])
+    hook.terminate_build_instances(box["build_id"])
     ec2.add_fault("DeleteSecurityGroup", "DependencyViolation", 400, times=2)
     hook.delete_security_group(box["security_group_id"], limits=(0, 3))
     assert [r.get("fault") for r in ec2.requests if r["action"] == "DeleteSecurityGroup"] == [
