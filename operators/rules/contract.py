@@ -48,6 +48,20 @@ class Contract:
     progress_prefix: str
     progress_events: tuple[str, ...]
     result_statuses: tuple[str, ...]
+    image_name_re: re.Pattern[str]
+    package_name_re: re.Pattern[str]
+    repo_name_re: re.Pattern[str]
+    service_name_re: re.Pattern[str]
+    kernel_arg_re: re.Pattern[str]
+    image_path_re: re.Pattern[str]
+    image_path_forbidden: tuple[str, ...]
+    bundle_path_re: re.Pattern[str]
+    file_mode_re: re.Pattern[str]
+    owner_re: re.Pattern[str]
+    gpg_fingerprint_re: re.Pattern[str]
+    image_file_max_bytes: int
+    image_bundle_max_bytes: int
+    provision_timeout_s: int
 
     def nvme_byid_link(self, volume_id: str) -> str:
         """The ``/dev/disk/by-id`` link udev makes for an EBS volume on a Nitro instance."""
