@@ -142,10 +142,11 @@ def build_image_cmd(vol: LoopVolume, *args: str, recipe: str = "debian12") -> li
 
 
 def run_build(vol: LoopVolume, *args: str, recipe: str = "debian12", env: dict | None = None,
-              timeout: float = 1200) -> BuildResult:
-    """Run build-image for this volume and parse what it printed."""
+              timeout: float = 1200, stdin: str = "") -> BuildResult:
+    """Run build-image for this volume (``stdin``: what it reads, e.g. credentials) and parse what it
+    printed."""
     proc = subprocess.run(
-        build_image_cmd(vol, *args, recipe=recipe), capture_output=True, text=True,
+        build_image_cmd(vol, *args, recipe=recipe), capture_output=True, text=True, input=stdin,
         env={**os.environ, **(env or {})}, timeout=timeout,
     )
     events, other = parse_output(proc.stdout)

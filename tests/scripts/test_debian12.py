@@ -1,6 +1,12 @@
 """The Debian 12 recipe end to end on a loop device: every phase, the qemu boot check, and verify
 catching deliberately broken images (root, slow: one debootstrap per session, ~2 min here, warm cache).
 
+The image is built with the rehearsal's customized definition (rehearsal/images.py): a package from a
+real signed apt repository behind basic auth on 127.0.0.1 (rehearsal/aptrepo.py), its credentials
+handed over on stdin (``build-image credentials``), a file, a provisioning script, a service and a
+kernel argument, each checked in the image and by a smoke check on the booted image; and the password
+is nowhere afterwards (image files, raw canvas bytes, phase logs).
+
 Packages come from the mirror this machine's apt sources use. The offline package cache
 (``rehearsal.sshd.package_cache``) keeps downloaded .debs between runs; the production path never
 sets it.
@@ -8,6 +14,7 @@ sets it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -18,22 +25,42 @@ import pytest
 import yaml
 from loopdisk import BuildResult, LoopVolume, run_build
 
+from operators.rules import definition
+from rehearsal import images
+from rehearsal.aptrepo import AptRepo
 from rehearsal.sshd import package_cache, package_cache_env
 
 #: One worker builds the image once for all of them (./run-tests: --dist loadgroup).
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.xdist_group("debian12-image")]
 
-ALL_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader",
-              "relabel", "clean", "verify", "bootcheck"]
+ALL_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "packages", "files",
+              "provision", "bootloader", "relabel", "clean", "verify", "bootcheck"]
+REPO_USER, REPO_PASSWORD = "rehearsal", "Deb12-Repo-Secret-7c41e9"
+BUILD_ID = "0a1b2c3d4e5f"
 
 
 @pytest.fixture(scope="module")
-def built() -> Iterator[tuple[LoopVolume, BuildResult]]:
-    """One Debian 12 image built with `all --boot-check` on a 3 GiB loop canvas."""
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, AptRepo]]:
+    """The customized definition's bundle (as the worker ships it) and its served repository."""
+    work = tmp_path_factory.mktemp("definition")
+    with AptRepo.serve(work / "repo", user=REPO_USER, password=REPO_PASSWORD) as repo:
+        image = definition.load(images.write_definition(work / "images", repo))
+        definition.render_bundle(image, work / "image")
+        yield work / "image", repo
+
+
+@pytest.fixture(scope="module")
+def built(bundle: tuple[Path, AptRepo]) -> Iterator[tuple[LoopVolume, BuildResult]]:
+    """One Debian 12 image of the customized definition, built with `all --boot-check` on 3 GiB."""
+    image_dir, _ = bundle
     vol = LoopVolume(size_gib=3)
+    options = ["--image-dir", str(image_dir), "--build-id", BUILD_ID]
     try:
+        line = f"{images.REPO_NAME}\t{REPO_USER}\t{REPO_PASSWORD}\n"
+        handed = run_build(vol, *options, "credentials", stdin=line)
+        assert handed.rc == 0, handed.stderr
         # A generous boot limit: TCG on 2 shared cores reaches a login in ~40 s alone, minutes under load.
-        res = run_build(vol, "--boot-check", "--boot-timeout", "900", "all",
+        res = run_build(vol, *options, "--boot-check", "--boot-timeout", "900", "all",
                         env=package_cache_env(package_cache()), timeout=2400)
         yield vol, res
     finally:
@@ -95,8 +122,10 @@ def test_all_phases_and_the_boot_check_pass(built) -> None:
 
 
 #: What instance-check reports on a good Debian image: every item passes, SELinux is not applicable.
-CHECK_ITEMS = ["cloud-init", "root-grew", "systemd-units", "hostname", "host-keys", "imdsv2-only",
-               "time-daemon", "kernel-cmdline", "selinux-enforcing", "selinux-labels"]
+RECIPE_ITEMS = ["cloud-init", "root-grew", "systemd-units", "hostname", "host-keys", "imdsv2-only",
+                "time-daemon", "kernel-cmdline", "selinux-enforcing", "selinux-labels"]
+#: ... and the definition's smoke checks, when the boot check runs with its bundle (`all` did).
+CHECK_ITEMS = [*RECIPE_ITEMS, *[f"check {name}" for name in images.CHECKS]]
 NOT_APPLICABLE = {"selinux-enforcing", "selinux-labels"}
 
 
@@ -162,6 +191,51 @@ def test_image_contents(built) -> None:
     cloud = yaml.safe_load((root / "etc/cloud/cloud.cfg.d/90-amibake.cfg").read_text())
     ec2_only = {"datasource_list": ["Ec2"], "datasource": {"Ec2": {"strict_id": True}}}
     assert cloud == {**ec2_only, "locale": "C.UTF-8"}
+    assert images.KERNEL_ARG in cfg
+
+
+def test_the_definition_is_in_the_image_and_its_password_nowhere(built, bundle) -> None:
+    """The package from the private repository, the file with its mode and group, the script's marker
+    (run inside the image with the AMIBAKE_* environment), the enabled unit, the repository source
+    without any login; the password in no file, no raw byte of the canvas, no phase log."""
+    vol, res = built
+    assert res.rc == 0, res.stderr
+    root = vol.work / "root"
+    _, repo = bundle
+    assert (root / "usr/share/amibake-hello/VERSION").read_text() == "1.0\n"
+    motd = root / "etc/motd"
+    assert motd.read_text() == images.MOTD and oct(motd.stat().st_mode & 0o7777) == "0o640"
+    group = subprocess.run(["chroot", str(root), "stat", "-c", "%U:%G", "/etc/motd"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert group == "root:adm"
+    marker = (root / images.MARKER.lstrip("/")).read_text()
+    assert marker == f"image={images.NAME} recipe=debian12 build={BUILD_ID}\n"
+    assert (root / "etc/systemd/system/multi-user.target.wants" / repo.unit).is_symlink()
+    source = (root / f"etc/apt/sources.list.d/amibake-{images.REPO_NAME}.list").read_text()
+    keyring = f"/usr/share/keyrings/amibake-{images.REPO_NAME}.gpg"
+    assert source == f"deb [signed-by={keyring}] {repo.url} {repo.suite} {' '.join(repo.components)}\n"
+    assert (root / keyring.lstrip("/")).is_file()
+    assert list((root / "etc/apt/auth.conf.d").glob("amibake-*")) == [], "clean left the repository login"
+    assert not (root / "var/tmp/amibake-stage").exists(), "the staged files and scripts were left"
+    # the repository saw the build's requests, every one of them with the login
+    assert repo.fetched("/InRelease") and all(ok for _, ok in repo.requests), repo.requests
+    # the password: nowhere
+    secret = REPO_PASSWORD.encode()
+    hits = subprocess.run(["grep", "-rlsaF", "--devices=skip", REPO_PASSWORD, str(root)],
+                          capture_output=True, text=True).stdout
+    assert hits == "", hits
+    subprocess.run(["blockdev", "--flushbufs", vol.device], check=True)  # XFS wrote past this cache
+    tail = b""
+    with open(vol.device, "rb") as disk:
+        while chunk := disk.read(64 << 20):
+            assert secret not in tail + chunk, "the password is in the canvas's raw bytes"
+            tail = chunk[-len(secret) :]
+    for log in (vol.work / "logs").glob("*.log"):
+        assert secret not in log.read_bytes(), log
+    assert REPO_PASSWORD not in res.stderr + "\n".join(res.other_stdout)
+    assert not (vol.work / "run" / "credentials").exists(), "the box kept the credentials after the build"
+    verify_log = (vol.work / "logs" / "verify.log").read_text()
+    assert "no repository password in the image's files or raw bytes" in verify_log
 
 
 def test_verify_passes_on_the_built_image(built) -> None:
@@ -419,9 +493,58 @@ def test_breakage_growpart_missing_a_baked_host_key_and_the_el7_branch(built) ->
         (fingerprint,) = baked
         assert fingerprint in failed["host-keys"]
         got = checks(res)
-        assert list(got) == CHECK_ITEMS
+        assert list(got) == RECIPE_ITEMS  # booted without the bundle: no smoke check
         assert got["selinux-enforcing"][0] == got["selinux-labels"][0] == "not applicable"
         assert "no SELinux policy in this image" in got["selinux-labels"][1]
         log = (broke.work / "logs" / "bootcheck.log").read_text(errors="replace")
         assert "(family el)" in log
         assert_nothing_left(broke)
+
+
+def test_a_failing_provisioning_script_names_itself_and_its_exit_code(built, tmp_path: Path) -> None:
+    """The provision phase alone, on the built image, with a definition whose script exits 3: the
+    failure names the script and its code (the line the task log shows), the script's output is in the
+    phase log, and nothing stays mounted."""
+    vol, _ = built
+    folder = tmp_path / "images"
+    (folder / "failing" / "scripts").mkdir(parents=True)
+    script = folder / "failing" / "scripts" / "20-fails.sh"
+    script.write_text("#!/bin/sh\necho about to fail\nexit 3\n")
+    script.chmod(0o755)
+    (folder / "failing.yaml").write_text(
+        yaml.safe_dump({"name": "failing", "recipe": "debian12", "scripts": ["20-fails.sh"]})
+    )
+    definition.render_bundle(definition.load(folder / "failing.yaml"), tmp_path / "image")
+    res = run_build(vol, "--image-dir", str(tmp_path / "image"), "--build-id", BUILD_ID, "provision")
+    assert res.rc != 0
+    assert "provision: script scripts/20-fails.sh failed with exit code 3" in res.stderr, res.stderr
+    assert "about to fail" in (vol.work / "logs" / "provision.log").read_text()
+    assert vol.mountpoints() == []
+
+
+def test_verify_finds_a_password_left_in_a_file_or_in_free_blocks(built, bundle) -> None:
+    """verify's password search on the built image, with the credentials handed over again: a file
+    holding the password is named; once that file is deleted (its blocks not overwritten, as clean
+    would) the raw canvas bytes still hold it: "free blocks". Each failure unmounts and forgets."""
+    vol, _ = built
+    image_dir, _ = bundle
+    options = ["--image-dir", str(image_dir), "--build-id", BUILD_ID]
+    line = f"{images.REPO_NAME}\t{REPO_USER}\t{REPO_PASSWORD}\n"
+    leak = vol.work / "root" / "root" / "leaked-note"
+    for deleted in (False, True):
+        assert run_build(vol, *options, "credentials", stdin=line).rc == 0
+        assert run_build(vol, *options, "mount").rc == 0
+        with open(leak, "w") as note:
+            note.write(f"repository password: {REPO_PASSWORD}\n")
+            note.flush()
+            os.fsync(note.fileno())
+        if deleted:
+            leak.unlink()
+        res = run_build(vol, *options, "verify")
+        assert res.rc != 0
+        expected = "in the canvas's raw bytes (free blocks)" if deleted else "in the image: /root/leaked-note"
+        log = (vol.work / "logs" / "verify.log").read_text()
+        assert f"verify: FAIL: a repository password is {expected}" in log, res.stderr
+        assert REPO_PASSWORD not in res.stderr + "\n".join(res.other_stdout)
+        assert vol.mountpoints() == []
+        assert not list((vol.work / "run").glob("credentials*")), "the box kept the credentials"

@@ -300,6 +300,7 @@ run_instance_check() {
     while read -r fp; do
         [[ -n $fp ]] && args+=(--baked-host-key "$fp")
     done < <(baked_host_keys)
+    args+=(${IMAGE_CHECK_ARGS[@]+"${IMAGE_CHECK_ARGS[@]}"})
     printf -v line '%q ' sudo -n bash -s -- "${args[@]}"
     echo "+ ssh $(<"$dir/login-user")@guest $line< instance-check"
     guest_ssh "$line" <"$SCRIPTS_DIR/instance-check" >"$dir/check.out" 2>&1 || rc=$?

@@ -157,3 +157,17 @@ unmount_below() {
         done
     done < <(mounts_below "$base")
 }
+
+# Fail unless KEYFILE holds exactly one OpenPGP key, with fingerprint FPR (40 hex, no spaces), read
+# without importing it anywhere (gpg --show-keys; gpg before 2.2.8, CentOS 7's 2.0, lacks the option
+# and prints the same listing for --with-fingerprint FILE).
+check_gpg_fingerprint() {
+    local keyfile=$1 want=$2 got home show=(--show-keys)
+    home=$(mktemp -d)
+    GNUPGHOME=$home gpg --dump-options | grep -qx -- --show-keys || show=(--with-fingerprint)
+    got=$(GNUPGHOME=$home gpg --batch --with-colons "${show[@]}" "$keyfile" 2>/dev/null |
+        awk -F: '$1 == "pub" { pub = 1; next } $1 == "fpr" && pub { print $10; pub = 0 }' | paste -sd' ') || got=""
+    rm -rf "$home"
+    [[ $got == "$want" ]] || die "GPG key $keyfile has fingerprint '${got:-none}', expected $want"
+    echo "GPG key $keyfile: fingerprint $got as expected"
+}

@@ -77,5 +77,6 @@ clean_common() {
         find "$ROOT/var/log" -xdev -type f -exec truncate -s 0 {} +
     fi
     find "$ROOT/tmp" "$ROOT/var/tmp" -xdev -mindepth 1 -delete 2>/dev/null || true
+    clean_credentials
     echo "cleaned machine-id, ssh host keys, resolv.conf, logs, temporary files"
 }

@@ -220,7 +220,7 @@ baked_host_keys() {
 }
 
 # Record what instance-check must be told about this image (login user, kernel arguments, baked host
-# keys, SELinux) as the JSON fields of the "expectations" progress event, which build-image emits
+# keys, SELinux, the image definition's smoke checks) as the JSON fields of the "expectations" progress event, which build-image emits
 # once the verify phase has passed (only build-image's own process holds the progress pipe).
 write_expectations() {
     local user cmdline keys=() fp selinux=false
@@ -230,10 +230,10 @@ write_expectations() {
         [[ -n $fp ]] && keys+=("$fp")
     done < <(baked_host_keys)
     ((${RECIPE_SELINUX:-0})) && selinux=true
-    printf '"login_user":%s,"cmdline":%s,"baked_host_keys":%s,"require_selinux":%s\n' \
+    printf '"login_user":%s,"cmdline":%s,"baked_host_keys":%s,"require_selinux":%s,"checks":%s\n' \
         "$(json_str "$user")" "$(json_str "$cmdline")" "$(json_list ${keys[@]+"${keys[@]}"})" "$selinux" \
-        >"$(expectations_file)"
-    echo "verify: first-boot expectations: login user $user; kernel arguments $cmdline; ${#keys[@]} baked host key(s); SELinux required: $selinux"
+        "$(image_checks_json)" >"$(expectations_file)"
+    echo "verify: first-boot expectations: login user $user; kernel arguments $cmdline; ${#keys[@]} baked host key(s); SELinux required: $selinux; ${IMAGE_CHECK_COUNT:-0} smoke check(s) of the image definition"
 }
 
 expectations_file() { echo "$RUN_DIR/expectations"; }
@@ -253,6 +253,7 @@ phase_verify() {
     verify_selinux
     verify_root_locked
     verify_image_files
+    verify_no_secrets
     if ((VERIFY_FAILS)); then
         echo "build-image: verify: $VERIFY_FAILS check(s) failed, first: $VERIFY_FIRST" >&2
         return 1

@@ -77,17 +77,6 @@ write_yum_conf() {
     } >"$(yum_conf)"
 }
 
-# Fail unless KEYFILE holds exactly the key with fingerprint FPR (hex, no spaces).
-check_gpg_fingerprint() {
-    local keyfile=$1 want=$2 got home
-    home=$(mktemp -d)
-    got=$(GNUPGHOME=$home gpg --batch --with-colons --with-fingerprint "$keyfile" 2>/dev/null |
-        awk -F: '$1 == "fpr" { print $10 }' | paste -sd' ') || got="" # not a key: gpg fails, reported below
-    rm -rf "$home"
-    [[ $got == "$want" ]] || die "GPG key $keyfile has fingerprint '${got:-none}', expected $want"
-    echo "GPG key $keyfile: fingerprint $got as expected"
-}
-
 # The tools phase on an EL7 box: the box's own yum, reading only the configured repositories (--mirror
 # or the vault), checked with the CentOS key an EL7 box already has. Its cache and log stay in $WORK.
 box_yum_conf() { echo "$(yum_dir)/box-yum.conf"; }
@@ -138,6 +127,99 @@ phase_bootstrap() {
     # The image is "patched": every update published in the configured repositories.
     yum_root update "${excludes[@]}"
     chroot_leave
+}
+
+# --- the image definition's repositories and packages (lib/imagedef.sh's packages phase) -----------
+# The image's /etc/yum.repos.d/amibake-<name>.repo holds the repository (login included until clean).
+# The build's yum reads only its private config (reposdir= empty): for the packages phase it reads a
+# root-only copy of it in $RUN_DIR with the same sections (gpgkey pointing at the box's copy of the
+# key), removed with the other credentials when build-image exits.
+
+yum_packages_conf() { echo "$RUN_DIR/credentials-yum.conf"; }
+
+# One yum repository section: $1 name, $2 base URL, $3 gpgkey URL, then optionally $4 login and
+# $5 password (yum's username=/password=, HTTP basic auth).
+el7_repo_section() {
+    printf '[amibake-%s]\nname=amibake %s\nbaseurl=%s\nenabled=1\ngpgcheck=1\ngpgkey=%s\n' "$1" "$1" "$2" "$3"
+    if (($# >= 5)); then
+        printf 'username=%s\npassword=%s\n' "$4" "$5"
+    fi
+}
+
+el7_repo_file() { echo "$ROOT/etc/yum.repos.d/amibake-$1.repo"; }
+el7_repo_key() { echo "/etc/pki/rpm-gpg/RPM-GPG-KEY-amibake-$1"; }
+
+# The private config of the packages phase: the build's yum.conf plus the definition's repositories.
+yum_packages_conf_init() {
+    [[ -e $(yum_packages_conf) ]] && return 0
+    write_yum_conf
+    (umask 077 && cp "$(yum_conf)" "$(yum_packages_conf)")
+}
+
+# Repository $1 (URL $2, armored key file $5, its fingerprint already checked): its key imported into
+# the image's rpm database and in /etc/pki/rpm-gpg, its .repo file, and its section for the build.
+recipe_add_repository() {
+    local name=$1 url=$2 key=$5
+    yum_packages_conf_init
+    install -D -m 0644 "$key" "$ROOT$(el7_repo_key "$name")"
+    run rpm --root "$ROOT" --import "$key"
+    mkdir -p "$ROOT/etc/yum.repos.d"
+    el7_repo_section "$name" "$url" "file://$(el7_repo_key "$name")" >"$(el7_repo_file "$name")"
+    { echo && el7_repo_section "$name" "$url" "file://$key"; } >>"$(yum_packages_conf)"
+}
+
+# Repository $1's login (yum's username=/password=), in the image's .repo (root-only until clean)
+# and in the build's private config.
+recipe_repository_auth() {
+    local name=$1 login=$3 password=$4
+    chmod 0600 "$(el7_repo_file "$name")"
+    printf 'username=%s\npassword=%s\n' "$login" "$password" | tee -a "$(el7_repo_file "$name")" >>"$(yum_packages_conf)"
+}
+
+# The image's yum.conf $1 keeps the packages named in the other arguments out for later updates too
+# (exclude= in [main]).
+el7_yum_exclude() {
+    local conf=$1
+    shift
+    grep -q '^\[main\]' "$conf" || die "packages: $conf has no [main] section for exclude="
+    sed -i "/^\[main\]/a exclude=$*" "$conf"
+}
+
+# clean: each .repo that holds a login is overwritten and unlinked, then written again without it.
+recipe_forget_credentials() {
+    local f rest
+    for f in "$ROOT"/etc/yum.repos.d/amibake-*.repo; do
+        if [[ ! -e $f ]] || ! grep -q '^password=' "$f"; then
+            continue
+        fi
+        rest=$(grep -v -e '^username=' -e '^password=' "$f")
+        shred_file "$f"
+        printf '%s\n' "$rest" >"$f"
+        chmod 0644 "$f"
+    done
+    return 0
+}
+
+# Install (exclude= also in the image's yum.conf, for later updates) and remove packages.
+recipe_packages() {
+    local install=() exclude=() remove=() x=() p conf
+    read -r -a install <<<"$1"
+    read -r -a exclude <<<"$2"
+    read -r -a remove <<<"$3"
+    yum_packages_conf_init
+    conf=$(yum_packages_conf)
+    for p in ${exclude[@]+"${exclude[@]}"}; do
+        x+=(-x "$p")
+    done
+    if ((${#exclude[@]})); then
+        el7_yum_exclude "$ROOT/etc/yum.conf" "${exclude[@]}"
+    fi
+    if ((${#install[@]})); then
+        run yum -c "$conf" --installroot="$ROOT" --releasever=7 -y ${x[@]+"${x[@]}"} install "${install[@]}"
+    fi
+    if ((${#remove[@]})); then
+        run yum -c "$conf" --installroot="$ROOT" --releasever=7 -y remove "${remove[@]}"
+    fi
 }
 
 phase_configure() {

@@ -123,6 +123,78 @@ phase_bootstrap() {
     chroot_leave
 }
 
+# --- the image definition's repositories and packages (lib/imagedef.sh's packages phase) -----------
+
+# The one-line apt source of repository $1 (URL $2, suite $3, components $4), signed-by its own key.
+apt_source_line() {
+    printf 'deb [signed-by=/usr/share/keyrings/amibake-%s.gpg] %s %s %s\n' "$1" "$2" "$3" "$4"
+}
+
+# apt's login line for URL $1. apt applies a scheme-less "machine" only to https, so the whole URL
+# (http:// included) is written.
+apt_auth_line() {
+    printf 'machine %s login %s password %s\n' "$1" "$2" "$3"
+}
+
+apt_auth_file() { echo "$ROOT/etc/apt/auth.conf.d/amibake-$1.conf"; }
+
+# Repository $1 (URL $2, suite $3, components $4, armored key file $5, its fingerprint already
+# checked): its dearmored key in /usr/share/keyrings and its source in sources.list.d.
+recipe_add_repository() {
+    local name=$1 url=$2 suite=$3 components=$4 key=$5
+    mkdir -p "$ROOT/usr/share/keyrings" "$ROOT/etc/apt/sources.list.d"
+    gpg --batch --yes --dearmor -o "$ROOT/usr/share/keyrings/amibake-$name.gpg" "$key"
+    chmod 0644 "$ROOT/usr/share/keyrings/amibake-$name.gpg"
+    apt_source_line "$name" "$url" "$suite" "$components" >"$ROOT/etc/apt/sources.list.d/amibake-$name.list"
+}
+
+# The login of repository $1 (URL $2) for apt, root-only in the image's auth.conf.d until clean.
+recipe_repository_auth() {
+    local name=$1 url=$2 login=$3 password=$4
+    [[ ! $login$password =~ [[:space:]] ]] || die "packages: repository $name: apt's auth.conf cannot hold white space in a login or password"
+    mkdir -p "$ROOT/etc/apt/auth.conf.d"
+    (umask 077 && apt_auth_line "$url" "$login" "$password" >"$(apt_auth_file "$name")")
+}
+
+# apt preferences that keep each package named in the arguments out of the image, now and in later
+# upgrades (a negative priority: never installed).
+apt_exclude_pins() {
+    local p
+    for p in "$@"; do
+        printf 'Package: %s\nPin: release *\nPin-Priority: -1\n\n' "$p"
+    done
+}
+
+# clean: every login this build wrote into the image, overwritten before it is unlinked.
+recipe_forget_credentials() {
+    local f
+    for f in "$ROOT"/etc/apt/auth.conf.d/amibake-*.conf; do
+        [[ -e $f ]] && shred_file "$f"
+    done
+    return 0
+}
+
+# Install, pin away (apt preferences, Pin-Priority -1: also for later upgrades) and purge packages.
+recipe_packages() {
+    local install=() exclude=() remove=() p
+    read -r -a install <<<"$1"
+    read -r -a exclude <<<"$2"
+    read -r -a remove <<<"$3"
+    if ((${#exclude[@]})); then
+        mkdir -p "$ROOT/etc/apt/preferences.d"
+        apt_exclude_pins "${exclude[@]}" >"$ROOT/etc/apt/preferences.d/amibake-exclude"
+    fi
+    bind_apt_cache
+    in_chroot apt-get update
+    if ((${#install[@]})); then
+        in_chroot env DEBIAN_FRONTEND=noninteractive apt-get -y --no-install-recommends \
+            -o Dpkg::Options::=--force-confold install "${install[@]}"
+    fi
+    if ((${#remove[@]})); then
+        in_chroot env DEBIAN_FRONTEND=noninteractive apt-get -y purge "${remove[@]}"
+    fi
+}
+
 phase_configure() {
     ensure_root_mounted
     write_fstab
