@@ -1,5 +1,14 @@
 """``python -m rehearsal`` (``./rehearse``): the whole nightly AMI rebuild, rehearsed on this machine.
 
+It builds one image definition (``--image NAME``, DAG ``amibake_<NAME>``); by default
+``rehearsal-debian12``, a customized Debian 12 (rehearsal/images.py) with a package from a private,
+signed apt repository behind basic auth that the rehearsal serves on 127.0.0.1 for the run
+(rehearsal/aptrepo.py; its login reaches Airflow as the connection ``amibake_repo_rehearsal``), a
+file, a script, a service and a smoke check for each. The DAGs come from the rehearsal's own images
+folder: the product's ``images/*.yaml`` plus that definition. After the run the repository's password
+is searched for in XCom, the task instances' rendered fields, the recorded EC2 requests and every file
+of the Airflow home (database, task logs) and of the rehearsal's logs: a hit fails the rehearsal.
+
 Starts the local EC2 API (moto behind the recording proxy, own process; every instance it launches is
 a real box: rehearsal.boxes), the EBS emulator (attached volumes become loop devices) and a real Airflow
 (api-server, scheduler, dag-processor, triggerer; SQLite + LocalExecutor) with the connections
@@ -12,9 +21,11 @@ is stopped and removed at the end, on failure and on Ctrl-C; whatever a killed e
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from operators import defaults
+from operators.rules import definition
 from operators.rules.naming import build_id
 from operators.rules.validation import parse_conf_items
-from rehearsal import processes
+from rehearsal import images, leaks, processes
 from rehearsal.airflow_env import (
     ADMIN_USER,
     MARKER_ENV,
@@ -38,8 +50,10 @@ from rehearsal.airflow_env import (
     AirflowError,
     LocalAirflow,
     amibake_env,
+    conn_env_var,
     rehearsal_settings,
 )
+from rehearsal.aptrepo import GNUPGHOME_PREFIX, AptRepo
 from rehearsal.boxes import BOX_NETWORK, Boxes, Login, default_user
 from rehearsal.ebs import EbsSnapshots, LoopEbs
 from rehearsal.ec2_local import Ec2Control, LocalEc2, standard_extensions
@@ -47,8 +61,11 @@ from rehearsal.guests import Guests
 from rehearsal.iam import POLICY_PATH, load_policy
 from rehearsal.sshd import WORK_DIR_PREFIX, package_cache, package_cache_env
 
-DAG_ID = "amibake_nightly"
-DEFAULT_RECIPE = "debian12"
+#: The definition a plain ``./rehearse`` builds: every kind of customization, served by a local repo.
+DEFAULT_IMAGE = images.NAME
+DAG_ID = definition.dag_id(DEFAULT_IMAGE)
+#: The login of the rehearsal's apt repository (the password is new for each run).
+REPO_USER = "amibake"
 #: The box is this machine, a Debian 12: cloud-init's default user of such an image is ``admin``.
 BASE_IMAGE_NAME = "debian-12-amd64-amibake-rehearsal-base"
 TERMINAL_STATES = {"success", "failed"}
@@ -77,6 +94,25 @@ class RunResult:
     failed: list[str] = field(default_factory=list)
     log_tails: dict[str, str] = field(default_factory=dict)
     ec2_calls: list[dict[str, Any]] = field(default_factory=list)
+    dag_id: str = DAG_ID
+    #: where the repository password was found after the run (should be nowhere)
+    leaks: list[str] = field(default_factory=list)
+    #: what that search covered, for the summary
+    scanned: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServedRepo:
+    """The rehearsal's apt repository for this run, with the login the build must use."""
+
+    repo: AptRepo
+    user: str
+    password: str
+
+    def needles(self) -> list[str]:
+        """The password, and the Basic-auth token that carries it on the wire."""
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        return [self.password, token]
 
 
 def say(message: str) -> None:
@@ -208,6 +244,10 @@ def clean_up_earlier(state_dir: Path) -> bool:
     if snapshots_dir.is_dir() and any(snapshots_dir.iterdir()):
         did = True
         shutil.rmtree(snapshots_dir)
+    for key_dir in map(Path, recorded.get("key_dirs", [])):  # the killed run's repository signing key
+        if key_dir.name.startswith(GNUPGHOME_PREFIX) and key_dir.is_dir():
+            did = True
+            shutil.rmtree(key_dir)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return did
 
@@ -429,6 +469,7 @@ def run_dag(
         ami_id=amis[0] if amis else None,
         snapshot_id=snaps[0] if snaps else None,
         ec2_calls=ec2.control.requests,
+        dag_id=dag_id,
     )
     for ti in tis:
         if ti["state"] == "failed":
@@ -442,24 +483,43 @@ def run_dag(
 class Options:
     """What one rehearsal does (from the command line, or from the benchmarks)."""
 
-    recipe: str = DEFAULT_RECIPE
+    #: the image definition to build (a product definition in images/, or rehearsal-debian12)
+    image: str = DEFAULT_IMAGE
     boot_check: bool = True
     keep_running: bool = False
     api_port: int = 0
     timeout: float = 3600.0
     state_dir: Path = REHEARSAL_DIR
-    #: extra run conf (DAG Params) on top of recipe / boot_check / the base AMI
+    #: extra run conf (DAG Params) on top of boot_check / the base AMI
     conf: dict[str, Any] = field(default_factory=dict)
     #: run the local EC2 API in this process (so a benchmark can shape moto's state) instead of its own
     ec2_in_process: bool = False
     #: where the "box" keeps downloaded packages between rehearsals (None: download everything)
     package_cache: Path | None = field(default_factory=package_cache)
 
+    @property
+    def dag_id(self) -> str:
+        """The DAG that builds ``image``."""
+        return definition.dag_id(self.image)
+
+
+def images_folder(state_dir: Path, repo: AptRepo) -> Path:
+    """The rehearsal's ``[amibake] images_dir``: the product's definitions plus rehearsal-debian12,
+    written afresh for this run's repository (its URL and key change every run)."""
+    folder = state_dir / "images"
+    shutil.rmtree(folder, ignore_errors=True)
+    return images.images_folder(folder, defaults.PACKAGE_IMAGES_DIR, repo)
+
+
+def available_images() -> list[str]:
+    """The names ``--image`` accepts: the product's definitions and the rehearsal's own."""
+    return sorted({p.stem for p in definition.discover(defaults.PACKAGE_IMAGES_DIR)} | {DEFAULT_IMAGE})
+
 
 @contextmanager
 def rehearsal_services(
     opts: Options,
-) -> Iterator[tuple[LocalAirflow, Ec2Service, LoopEbs, str, Callable[[str], object]]]:
+) -> Iterator[tuple[LocalAirflow, Ec2Service, LoopEbs, str, Callable[[str], object], ServedRepo]]:
     """Everything a rehearsal runs, started in order and stopped in reverse (also on error/Ctrl-C)."""
     state_dir = opts.state_dir
     if clean_up_earlier(state_dir):
@@ -469,14 +529,16 @@ def rehearsal_services(
     os.environ[MARKER_ENV] = str(state_dir)  # inherited by every process started from here on
     run_ids: list[str] = []
     started: list[processes.Session] = []
+    key_dirs: list[str] = []  # the repository's signing key (a temp GNUPGHOME), if this run is killed
 
     def save_state() -> None:
         """What a later run needs to clean up after this one if it is killed (removed once nothing
         is left)."""
         state = {
             "harness_pid": os.getpid(),
-            "box_dirs": [build_id(DAG_ID, r) for r in run_ids],
+            "box_dirs": [build_id(opts.dag_id, r) for r in run_ids],
             "sessions": started,
+            "key_dirs": key_dirs,
         }
         (state_dir / STATE_FILE).write_text(json.dumps(state))
 
@@ -489,6 +551,16 @@ def rehearsal_services(
     with ExitStack() as stack:
         stack.enter_context(_shielded_cleanup())
         stack.callback(_forget_if_clean, state_dir)  # runs after every service below has stopped
+        # the definitions' private repository, served until Airflow and the boxes are gone
+        shutil.rmtree(state_dir / "aptrepo", ignore_errors=True)
+        password = secrets.token_urlsafe(18)
+        repo = stack.enter_context(AptRepo.serve(state_dir / "aptrepo", user=REPO_USER, password=password))
+        served = ServedRepo(repo, REPO_USER, password)
+        key_dirs.append(str(repo.gnupghome))
+        save_state()
+        images_dir = images_folder(state_dir, repo)
+        say(f"signed apt repository {repo.url} (basic auth, key {repo.fingerprint})")
+        say(f"image definitions in {images_dir}")
         box_env = package_cache_env(opts.package_cache)
         snapshots_dir = state_dir / "snapshots"
         if opts.ec2_in_process:
@@ -518,19 +590,21 @@ def rehearsal_services(
         # straight to moto: the proxy records only the DAG's own EC2 calls
         ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs", snapshots_dir=snapshots_dir)
         stack.enter_context(ebs)
-        stack.callback(lambda: kill_box_processes(ebs.history + [build_id(DAG_ID, r) for r in run_ids]))
+        stack.callback(lambda: kill_box_processes(ebs.history + [build_id(opts.dag_id, r) for r in run_ids]))
+        settings = {**rehearsal_settings(date.today()), "subnet_id": default_subnet(ec2)}
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
             ssh_connection=login.connection(),
-            settings={**rehearsal_settings(date.today()), "subnet_id": default_subnet(ec2)},
+            settings={**settings, "images_dir": str(images_dir)},
         )
+        env[conn_env_var(images.CONNECTION_ID)] = images.connection(REPO_USER, password)
         airflow = LocalAirflow(state_dir / "airflow", env, api_port=opts.api_port, on_spawn=spawned)
         stack.callback(airflow.stop)
         say(f"starting Airflow at {airflow.url} (logs in {airflow.log_dir}) ...")
         airflow.start()
         ec2.control.clear_requests()  # count only the DAG's own calls
         stack.callback(_ignore_interrupts)  # runs first when unwinding: a 2nd Ctrl-C must not cut it short
-        yield airflow, ec2, ebs, base_ami, lambda run_id: (run_ids.append(run_id), save_state())
+        yield airflow, ec2, ebs, base_ami, lambda run_id: (run_ids.append(run_id), save_state()), served
         say("stopping Airflow, the EBS emulator and the local EC2 API with its boxes ...")
 
 
@@ -596,17 +670,49 @@ def summary(result: RunResult, airflow: LocalAirflow) -> str:
     )
     for task_id, tail in result.log_tails.items():
         lines += ["", f"task {task_id} FAILED; end of its log:", tail]
+    if result.leaks:
+        lines.append("  REPOSITORY PASSWORD FOUND in: " + ", ".join(result.leaks))
+    elif result.scanned:
+        lines.append("  repository password: found nowhere (searched " + ", ".join(result.scanned) + ")")
     login = f"user {ADMIN_USER}, password {airflow.password}"
-    lines += ["", f"Airflow UI: {airflow.url}/dags/{DAG_ID}/runs/{_q(result.run_id)}  ({login})"]
+    lines += ["", f"Airflow UI: {airflow.url}/dags/{result.dag_id}/runs/{_q(result.run_id)}  ({login})"]
     return "\n".join(lines)
+
+
+def password_leaks(
+    xcom: Mapping[str, Any], result: RunResult, served: ServedRepo, log_dirs: list[Path]
+) -> tuple[list[str], list[str]]:
+    """Where the repository password (or its Basic-auth token) is after the run: (hits, what was
+    searched). Searched: the run's XCom values (``xcom``, from the REST API) and task instances (with
+    their rendered fields), the recorded EC2 requests (UserData decoded), and every file under
+    ``log_dirs``."""
+    places = {
+        "XCom": json.dumps(xcom, default=str),
+        "task instances and rendered fields": json.dumps(result.tasks, default=str),
+        "EC2 requests": leaks.ec2_request_text(result.ec2_calls),
+    }
+    files = sum(1 for d in log_dirs for p in d.rglob("*") if p.is_file())
+    hits: list[str] = []
+    for needle in served.needles():
+        hits += [p for p in leaks.found_in(needle, places) if p not in hits]
+        hits += [str(p) for p in leaks.files_holding(needle, log_dirs) if str(p) not in hits]
+    scanned = [f"XCom of {len(xcom)} tasks", f"{len(result.tasks)} task instances"]
+    scanned += [f"{len(result.ec2_calls)} EC2 requests", f"{files} files of the Airflow home and logs"]
+    return hits, scanned
 
 
 def rehearse(opts: Options) -> RunResult:
     """Run the whole rehearsal once; returns the result (raises ``RehearsalError`` on setup failure)."""
-    with rehearsal_services(opts) as (airflow, ec2, ebs, base_ami, on_trigger):
-        wait_for_dag(airflow, DAG_ID)
-        conf = {"recipe": opts.recipe, "boot_check": opts.boot_check, "base_ami": base_ami, **opts.conf}
-        result = run_dag(airflow, ec2, DAG_ID, conf, opts.timeout, on_trigger)
+    with rehearsal_services(opts) as (airflow, ec2, ebs, base_ami, on_trigger, served):
+        wait_for_dag(airflow, opts.dag_id)
+        conf = {"boot_check": opts.boot_check, "base_ami": base_ami, **opts.conf}
+        result = run_dag(airflow, ec2, opts.dag_id, conf, opts.timeout, on_trigger)
+        log_dirs = [airflow.home, opts.state_dir / "logs"]
+        xcom = xcom_values(airflow, result.dag_id, result.run_id)
+        result.leaks, result.scanned = password_leaks(xcom, result, served, log_dirs)
+        if served.repo.requests:
+            asked, authorized = len(served.repo.requests), sum(ok for _, ok in served.repo.requests)
+            say(f"  the apt repository got {asked} requests, {authorized} of them with the login")
         say(summary(result, airflow))
         say(f"  volumes backed by loop devices: {', '.join(ebs.history) or '-'}")
         if opts.keep_running:
@@ -634,11 +740,15 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
         help="run the rehearsal (default), or stop one left running and clean up",
     )
     parser.add_argument(
-        "--recipe",
-        default=DEFAULT_RECIPE,
-        choices=defaults.RECIPES,
-        help=f"image recipe (default {DEFAULT_RECIPE}: the one that builds offline)",
+        "--image",
+        default=DEFAULT_IMAGE,
+        choices=available_images(),
+        metavar="NAME",
+        help=f"image definition to build, DAG amibake_NAME (default {DEFAULT_IMAGE}: Debian 12 with a "
+        "package from a local password-protected repository, a file, a script, a service; the others "
+        "are the product's images/*.yaml)",
     )
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)  # gone: only to say what replaced it
     parser.add_argument(
         "--no-boot-check",
         dest="boot_check",
@@ -675,6 +785,10 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
         help="extra DAG Param for the run, e.g. --conf canvas_size_gib=4",
     )
     args = parser.parse_args(argv)
+    if args.recipe is not None:
+        parser.error(
+            f"--recipe is gone: a definition names its recipe; use --image NAME (e.g. --image {args.recipe})"
+        )
     if not 0 <= args.api_port <= 65535:
         parser.error(f"--api-port {args.api_port} must be between 0 and 65535")
     if args.timeout <= 0:
@@ -684,7 +798,7 @@ def _parse_args(argv: list[str] | None) -> tuple[str, Options]:
     except ValueError as exc:
         parser.error(str(exc))
     return args.action, Options(
-        recipe=args.recipe,
+        image=args.image,
         boot_check=args.boot_check,
         keep_running=args.keep_running,
         api_port=args.api_port,
@@ -714,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = rehearse(opts)
-        code = 0 if result.state == "success" else 1
+        code = 0 if result.state == "success" and not result.leaks else 1
     except KeyboardInterrupt:
         say("interrupted: everything was stopped")
         code = 130

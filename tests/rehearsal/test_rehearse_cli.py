@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from rehearsal import processes
+from operators import defaults
+from operators.rules import definition
+from rehearsal import images, processes
 from rehearsal.__main__ import (
+    DEFAULT_IMAGE,
     STATE_FILE,
     _box_processes,
     _marked_processes,
     _parse_args,
+    available_images,
     clean_up_earlier,
+    images_folder,
     kill_box_processes,
 )
 from rehearsal.airflow_env import MARKER_ENV
+from rehearsal.aptrepo import GNUPGHOME_PREFIX
 from rehearsal.sshd import WORK_DIR_PREFIX, package_cache
 
 
@@ -29,7 +37,9 @@ from rehearsal.sshd import WORK_DIR_PREFIX, package_cache
         (["--api-port", "70000"], "--api-port"),
         (["--timeout", "0"], "--timeout"),
         (["--conf", "no_equals_sign"], "--conf"),
-        (["--recipe", "centos9"], "--recipe"),
+        (["--image", "centos9"], "--image"),
+        (["--image", "../images/debian12"], "--image"),
+        (["--recipe", "debian12"], "--recipe"),  # gone: the definition says its recipe
         (["restart"], "action"),
     ],
 )
@@ -42,16 +52,51 @@ def test_bad_arguments_are_refused_naming_the_option(argv, field, capsys):
 
 
 def test_arguments_become_options(tmp_path):
-    """Defaults are the offline recipe with its boot check; --conf values are JSON or plain strings."""
+    """Defaults are the customized Debian definition with its boot check; --conf values are JSON or
+    plain strings; --image picks any product definition, and with it the DAG."""
     action, opts = _parse_args(
         ["--state-dir", str(tmp_path), "--conf", "canvas_size_gib=4", "--conf", "mirror_url=http://m/x"]
     )
     assert action == "run"
-    assert (opts.recipe, opts.boot_check, opts.state_dir) == ("debian12", True, tmp_path.resolve())
+    assert (opts.image, opts.boot_check, opts.state_dir) == ("rehearsal-debian12", True, tmp_path.resolve())
+    assert opts.dag_id == "amibake_rehearsal-debian12"
     assert opts.conf == {"canvas_size_gib": 4, "mirror_url": "http://m/x"}
     assert opts.package_cache == package_cache()
     assert _parse_args(["--no-package-cache"])[1].package_cache is None
     assert _parse_args(["stop", "--no-boot-check"])[0] == "stop"
+    for path in definition.discover(defaults.PACKAGE_IMAGES_DIR):
+        assert _parse_args(["--image", path.stem])[1].dag_id == f"amibake_{path.stem}"
+
+
+def test_the_images_folder_is_the_products_definitions_plus_the_customized_one(tmp_path: Path):
+    """Every definition of the rehearsal's images_dir is valid; rehearsal-debian12 names this run's
+    repository (URL, pinned fingerprint, its key file, the connection for the login) and uses each
+    kind of customization; a second run replaces the folder (a new repository, a new key)."""
+    from rehearsal.aptrepo import AptRepo
+
+    product = sorted(p.name for p in definition.discover(defaults.PACKAGE_IMAGES_DIR))
+    assert {"centos7.yaml", "debian12.yaml"} <= set(product)
+    folder = None
+    for run in ("first", "second"):
+        (tmp_path / "state").mkdir(exist_ok=True)
+        (tmp_path / "state" / "images" / "stale.yaml").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "state" / "images" / "stale.yaml").write_text("name: stale\n")
+        with AptRepo.serve(tmp_path / run, user="u", password="p") as repo:
+            folder = images_folder(tmp_path / "state", repo)
+        found = definition.discover(folder)
+        assert sorted(p.name for p in found) == sorted([*product, f"{DEFAULT_IMAGE}.yaml"])
+        loaded = {p.stem: definition.load(p) for p in found}  # raises on any invalid definition
+        ours = loaded[DEFAULT_IMAGE]
+        (source,) = ours.repositories
+        assert (source.base_url, source.gpg_fingerprint) == (repo.url, repo.fingerprint)
+        assert source.connection_id == images.CONNECTION_ID == "amibake_repo_rehearsal"
+        assert (folder / DEFAULT_IMAGE / "keys" / source.gpg_key).read_bytes() == repo.key_file.read_bytes()
+        assert ours.recipe == "debian12" and repo.package in ours.install
+        assert repo.unit in ours.enable and ours.files and ours.scripts and ours.kernel_args
+        assert [c.name for c in ours.smoke_checks] == list(images.CHECKS)
+    assert DEFAULT_IMAGE in available_images() and set(p.removesuffix(".yaml") for p in product) <= set(
+        available_images()
+    )
 
 
 def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -80,11 +125,21 @@ def test_box_processes_of_a_build_are_found_with_their_children_and_ended():
 
 
 def test_clean_up_earlier_stops_marked_strays_and_box_processes(tmp_path: Path):
-    """What a SIGKILLed harness leaves (services carrying the marker, a build) is ended; state removed."""
+    """What a SIGKILLed harness leaves (services carrying the marker, a build, the apt repository's
+    signing key) is ended or removed; state removed. A recorded dir that is not a key dir stays."""
     state = tmp_path / "state"
     state.mkdir()
     build_id = os.urandom(6).hex()
-    (state / STATE_FILE).write_text(json.dumps({"harness_pid": 2**22 + 1, "box_dirs": [build_id]}))
+    key_dir = Path(tempfile.mkdtemp(prefix=GNUPGHOME_PREFIX))
+    (key_dir / "private-keys-v1.d").mkdir()
+    not_a_key_dir = tmp_path / "keep"
+    not_a_key_dir.mkdir()
+    recorded = {
+        "harness_pid": 2**22 + 1,
+        "box_dirs": [build_id],
+        "key_dirs": [str(key_dir), str(not_a_key_dir)],
+    }
+    (state / STATE_FILE).write_text(json.dumps(recorded))
     stray = _spawn(
         [sys.executable, "-c", "import time; time.sleep(300)"], {**os.environ, MARKER_ENV: str(state)}
     )
@@ -99,11 +154,13 @@ def test_clean_up_earlier_stops_marked_strays_and_box_processes(tmp_path: Path):
         assert stray.wait(timeout=30) != 0 and build.wait(timeout=30) != 0
         assert _marked_processes(state) == [] and _box_processes([build_id]) == []
         assert not (state / STATE_FILE).exists()
+        assert not key_dir.exists() and not_a_key_dir.is_dir()
         assert clean_up_earlier(state) is False  # nothing left the second time
     finally:
         for proc in (stray, build):
             proc.kill()
             proc.wait()
+        shutil.rmtree(key_dir, ignore_errors=True)
 
 
 def test_clean_up_earlier_ends_recorded_sessions_whole_and_spares_a_reused_pid(tmp_path: Path):
