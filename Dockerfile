@@ -13,8 +13,11 @@ COPY --chown=airflow:0 include /opt/amibake/include
 # Pinning apache-airflow to the image's version keeps pip from up- or downgrading Airflow itself.
 RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" /opt/amibake
 COPY --chown=airflow:0 dags /opt/airflow/dags
-# The installed package lives in site-packages; point it at the scripts copied above.
+# The image definitions: one DAG amibake_<name> per images/<name>.yaml (mount your own folder over it).
+COPY --chown=airflow:0 images /opt/amibake/images
+# The installed package lives in site-packages; point it at the scripts and definitions copied above.
 ENV AIRFLOW__AMIBAKE__SCRIPTS_DIR=/opt/amibake/include/scripts
+ENV AIRFLOW__AMIBAKE__IMAGES_DIR=/opt/amibake/images
 
 # Optional (compose profile "local-ec2"): the same image plus moto, to try the DAGs against a local
 # EC2 API without an AWS account.

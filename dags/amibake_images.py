@@ -1,12 +1,19 @@
-"""amibake_nightly: rebuild the patched HVM AMI from scratch every night (see ``doc_md`` below).
+"""amibake image DAGs: one nightly rebuild DAG ``amibake_<name>`` per image definition.
 
-Parsing this file does no I/O and imports nothing heavy: the operators package resolves its
+Every ``images/<name>.yaml`` (``[amibake] images_dir``) becomes a DAG that rebuilds that image from
+scratch (see ``DOC_MD``). A definition that fails validation does not take the others down: it
+becomes a DAG of the same id that never runs on a schedule, whose description and doc name the file,
+the field and the problem, and whose one task fails with that error if triggered.
+
+Parsing reads the definition files and does no network I/O; the operators package resolves its
 classes lazily and every provider hook is imported inside ``execute``.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+from pathlib import Path
 
 from airflow.sdk import DAG, AsyncCallback, DeadlineAlert, DeadlineReference, Param, task
 
@@ -25,13 +32,13 @@ from operators import (
     notify,
 )
 from operators.preflight import Preflight
-
-DAG_ID = "amibake_nightly"
+from operators.rules import definition
 
 DOC_MD = """
-### amibake nightly AMI rebuild
+### amibake: nightly AMI rebuild of one image definition
 
-Builds the image **from scratch** on a temporary EC2 build box and registers it as an HVM AMI:
+Builds the image of `{path}` (recipe **{recipe}**) **from scratch** on a temporary EC2 build box
+and registers it as an HVM AMI:
 
 1. **validate_params**: every trigger value and `[amibake]` setting is checked; a bad value fails
    here, naming the field, before any AWS resource exists. Conf keys the form does not declare are
@@ -40,26 +47,30 @@ Builds the image **from scratch** on a temporary EC2 build box and registers it 
 2. **launch_build_box**: the box (IMDSv2, tagged at creation) in a temporary security group that
    admits SSH only from `[amibake] ssh_cidr`; waits until it runs and answers on SSH.
 3. **attach_canvas**: a blank, encrypted gp3 volume attached to the box.
-4. **remote_chroot_build**: ships `include/scripts` and runs `build-image <recipe> all` against the
-   canvas (partition, mkfs, install in a chroot, bootloader, SELinux relabel, clean-up, verify);
-   its output streams into the task log.
+4. **remote_chroot_build**: ships `include/scripts` and the definition's bundle (its files, scripts
+   and keys; checked by hash on arrival), hands the repositories' credentials over the SSH channel,
+   and runs `build-image all` against the canvas (partition, mkfs, install in a chroot, the
+   definition's packages, files and provisioning scripts, bootloader, SELinux relabel, clean-up,
+   verify: which also searches the image for every repository password); its output streams into
+   the task log.
 5. **frozen_snapshot**: freeze the canvas filesystems, CreateSnapshot, thaw at once.
 6. **register_hvm_ami**: RegisterImage (HVM, ENA, SR-IOV, legacy BIOS, IMDSv2) and announce it
-   as the Asset `amibake://ami/<recipe>`.
+   as the Asset `amibake://ami/<name>`.
 7. **smoke_instance**: launch ONE instance of the new AMI (`smoke_instance_type`, default
    t3.micro) in the build's subnet and security group, with a login key and a host key made for it
    alone (the private key lives only in the task's memory, so this wait holds a worker slot);
-   wait for 2/2 status checks, log in and run the same `instance-check` as the boot check. Every
+   wait for 2/2 status checks, log in and run the same `instance-check` as the boot check, with
+   the definition's `smoke_checks`. Every
    item passed: the AMI is tagged `amibake:verified=true`. Otherwise the AMI is deprecated at once,
    stays unverified, the console's tail is in the log, and the run fails naming the failed items.
    `smoke_check` off: the AMI stays unverified (the log says so); this task and rotation are
    skipped, so nothing is retired.
 8. **rotate_amis**: only after the new AMI is available AND verified: keep the newest `keep_amis`
-   VERIFIED AMIs of its image line (recipe + AMI name prefix), set `deprecate_at` on the next
-   `deprecate_grace`, deregister older ones with their snapshots. Unverified AMIs never count as
-   good: they are deprecated, and deregistered once `keep_amis + deprecate_grace` verified AMIs
-   are newer. A failed night never gets here, so every existing AMI stays as it was; AMIs of other
-   prefixes are never touched.
+   VERIFIED AMIs of its image line (recipe + AMI name prefix, `amibake-<name>` by default), set
+   `deprecate_at` on the next `deprecate_grace`, deregister older ones with their snapshots.
+   Unverified AMIs never count as good: they are deprecated, and deregistered once
+   `keep_amis + deprecate_grace` verified AMIs are newer. A failed night never gets here, so
+   every existing AMI stays as it was; AMIs of other prefixes are never touched.
 
 **How long it takes**: the EC2 waits take a few minutes (snapshot and AMI: 5-30 min on AWS, held
 by the triggerer, not a worker slot); the build itself takes 5-15 min for CentOS 7 (yum from the
@@ -85,6 +96,9 @@ user data; there is no EC2 key pair to leak and the private key never leaves the
 the secrets backend behind it): not in XCom, logs or the repository. Reached on its own IP, the box
 also gets a per-build host key through user data, and every task verifies it.
 
+Repository credentials come from the Airflow connection each repository names (`connection_id`,
+any secrets backend): they reach the box over the SSH channel only, never argv, XCom or a log line.
+
 Environment specifics live outside the code: connections `amibake_aws` / `amibake_ssh` and the
 `[amibake]` configuration section (`ssh_address`, `ssh_cidr`, `subnet_id`, `schedule`, ...).
 """
@@ -108,249 +122,288 @@ def _switch(key: str) -> bool:
     return defaults.setting(key).lower() == "true"
 
 
-def _schedule() -> str:
-    """Nightly cron from ``[amibake] schedule`` (in-memory configuration, no I/O)."""
-    return defaults.setting("schedule")
+def _schedule(defn: definition.ImageDefinition) -> str | None:
+    """The definition's cron (None: manual runs only), or ``[amibake] schedule`` when it has none."""
+    return defn.schedule if defn.schedule_set else defaults.setting("schedule")
 
 
-with DAG(
-    dag_id=DAG_ID,
-    description="Nightly from-scratch rebuild of the patched HVM AMI on a temporary EC2 build box",
-    doc_md=DOC_MD,
-    schedule=_schedule(),
-    catchup=False,
-    max_active_runs=1,
-    tags=["amibake", "ami"],
-    default_args={"owner": "amibake", "execution_timeout": timedelta(minutes=30)},
-    on_failure_callback=notify.on_failure,
-    deadline=[
-        # far longer than usual: an hour past the average of the last runs (from the 3rd run on)
-        DeadlineAlert(
-            reference=DeadlineReference.AVERAGE_RUNTIME(max_runs=10, min_runs=3),
-            interval=timedelta(hours=1),
-            callback=AsyncCallback(notify.deadline_missed),
-        ),
-        # and from the first night: no build should take 4 hours from being queued
-        DeadlineAlert(
-            reference=DeadlineReference.DAGRUN_QUEUED_AT,
-            interval=timedelta(hours=4),
-            callback=AsyncCallback(notify.deadline_missed),
-        ),
-    ],
-    params={
-        "recipe": Param(
-            defaults.DEFAULT_RECIPE,
-            type="string",
-            enum=list(defaults.RECIPES),
-            title="Recipe",
-            description="Which OS image to build: centos7 (the product) or debian12.",
-            section="Image",
-        ),
-        "ami_name_prefix": Param(
-            None,
-            type=["null", "string"],
-            title="AMI name prefix",
-            description="The AMI is named <prefix>-<UTC date>-<build id>. Empty = amibake-<recipe>.",
-            section="Image",
-        ),
-        "canvas_size_gib": Param(
-            defaults.DEFAULT_CANVAS_SIZE_GIB,
-            type="integer",
-            minimum=defaults.CANVAS_SIZE_MIN_GIB,
-            maximum=defaults.CANVAS_SIZE_MAX_GIB,
-            title="Image size (GiB)",
-            description="Size of the canvas volume, and so of the AMI's root volume.",
-            section="Image",
-        ),
-        "mirror_url": Param(
-            None,
-            type=["null", "string"],
-            title="Package mirror URL",
-            description="Repository mirror for the recipe (CentOS 7: a vault or extended-support mirror "
-            "base URL). Empty = the recipe's default.",
-            section="Image",
-        ),
-        "boot_check": Param(
-            # [amibake] boot_check: CentOS 7 on an EL7 box cannot boot-check yet (README)
-            _switch("boot_check"),
-            type="boolean",
-            title="Boot-check before registering",
-            description="Boot the finished canvas on the box the way EC2 boots it (NVMe, EC2 platform, "
-            "IMDSv2) and run the instance checks over SSH; an image that fails is never registered. "
-            "Off = registered unbooted (the task log says so).",
-            section="Image",
-        ),
-        "base_ami": Param(
-            None,
-            type=["null", "string"],
-            title="Base AMI id",
-            description="AMI of the build box. Empty = the newest AMI matching owner + name below.",
-            pattern=r"^ami-[0-9a-f]{8,17}$",
-            section="Build box",
-        ),
-        "base_ami_owner": Param(
-            defaults.DEFAULT_BASE_AMI_OWNER,
-            type="string",
-            title="Base AMI owner",
-            description="Account id (or self/amazon) owning the build box's base AMI.",
-            section="Build box",
-        ),
-        "base_ami_name": Param(
-            defaults.DEFAULT_BASE_AMI_NAME,
-            type="string",
-            title="Base AMI name filter",
-            description="Name pattern (* and ?) of the build box's base AMI.",
-            section="Build box",
-        ),
-        "instance_type": Param(
-            defaults.DEFAULT_INSTANCE_TYPE,
-            type="string",
-            title="Build box instance type",
-            description="EC2 instance type of the temporary build box.",
-            section="Build box",
-        ),
-        "subnet_id": Param(
-            None,
-            type=["null", "string"],
-            title="Subnet id",
-            description="Subnet of the build box. Empty = [amibake] subnet_id.",
-            section="Build box",
-        ),
-        "smoke_check": Param(
-            _switch("smoke_check"),
-            type="boolean",
-            title="Smoke-check after registering",
-            description="Launch one instance of the new AMI, check its first boot over SSH, and only then "
-            "tag it amibake:verified=true (rotation counts verified AMIs only). Off = the AMI stays "
-            "unverified (the task log says so); the check and rotation are skipped.",
-            section="Smoke check",
-        ),
-        "smoke_instance_type": Param(
-            defaults.setting("smoke_instance_type"),
-            type="string",
-            title="Smoke instance type",
-            description="EC2 instance type of the smoke instance (launched in the build box's subnet).",
-            section="Smoke check",
-        ),
-        "keep_amis": Param(
-            defaults.DEFAULT_KEEP_AMIS,
-            type="integer",
-            minimum=defaults.KEEP_AMIS_RANGE[0],
-            maximum=defaults.KEEP_AMIS_RANGE[1],
-            title="AMIs to keep",
-            description="After the new AMI is available, keep this many newest AMIs of its image line.",
-            section="Retention",
-        ),
-        "deprecate_grace": Param(
-            defaults.DEFAULT_DEPRECATE_GRACE,
-            type="integer",
-            minimum=defaults.DEPRECATE_GRACE_RANGE[0],
-            maximum=defaults.DEPRECATE_GRACE_RANGE[1],
-            title="AMIs to deprecate",
-            description="The next this many are deprecated (deprecate_at) instead of deregistered.",
-            section="Retention",
-        ),
-    },
-) as dag:
+def image_dag(defn: definition.ImageDefinition) -> DAG:
+    """The nightly rebuild DAG of one image definition."""
+    with DAG(
+        dag_id=definition.dag_id(defn.name),
+        description=defn.description or f"Nightly from-scratch rebuild of the {defn.name} HVM AMI",
+        doc_md=DOC_MD.replace("{path}", defn.path.name).replace("{recipe}", defn.recipe),
+        schedule=_schedule(defn),
+        catchup=False,
+        max_active_runs=1,
+        tags=["amibake", "ami", defn.recipe],
+        default_args={"owner": "amibake", "execution_timeout": timedelta(minutes=30)},
+        on_failure_callback=notify.on_failure,
+        deadline=[
+            # far longer than usual: an hour past the average of the last runs (from the 3rd run on)
+            DeadlineAlert(
+                reference=DeadlineReference.AVERAGE_RUNTIME(max_runs=10, min_runs=3),
+                interval=timedelta(hours=1),
+                callback=AsyncCallback(notify.deadline_missed),
+            ),
+            # and from the first night: no build should take 4 hours from being queued
+            DeadlineAlert(
+                reference=DeadlineReference.DAGRUN_QUEUED_AT,
+                interval=timedelta(hours=4),
+                callback=AsyncCallback(notify.deadline_missed),
+            ),
+        ],
+        params={
+            "ami_name_prefix": Param(
+                None,
+                type=["null", "string"],
+                title="AMI name prefix",
+                description="The AMI is named <prefix>-<UTC date>-<build id>. Empty = "
+                f"{defaults.default_ami_prefix(defn.name)}.",
+                section="Image",
+            ),
+            # the definition's fields the form may override for one run (validated as the file is)
+            "canvas_size_gib": Param(
+                defn.size_gib,
+                type="integer",
+                minimum=defaults.CANVAS_SIZE_MIN_GIB,
+                maximum=defaults.CANVAS_SIZE_MAX_GIB,
+                title="Image size (GiB)",
+                description="Size of the canvas volume, and so of the AMI's root volume.",
+                section="Image",
+            ),
+            "mirror_url": Param(
+                defn.mirror or None,
+                type=["null", "string"],
+                title="Package mirror URL",
+                description="Repository mirror for the recipe (CentOS 7: a vault or extended-support mirror "
+                "base URL). Empty = the definition's, or the recipe's default.",
+                section="Image",
+            ),
+            "boot_check": Param(
+                # [amibake] boot_check: CentOS 7 on an EL7 box cannot boot-check yet (README)
+                _switch("boot_check"),
+                type="boolean",
+                title="Boot-check before registering",
+                description="Boot the finished canvas on the box the way EC2 boots it (NVMe, EC2 platform, "
+                "IMDSv2) and run the instance checks over SSH; an image that fails is never registered. "
+                "Off = registered unbooted (the task log says so).",
+                section="Image",
+            ),
+            "base_ami": Param(
+                None,
+                type=["null", "string"],
+                title="Base AMI id",
+                description="AMI of the build box. Empty = the newest AMI matching owner + name below.",
+                pattern=r"^ami-[0-9a-f]{8,17}$",
+                section="Build box",
+            ),
+            "base_ami_owner": Param(
+                defaults.DEFAULT_BASE_AMI_OWNER,
+                type="string",
+                title="Base AMI owner",
+                description="Account id (or self/amazon) owning the build box's base AMI.",
+                section="Build box",
+            ),
+            "base_ami_name": Param(
+                defaults.DEFAULT_BASE_AMI_NAME,
+                type="string",
+                title="Base AMI name filter",
+                description="Name pattern (* and ?) of the build box's base AMI.",
+                section="Build box",
+            ),
+            "instance_type": Param(
+                defaults.DEFAULT_INSTANCE_TYPE,
+                type="string",
+                title="Build box instance type",
+                description="EC2 instance type of the temporary build box.",
+                section="Build box",
+            ),
+            "subnet_id": Param(
+                None,
+                type=["null", "string"],
+                title="Subnet id",
+                description="Subnet of the build box. Empty = [amibake] subnet_id.",
+                section="Build box",
+            ),
+            "smoke_check": Param(
+                _switch("smoke_check"),
+                type="boolean",
+                title="Smoke-check after registering",
+                description="Launch one instance of the new AMI, check its first boot over SSH, and only "
+                "then tag it amibake:verified=true (rotation counts verified AMIs only). Off = the AMI stays "
+                "unverified (the task log says so); the check and rotation are skipped.",
+                section="Smoke check",
+            ),
+            "smoke_instance_type": Param(
+                defaults.setting("smoke_instance_type"),
+                type="string",
+                title="Smoke instance type",
+                description="EC2 instance type of the smoke instance (launched in the build box's subnet).",
+                section="Smoke check",
+            ),
+            "keep_amis": Param(
+                defn.keep,
+                type="integer",
+                minimum=defaults.KEEP_AMIS_RANGE[0],
+                maximum=defaults.KEEP_AMIS_RANGE[1],
+                title="AMIs to keep",
+                description="After the new AMI is available, keep this many newest AMIs of its image line.",
+                section="Retention",
+            ),
+            "deprecate_grace": Param(
+                defn.deprecate,
+                type="integer",
+                minimum=defaults.DEPRECATE_GRACE_RANGE[0],
+                maximum=defaults.DEPRECATE_GRACE_RANGE[1],
+                title="AMIs to deprecate",
+                description="The next this many are deprecated (deprecate_at) instead of deregistered.",
+                section="Retention",
+            ),
+        },
+    ) as dag:
 
-    @task(multiple_outputs=True, retries=0, execution_timeout=timedelta(minutes=2))
-    def validate_params(params: dict | None = None) -> dict:
-        """Check every value before anything is created; the error names the field."""
-        from operators.base import settings
-        from operators.rules.validation import refuse_undeclared, validate_build
+        @task(multiple_outputs=True, retries=0, execution_timeout=timedelta(minutes=2))
+        def validate_params(params: dict | None = None) -> dict:
+            """Check every value before anything is created; the error names the field."""
+            from operators.base import settings
+            from operators.rules.validation import refuse_undeclared, validate_image_build
 
-        refuse_undeclared(params or {})  # conf keys the form does not declare (instance profile ...)
-        return validate_build(params or {}, settings()).as_dict()
+            refuse_undeclared(params or {})  # conf keys the form does not declare (instance profile ...)
+            # the definition as the file is now, this run's overrides checked the same way
+            return validate_image_build(definition.load(defn.path), params or {}, settings()).as_dict()
 
-    p = validate_params()
-    # read-only and DryRun calls only: nothing is launched unless the night can succeed
-    preflight = Preflight(
-        task_id="preflight", recipe=p["recipe"], build=p, execution_timeout=timedelta(minutes=10), **AWS_STEP
-    )
+        p = validate_params()
+        # read-only and DryRun calls only: nothing is launched unless the night can succeed
+        preflight = Preflight(
+            task_id="preflight",
+            recipe=p["recipe"],
+            build=p,
+            execution_timeout=timedelta(minutes=10),
+            **AWS_STEP,
+        )
 
-    launch = LaunchBuildBox(
-        task_id="launch_build_box",
-        recipe=p["recipe"],
-        instance_type=p["instance_type"],
-        subnet_id=p["subnet_id"],
-        base_ami=p["base_ami"],
-        base_ami_owner=p["base_ami_owner"],
-        base_ami_name=p["base_ami_name"],
-        instance_profile=p["instance_profile"],
-        execution_timeout=timedelta(minutes=45),
-        **AWS_STEP,
-    )
-    attach = AttachCanvas(
-        task_id="attach_canvas",
-        recipe=p["recipe"],
-        box=launch.output,
-        size_gib=p["canvas_size_gib"],
-        device_name=p["device_name"],
-        encrypted=p["encrypted"],
-        kms_key_id=p["kms_key_id"],
-        **AWS_STEP,
-    )
-    build = RemoteChrootBuild(
-        task_id="remote_chroot_build",
-        recipe=p["recipe"],
-        box=launch.output,
-        canvas=attach.output,
-        mirror_url=p["mirror_url"],
-        boot_check=p["boot_check"],
-        build_timeout=defaults.BUILD_TIMEOUT_S,
-        # an OS build failure is rarely transient: fail fast and show the phase; retry by hand
-        retries=0,
-        execution_timeout=timedelta(seconds=defaults.BUILD_TIMEOUT_S + 600),
-    )
-    snapshot = FrozenSnapshot(
-        task_id="frozen_snapshot",
-        recipe=p["recipe"],
-        box=launch.output,
-        canvas=attach.output,
-        execution_timeout=_wait_budget(defaults.WAIT_SNAPSHOT_COMPLETED),
-        **AWS_STEP,
-    )
-    register = RegisterHVMAmi(
-        task_id="register_hvm_ami",
-        recipe=p["recipe"],
-        snapshot=snapshot.output,
-        size_gib=p["canvas_size_gib"],
-        ami_name_prefix=p["ami_name_prefix"],
-        execution_timeout=_wait_budget(defaults.WAIT_IMAGE_AVAILABLE),
-        **AWS_STEP,
-    )
-    smoke = SmokeInstance(
-        task_id="smoke_instance",
-        recipe=p["recipe"],
-        ami=register.output,
-        build=build.output,
-        box=launch.output,
-        instance_type=p["smoke_instance_type"],
-        smoke_check=p["smoke_check"],
-        # a blocking wait (the login key lives only in the task's memory) + login + instance-check
-        execution_timeout=_wait_budget(defaults.WAIT_INSTANCE_STATUS_OK)
-        + timedelta(seconds=2 * defaults.SMOKE_CHECK_TIMEOUT_S),
-        **AWS_STEP,
-    )
-    rotate = RotateAmis(
-        task_id="rotate_amis",
-        recipe=p["recipe"],
-        new_ami_id="{{ ti.xcom_pull(task_ids='register_hvm_ami')['ami_id'] }}",
-        keep=p["keep_amis"],
-        grace=p["deprecate_grace"],
-        execution_timeout=timedelta(minutes=15),
-        **AWS_STEP,
-    )
-    terminate_smoke = TerminateSmokeInstance(task_id="terminate_smoke_instance", **AWS_STEP)
-    terminate = TerminateBuildBox(task_id="terminate_build_box", **AWS_STEP)
-    delete_canvas = DeleteCanvas(task_id="delete_canvas", **AWS_STEP)
+        launch = LaunchBuildBox(
+            task_id="launch_build_box",
+            recipe=p["recipe"],
+            instance_type=p["instance_type"],
+            subnet_id=p["subnet_id"],
+            base_ami=p["base_ami"],
+            base_ami_owner=p["base_ami_owner"],
+            base_ami_name=p["base_ami_name"],
+            instance_profile=p["instance_profile"],
+            execution_timeout=timedelta(minutes=45),
+            **AWS_STEP,
+        )
+        attach = AttachCanvas(
+            task_id="attach_canvas",
+            recipe=p["recipe"],
+            box=launch.output,
+            size_gib=p["canvas_size_gib"],
+            device_name=p["device_name"],
+            encrypted=p["encrypted"],
+            kms_key_id=p["kms_key_id"],
+            **AWS_STEP,
+        )
+        build = RemoteChrootBuild(
+            task_id="remote_chroot_build",
+            recipe=p["recipe"],
+            box=launch.output,
+            canvas=attach.output,
+            image=p["image"],
+            mirror_url=p["mirror_url"],
+            boot_check=p["boot_check"],
+            build_timeout=defaults.BUILD_TIMEOUT_S,
+            # an OS build failure is rarely transient: fail fast and show the phase; retry by hand
+            retries=0,
+            execution_timeout=timedelta(seconds=defaults.BUILD_TIMEOUT_S + 600),
+        )
+        snapshot = FrozenSnapshot(
+            task_id="frozen_snapshot",
+            recipe=p["recipe"],
+            box=launch.output,
+            canvas=attach.output,
+            execution_timeout=_wait_budget(defaults.WAIT_SNAPSHOT_COMPLETED),
+            **AWS_STEP,
+        )
+        register = RegisterHVMAmi(
+            task_id="register_hvm_ami",
+            recipe=p["recipe"],
+            image=p["image"],
+            snapshot=snapshot.output,
+            size_gib=p["canvas_size_gib"],
+            ami_name_prefix=p["ami_name_prefix"],
+            execution_timeout=_wait_budget(defaults.WAIT_IMAGE_AVAILABLE),
+            **AWS_STEP,
+        )
+        smoke = SmokeInstance(
+            task_id="smoke_instance",
+            recipe=p["recipe"],
+            ami=register.output,
+            build=build.output,
+            box=launch.output,
+            instance_type=p["smoke_instance_type"],
+            smoke_check=p["smoke_check"],
+            # a blocking wait (the login key lives only in the task's memory) + login + instance-check
+            execution_timeout=_wait_budget(defaults.WAIT_INSTANCE_STATUS_OK)
+            + timedelta(seconds=2 * defaults.SMOKE_CHECK_TIMEOUT_S),
+            **AWS_STEP,
+        )
+        rotate = RotateAmis(
+            task_id="rotate_amis",
+            recipe=p["recipe"],
+            new_ami_id="{{ ti.xcom_pull(task_ids='register_hvm_ami')['ami_id'] }}",
+            keep=p["keep_amis"],
+            grace=p["deprecate_grace"],
+            execution_timeout=timedelta(minutes=15),
+            **AWS_STEP,
+        )
+        terminate_smoke = TerminateSmokeInstance(task_id="terminate_smoke_instance", **AWS_STEP)
+        terminate = TerminateBuildBox(task_id="terminate_build_box", **AWS_STEP)
+        delete_canvas = DeleteCanvas(task_id="delete_canvas", **AWS_STEP)
 
-    preflight >> launch >> attach >> build >> snapshot >> register >> smoke
-    smoke >> terminate_smoke >> terminate >> delete_canvas
-    smoke >> rotate  # only after the new AMI is available and verified; a failed night rotates nothing
-    # finds the smoke instance by tags, whether the smoke task passed, failed or never ran; the
-    # security group it sits in is deleted only after it (terminate_build_box is downstream)
-    terminate_smoke.as_teardown(setups=launch)
-    terminate.as_teardown(setups=launch)
-    # runs when the box was launched even if attaching failed: it finds the canvas by tags
-    delete_canvas.as_teardown(setups=[launch, attach])
+        preflight >> launch >> attach >> build >> snapshot >> register >> smoke
+        smoke >> terminate_smoke >> terminate >> delete_canvas
+        smoke >> rotate  # only after the new AMI is available and verified; a failed night rotates nothing
+        # finds the smoke instance by tags, whether the smoke task passed, failed or never ran; the
+        # security group it sits in is deleted only after it (terminate_build_box is downstream)
+        terminate_smoke.as_teardown(setups=launch)
+        terminate.as_teardown(setups=launch)
+        # runs when the box was launched even if attaching failed: it finds the canvas by tags
+        delete_canvas.as_teardown(setups=[launch, attach])
+    return dag
+
+
+def broken_definition_dag(path: Path, error: definition.DefinitionError) -> DAG:
+    """A definition that failed validation, shown in the UI instead of taken silently away.
+
+    Same id as the good definition would have, no schedule, the error as description and doc, and one
+    task that fails with it when triggered: the other definitions' DAGs parse and run as usual.
+    """
+    with DAG(
+        dag_id=definition.dag_id(re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)),
+        description=f"BROKEN DEFINITION {error}",
+        doc_md=f"### Broken image definition\n\n`{error}`\n\nFix the file; this DAG becomes the image's "
+        "nightly rebuild on the next parse.",
+        schedule=None,
+        catchup=False,
+        tags=["amibake", "broken-definition"],
+        default_args={"owner": "amibake", "retries": 0},
+    ) as dag:
+
+        @task(task_id="definition_error")
+        def definition_error() -> None:
+            """Fail with the file's error as it is now: nothing is built from a broken definition."""
+            definition.load(path)
+            raise RuntimeError(f"{path} is valid now; the DAG becomes its rebuild on the next parse")
+
+        definition_error()
+    return dag
+
+
+for _path in definition.discover(defaults.images_dir()):
+    try:
+        _dag = image_dag(definition.load(_path))
+    except definition.DefinitionError as _error:
+        _dag = broken_definition_dag(_path, _error)
+    globals()[_dag.dag_id] = _dag

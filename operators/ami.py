@@ -59,19 +59,21 @@ class RegisterHVMAmi(AmibakeOperator):
 
     The name is prefix + UTC date/time of the run + build id (:func:`operators.rules.naming.ami_name`).
     An AMI this build already registered (found by tag or by name) is reused. When available, an
-    asset event for ``amibake://ami/<recipe>`` is emitted through the ``amibake-ami`` alias, with
-    ``{"ami_id", "ami_name", "snapshot_id", "recipe", "region"}`` in its extra.
+    asset event for ``amibake://ami/<image>`` is emitted through the ``amibake-ami`` alias, with
+    ``{"ami_id", "ami_name", "snapshot_id", "recipe", "image", "region"}`` in its extra.
     XCom: ``{"ami_id", "ami_name", "snapshot_id"}``.
 
     :param snapshot: ``FrozenSnapshot``'s XCom.
     :param size_gib: root volume size of the AMI (the canvas size).
-    :param ami_name_prefix: prefix of the AMI name ('' = ``amibake-<recipe>``).
+    :param image: the image definition's name ('' = the recipe's name).
+    :param ami_name_prefix: prefix of the AMI name ('' = ``amibake-<image>``).
     """
 
     template_fields: Sequence[str] = (
         *AmibakeOperator.template_fields,
         "snapshot",
         "size_gib",
+        "image",
         "ami_name_prefix",
     )
     operator_extra_links = (AmiLink(),)
@@ -82,6 +84,7 @@ class RegisterHVMAmi(AmibakeOperator):
         *,
         snapshot: Any,
         size_gib: Any,
+        image: str = "",
         ami_name_prefix: str = "",
         deferrable: bool = True,
         waiter_delay: int = defaults.WAIT_IMAGE_AVAILABLE[0],
@@ -92,6 +95,7 @@ class RegisterHVMAmi(AmibakeOperator):
         super().__init__(**kwargs)
         self.snapshot = snapshot
         self.size_gib = size_gib
+        self.image = image
         self.ami_name_prefix = ami_name_prefix
         self.deferrable = deferrable
         self.waiter_delay = waiter_delay
@@ -101,7 +105,7 @@ class RegisterHVMAmi(AmibakeOperator):
         """Validate, reuse or register the AMI, then wait until available."""
         snapshot_id = records.check("snapshot", self.snapshot)["snapshot_id"]
         size = validation.validate_size(self.size_gib, "size_gib")
-        prefix = validation.validate_ami_prefix(self.ami_name_prefix or "", self.recipe)
+        prefix = validation.validate_ami_prefix(self.ami_name_prefix or "", self.image or self.recipe)
         build = self.build_of(context)
         name = naming.ami_name(prefix, context["dag_run"].run_after, build)
         hook = self.hook
@@ -155,9 +159,10 @@ class RegisterHVMAmi(AmibakeOperator):
             "snapshot_id": naming.tags_to_dict(image.get("Tags")).get(naming.TAG_SNAPSHOT_ID, ""),
         }
         region = self.hook.conn_region_name
+        image = self.image or self.recipe
         context["outlet_events"][AssetAlias(defaults.ASSET_ALIAS)].add(
-            Asset(uri=defaults.asset_uri(self.recipe), name=f"amibake-ami-{self.recipe}"),
-            extra={**result, "recipe": self.recipe, "region": region or ""},
+            Asset(uri=defaults.asset_uri(image), name=f"amibake-ami-{image}"),
+            extra={**result, "recipe": self.recipe, "image": image, "region": region or ""},
         )
         self.log.info("AMI %s (%s) is available", result["ami_id"], result["ami_name"])
         return result

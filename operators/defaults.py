@@ -62,19 +62,21 @@ DEFAULT_DEPRECATE_GRACE = 2
 DEPRECATE_GRACE_RANGE = (0, 100)
 
 
-def default_ami_prefix(recipe: str) -> str:
-    """AMI name prefix used when the user gives none."""
-    return f"amibake-{recipe}"
+def default_ami_prefix(image: str) -> str:
+    """AMI name prefix used when the user gives none: one image line per image definition."""
+    return f"amibake-{image}"
 
 
-def asset_uri(recipe: str) -> str:
-    """URI of the Airflow Asset announcing a new AMI of one recipe."""
-    return f"amibake://ami/{recipe}"
+def asset_uri(image: str) -> str:
+    """URI of the Airflow Asset announcing a new AMI of one image definition."""
+    return f"amibake://ami/{image}"
 
 
 # -- the box side --------------------------------------------------------------------------------
 #: Scripts shipped to the box; overridable with ``[amibake] scripts_dir``.
 PACKAGE_SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "include" / "scripts"
+#: Image definitions; overridable with ``[amibake] images_dir``.
+PACKAGE_IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 REMOTE_BASE_DIR = CONTRACT.box_work_dir
 BUILD_ENTRY_POINT = "build-image"
 #: The box thaws a frozen canvas by itself after this many seconds if nobody calls ``thaw``.
@@ -127,6 +129,8 @@ SETTINGS: dict[str, str] = {
     # the default of the smoke_instance_type Param: the instance type of that smoke instance
     "smoke_instance_type": DEFAULT_SMOKE_INSTANCE_TYPE,
     "scripts_dir": "",
+    # the image definitions (images/<name>.yaml): one DAG amibake_<name> each; empty = the package's
+    "images_dir": "",
     # failure and deadline notifications: dotted path of an Airflow notifier class (any provider's,
     # e.g. airflow.providers.smtp.notifications.smtp.SmtpNotifier) and its keyword arguments as JSON
     "notifier": "",
@@ -141,6 +145,12 @@ def setting(key: str) -> str:
     from airflow.sdk import conf
 
     return conf.get(CONFIG_SECTION, key, fallback=SETTINGS[key]).strip()
+
+
+def images_dir() -> Path:
+    """The folder of image definitions (``images/*.yaml``) the DAG file turns into DAGs."""
+    configured = setting("images_dir")
+    return Path(configured) if configured else PACKAGE_IMAGES_DIR
 
 
 def scripts_dir() -> Path:

@@ -4,10 +4,10 @@ Two doors to the same checks (:func:`run_checks`; the decisions are in :mod:`ope
 
 - ``Preflight``, the nightly DAG's task after ``validate_params``: nothing is launched unless every
   check passes, and the failure lists every problem with its setting and fix, at once, without retry.
-- ``python -m operators.preflight [--conf KEY=JSON ...]``: the same checks before the first night, run
-  where a task would run (``docker compose exec airflow-worker python -m operators.preflight``), so
-  it uses the worker's connections, IAM principal and network. Exit code 0 = ready, 1 = a check
-  failed, 2 = a bad value.
+- ``python -m operators.preflight [--image NAME] [--conf KEY=JSON ...]``: the same checks before the
+  first night, run where a task would run
+  (``docker compose exec airflow-worker python -m operators.preflight``), so it uses the worker's
+  connections, IAM principal and network. Exit code 0 = ready, 1 = a check failed, 2 = a bad value.
 
 AWS sees only read-only calls (Describe*, kms:DescribeKey) and ``DryRun=True`` requests of the
 night's creates, with the night's own arguments; an endpoint that ignores DryRun is reported.
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from operators import defaults
 from operators.base import AmibakeOperator, settings
-from operators.rules import launch, naming, validation
+from operators.rules import definition, launch, naming, validation
 from operators.rules import preflight as rules
 from operators.rules.errors import classify, classify_answer, error_code
 from operators.rules.naming import Role, tag_specification
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 #: Seconds the worker waits for the mirror's metadata.
 MIRROR_TIMEOUT_S = 10
-#: DAG id the standalone preflight names its (never created) resources after.
-NIGHTLY_DAG_ID = "amibake_nightly"
 
 
 def run_checks(
@@ -52,6 +50,10 @@ def run_checks(
 ) -> list[rules.Check]:
     """Every check, in order; a check whose AWS call failed transiently raises (a retry may pass)."""
     checks = [_ssh_key(ssh_conn_id)]
+    image = definition.load_named(defaults.images_dir(), params.image)
+    checks += [
+        _repository(repo.name, repo.connection_id) for repo in image.repositories if repo.connection_id
+    ]
     subnet = _lookup(lambda: hook.subnet(params.subnet_id))
     checks += rules.subnet(subnet, params.subnet_id, params.ssh_address)
     if subnet:
@@ -102,6 +104,19 @@ def _ssh_key(conn_id: str) -> rules.Check:
     except Exception as exc:  # noqa: BLE001 - any failure to read the key is the finding
         return rules.ssh_key(f"{type(exc).__name__}: {exc}", "", conn_id)
     return rules.ssh_key("", login, conn_id)
+
+
+def _repository(repo: str, conn_id: str) -> rules.Check:
+    """The connection of a repository that needs credentials exists and holds a login and password."""
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as exc:  # noqa: BLE001 - a connection that cannot be read is the finding
+        return rules.repository_credentials(repo, conn_id, f"{type(exc).__name__}: {exc}")
+    if not conn.login or not conn.password:
+        return rules.repository_credentials(repo, conn_id, "the connection has no login or no password")
+    return rules.repository_credentials(repo, conn_id, "")
 
 
 def _base_ami(hook: BuildEc2Hook, params: validation.BuildParams) -> tuple[dict | None, str]:
@@ -251,7 +266,7 @@ class Preflight(AmibakeOperator):
             raise validation.ParamError(
                 "build", f"must be validate_params' output (a dict), got {self.build!r}"
             )
-        params = validation.validate_build(self.build, settings())
+        params = validation.validate_build(self.build, settings(), image=self.build.get("image", ""))
         checks = run_checks(
             self.hook,
             params,
@@ -277,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="a trigger parameter of amibake_nightly, as the run's conf would carry it (repeatable)",
+        help="a trigger parameter of the image's DAG, as the run's conf would carry it (repeatable)",
+    )
+    parser.add_argument(
+        "--image",
+        default=defaults.DEFAULT_RECIPE,
+        help=f"the image definition (images/<NAME>.yaml) to check; default {defaults.DEFAULT_RECIPE}",
     )
     args = parser.parse_args(argv)
     try:
@@ -288,20 +308,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         validation.refuse_undeclared(conf)
-        params = validation.validate_build(conf, settings())
-    except validation.ParamError as exc:
+        params = validation.validate_image_build(
+            definition.load_named(defaults.images_dir(), args.image), conf, settings()
+        )
+    except (validation.ParamError, definition.DefinitionError) as exc:
         print(f"FAIL {exc}", file=sys.stderr)
         return 2
     aws_conn_id, ssh_conn_id = defaults.setting("aws_conn_id"), defaults.setting("ssh_conn_id")
     run_id = f"preflight__{datetime.now(UTC).isoformat(timespec='seconds')}"
-    build = naming.build_id(NIGHTLY_DAG_ID, run_id)
+    dag_id = definition.dag_id(params.image)
+    build = naming.build_id(dag_id, run_id)
     checks = run_checks(
         BuildEc2Hook(aws_conn_id=aws_conn_id),
         params,
         aws_conn_id=aws_conn_id,
         ssh_conn_id=ssh_conn_id,
         tags=lambda role: naming.resource_tags(
-            build=build, dag_id=NIGHTLY_DAG_ID, run_id=run_id, recipe=params.recipe, role=role
+            build=build, dag_id=dag_id, run_id=run_id, recipe=params.recipe, role=role
         ),
         build=build,
     )

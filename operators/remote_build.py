@@ -1,8 +1,11 @@
-"""``RemoteChrootBuild`` ships ``include/scripts`` to the box and runs the recipe's build there."""
+"""``RemoteChrootBuild`` ships ``include/scripts`` and the image definition's bundle to the box and
+runs the build there."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +14,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from operators import defaults
 from operators.base import AmibakeOperator
-from operators.rules import records, remote, validation
+from operators.rules import definition, records, remote, validation
 
 if TYPE_CHECKING:
     import paramiko
@@ -21,7 +24,11 @@ if TYPE_CHECKING:
 class RemoteChrootBuild(AmibakeOperator):
     """Run ``build-image ... all`` on the box against the canvas (identified by its VOLUME ID).
 
-    Ships the scripts over SFTP to ``/var/tmp/amibake/<build>/scripts``, aborts what an earlier try
+    Ships the scripts over SFTP to ``/var/tmp/amibake/<build>/scripts`` and the image definition's
+    bundle to ``.../<build>/image``, with a SHA256SUMS the box checks against the digest it is given
+    before anything runs. The repositories' credentials (from the Airflow connections the definition
+    names) go over the SSH channel as stdin of ``build-image credentials``: never argv, XCom, a
+    rendered field or a log line. Then it aborts what an earlier try
     left running, then runs the build with a pty, logging every output line as it arrives (phase
     start / end with durations at INFO). No silence timeout; ``build_timeout`` is a hard limit.
     Every value reaches the remote shell as its own quoted argument. A failure names the phase
@@ -31,6 +38,7 @@ class RemoteChrootBuild(AmibakeOperator):
 
     :param box: ``LaunchBuildBox``'s XCom.
     :param canvas: ``AttachCanvas``'s XCom.
+    :param image: the image definition's name (``images/<image>.yaml``); '' = the recipe alone.
     :param mirror_url: package mirror for the recipe ('' = the recipe's default).
     :param boot_check: boot the finished image under qemu on the box before it counts as built.
     :param build_timeout: hard limit in seconds for the whole build.
@@ -41,6 +49,7 @@ class RemoteChrootBuild(AmibakeOperator):
         *AmibakeOperator.template_fields,
         "box",
         "canvas",
+        "image",
         "mirror_url",
         "boot_check",
     )
@@ -51,6 +60,7 @@ class RemoteChrootBuild(AmibakeOperator):
         *,
         box: Any,
         canvas: Any,
+        image: str = "",
         mirror_url: str = "",
         boot_check: Any = True,
         build_timeout: int = defaults.BUILD_TIMEOUT_S,
@@ -60,6 +70,7 @@ class RemoteChrootBuild(AmibakeOperator):
         super().__init__(**kwargs)
         self.box = box
         self.canvas = canvas
+        self.image = image
         self.mirror_url = mirror_url
         self.boot_check = boot_check
         self.build_timeout = build_timeout
@@ -81,6 +92,8 @@ class RemoteChrootBuild(AmibakeOperator):
                 "registered WITHOUT having been booted"
             )
         local_scripts = Path(self.scripts_dir) if self.scripts_dir else defaults.scripts_dir()
+        image = definition.load_named(defaults.images_dir(), self.image) if self.image else None
+        credentials = remote.credentials_payload(self._credentials(image)) if image else b""
         build = self.build_of(context)
         ssh, common = box_session(
             self.box,
@@ -92,15 +105,25 @@ class RemoteChrootBuild(AmibakeOperator):
             size=size,
         )
         common["mirror_url"] = mirror
-        command = remote.build_image_command(action="all", boot_check=boot_check, **common)
-        self._abort_argv = common
         with contextlib.closing(ssh.get_conn()) as client:
-            count = ship_directory(client, local_scripts, remote.remote_scripts_dir(build))
+            with tempfile.TemporaryDirectory(prefix="amibake-ship-") as staging:
+                common["manifest_sha256"] = self._stage(Path(staging), local_scripts, image)
+                count = ship_directory(client, Path(staging), remote.remote_dir(build))
+            common["image_bundle"] = image is not None
             self.log.info(
-                "shipped %d files from %s to %s", count, local_scripts, remote.remote_scripts_dir(build)
+                "shipped %d files (%s%s) to %s, SHA256SUMS %s",
+                count,
+                local_scripts,
+                f" and the bundle of {image.path.name}" if image else "",
+                remote.remote_dir(build),
+                common["manifest_sha256"],
             )
+            self._abort_argv = common
+            command = remote.build_image_command(action="all", boot_check=boot_check, **common)
             if context["ti"].try_number > 1:
                 self._abort(client, "an earlier try may have left a build behind")
+            if credentials:
+                self._hand_over_credentials(client, credentials, common)
             self.log.info("running on the box: %s", command)
             result = run_streaming(
                 client, command, timeout_s=self.build_timeout, log=self.log, on_channel=self._set_channel
@@ -119,6 +142,39 @@ class RemoteChrootBuild(AmibakeOperator):
         self.log.info("build %s: image built on %s in %.1f s of phases", build, volume_id, total)
         # what the smoke instance checks after registration: checked here, where it was reported
         return records.check("build", {"volume_id": volume_id, "expectations": result.progress.expectations})
+
+    @staticmethod
+    def _stage(staging: Path, scripts: Path, image: definition.ImageDefinition | None) -> str:
+        """What goes to the box, in ``staging``: scripts/, image/ and their SHA256SUMS; its digest."""
+        shutil.copytree(scripts, staging / "scripts")
+        if image is not None:
+            definition.render_bundle(image, staging / "image")
+        return definition.write_manifest(staging)
+
+    def _credentials(self, image: definition.ImageDefinition) -> dict[str, tuple[str, str]]:
+        """``{repository: (login, password)}`` from the Airflow connections the definition names."""
+        from airflow.sdk import BaseHook
+        from airflow.sdk.log import mask_secret
+
+        credentials = {}
+        for repo in image.repositories:
+            if not repo.connection_id:
+                continue
+            conn = BaseHook.get_connection(repo.connection_id)
+            if conn.password:
+                mask_secret(conn.password)
+            credentials[repo.name] = (conn.login or "", conn.password or "")
+        return credentials
+
+    def _hand_over_credentials(self, client: paramiko.SSHClient, payload: bytes, common: dict) -> None:
+        """``build-image credentials`` with the credentials on stdin: the box keeps them root-only."""
+        from operators.hooks.box import run_streaming
+
+        command = remote.build_image_command(action="credentials", **common)
+        self.log.info("handing the repository credentials to the box over the SSH channel: %s", command)
+        result = run_streaming(client, command, timeout_s=120, log=self.log, stdin=payload)
+        if result.exit_code != 0:
+            raise AirflowException(f"build-image credentials failed with exit code {result.exit_code}")
 
     def _set_channel(self, channel: paramiko.Channel | None) -> None:
         self._channel = channel

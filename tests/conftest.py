@@ -232,9 +232,9 @@ def nightly(airflow_db: None) -> Any:
 def _load_nightly() -> Any:
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_nightly.py"))
+    bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_images.py"))
     assert bag.import_errors == {}
-    dag = bag.dags["amibake_nightly"]
+    dag = bag.dags["amibake_debian12"]
     dag.deadline = None
     return dag
 

@@ -311,6 +311,20 @@ def ssh_key(problem: str, login: str, conn_id: str) -> Check:
     return Check("SSH key", True, f"{conn_id} holds a private key; login {login}")
 
 
+def repository_credentials(repo: str, conn_id: str, problem: str) -> Check:
+    """A repository of the image definition that needs credentials: its connection holds them."""
+    name = f"repository {repo}"
+    if problem:
+        return Check(
+            name,
+            False,
+            problem,
+            f"the {conn_id} connection (connection_id of repository {repo})",
+            "create the connection with the repository's login and password (or in a secrets backend)",
+        )
+    return Check(name, True, f"{conn_id} holds a login and a password")
+
+
 def default_mirror_of(recipe_script: str) -> str:
     """The default mirror a recipe script writes (``*_DEFAULT_MIRROR=...``), '' if it has none.
 

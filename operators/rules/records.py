@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypedDict
 
 from operators.rules import validation
+from operators.rules.contract import CONTRACT
 
 
 class Box(TypedDict):
@@ -41,6 +42,13 @@ class Snapshot(TypedDict):
     volume_id: str
 
 
+class SmokeCheck(TypedDict):
+    """One of the image definition's ``smoke_checks``: a command that must succeed on the booted image."""
+
+    name: str
+    command: str
+
+
 class Expectations(TypedDict):
     """What a first boot of the image must show, as ``build-image`` reported it after its verify phase
     (the ``expectations`` progress event): ``instance-check``'s arguments and who logs in."""
@@ -49,6 +57,7 @@ class Expectations(TypedDict):
     cmdline: str
     baked_host_keys: list[str]
     require_selinux: bool
+    checks: list[SmokeCheck]
 
 
 class Build(TypedDict):
@@ -94,7 +103,8 @@ def _expectations(v: Any) -> str | None:
     """None when ``v`` is a well-formed :class:`Expectations`, else what was expected."""
     expected = (
         "build-image's expectations {login_user: a user name, cmdline: 'root=...', "
-        "baked_host_keys: [SHA256 fingerprints], require_selinux: true|false}"
+        "baked_host_keys: [SHA256 fingerprints], require_selinux: true|false, "
+        "checks: [{name, command}]}"
     )
     if not isinstance(v, dict):
         return expected
@@ -106,6 +116,16 @@ def _expectations(v: Any) -> str | None:
         and isinstance(v.get("baked_host_keys"), list)
         and all(isinstance(f, str) and FINGERPRINT_RE.fullmatch(f) for f in v["baked_host_keys"])
         and isinstance(v.get("require_selinux"), bool)
+        and isinstance(v.get("checks"), list)
+        and all(
+            isinstance(c, dict)
+            and set(c) == {"name", "command"}
+            and isinstance(c["name"], str)
+            and CONTRACT.image_name_re.fullmatch(c["name"]) is not None
+            and isinstance(c["command"], str)
+            and c["command"].strip() != ""
+            for c in v["checks"]
+        )
     )
     return None if ok else expected
 

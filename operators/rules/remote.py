@@ -7,6 +7,7 @@ Pure Python, no Airflow import. Every value that reaches the remote shell goes t
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,10 @@ CHECK_FAIL = "FAIL"
 #: Once per successful build, after the verify phase: what instance-check must be told about the image.
 EXPECTATIONS = CONTRACT.event("expectations")
 STATUS_OK, STATUS_FAIL = CONTRACT.status("ok"), CONTRACT.status("fail")
-ACTIONS = ("all", "freeze", "thaw", "umount", "abort")
+#: The digest of the shipped SHA256SUMS (``--manifest-sha256``).
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+#: ``credentials`` reads the image's repository credentials from stdin (never argv) for ``all``.
+ACTIONS = ("all", "freeze", "thaw", "umount", "abort", "credentials")
 
 
 def remote_dir(build: str) -> str:
@@ -43,6 +47,11 @@ def remote_dir(build: str) -> str:
 def remote_scripts_dir(build: str) -> str:
     """Where ``include/scripts`` is shipped on the box."""
     return f"{remote_dir(build)}/scripts"
+
+
+def remote_image_dir(build: str) -> str:
+    """Where the image definition's bundle (image.env, files, scripts, keys, checks) is shipped."""
+    return f"{remote_dir(build)}/image"
 
 
 def build_image_argv(
@@ -56,6 +65,8 @@ def build_image_argv(
     mirror_url: str = "",
     boot_check: bool = False,
     freeze_timeout: int | None = None,
+    manifest_sha256: str = "",
+    image_bundle: bool = False,
     sudo: bool = False,
 ) -> list[str]:
     """argv of one ``build-image`` call (validated again here: this is the last stop before a shell)."""
@@ -84,6 +95,12 @@ def build_image_argv(
     ]
     if mirror_url:
         argv += ["--mirror", validate_mirror_url(mirror_url)]
+    if manifest_sha256:
+        if not SHA256_RE.fullmatch(manifest_sha256):
+            raise ParamError("manifest_sha256", f"must be 64 lower-case hex digits, got {manifest_sha256!r}")
+        argv += ["--manifest-sha256", manifest_sha256]
+    if image_bundle:
+        argv += ["--image-dir", remote_image_dir(build), "--build-id", build]
     if action == "all":
         argv.append("--boot-check" if boot_check else "--no-boot-check")
     if freeze_timeout is not None:
@@ -182,6 +199,8 @@ def instance_check_argv(expectations: dict[str, Any]) -> list[str]:
         argv += ["--baked-host-key", str(fingerprint)]
     if expectations["require_selinux"]:
         argv.append("--require-selinux")
+    for check in expectations["checks"]:
+        argv += ["--check", str(check["name"]), str(check["command"])]
     return argv
 
 
@@ -206,3 +225,23 @@ def parse_check_lines(lines: list[str]) -> tuple[dict[str, tuple[str, str]], boo
         status, _, detail = rest.partition(": ")
         items[item] = (status, detail)
     return items, done
+
+
+def credentials_payload(credentials: dict[str, tuple[str, str]]) -> bytes:
+    """stdin of ``build-image credentials``: one ``REPO<TAB>LOGIN<TAB>PASSWORD`` line per repository.
+
+    Refuses (naming the repository, never the secret) a login or password that is empty or holds a
+    tab, a line break or a NUL: the line format could not carry it, and the box would refuse it too.
+    """
+    lines = []
+    for repo, (login, password) in sorted(credentials.items()):
+        if not CONTRACT.repo_name_re.fullmatch(repo):
+            raise ParamError("repositories", f"{repo!r} is not a repository name")
+        for what, value in (("login", login), ("password", password)):
+            if not value or any(c in value for c in "\t\r\n\0"):
+                raise ParamError(
+                    "repositories",
+                    f"the {what} of repository {repo!r} is empty or holds a tab, line break or NUL",
+                )
+        lines.append(f"{repo}\t{login}\t{password}\n")
+    return "".join(lines).encode()

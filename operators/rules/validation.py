@@ -11,11 +11,14 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from operators import defaults
 from operators.rules import naming
 from operators.rules.contract import CONTRACT
+
+if TYPE_CHECKING:
+    from operators.rules.definition import ImageDefinition
 
 # Checked by the box too: one home, include/scripts/contract.env.
 AMI_ID_RE = CONTRACT.ami_id_re
@@ -40,7 +43,7 @@ KMS_KEY_RE = re.compile(
 #: may hold these and nothing else.
 TRIGGER_PARAMS = frozenset(
     {
-        "recipe", "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check", "base_ami",
+        "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check", "base_ami",
         "base_ami_owner", "base_ami_name", "instance_type", "subnet_id", "keep_amis", "deprecate_grace",
         "smoke_check", "smoke_instance_type",
     }
@@ -67,6 +70,7 @@ class BuildParams:
     """Everything one build needs, validated and with defaults filled in."""
 
     recipe: str
+    image: str
     base_ami: str
     base_ami_owner: str
     base_ami_name: str
@@ -199,9 +203,12 @@ def validate_cidr(value: str, field: str = "ssh_cidr") -> str:
     return str(network)
 
 
-def validate_ami_prefix(value: str, recipe: str, field: str = "ami_name_prefix") -> str:
-    """AMI name prefix: AWS's AMI name characters, short enough for the date and build id."""
-    prefix = value or defaults.default_ami_prefix(recipe)
+def validate_ami_prefix(value: str, image: str, field: str = "ami_name_prefix") -> str:
+    """AMI name prefix: AWS's AMI name characters, short enough for the date and build id.
+
+    Empty = ``amibake-<image>`` (an image definition's name; a recipe's for callers without one).
+    """
+    prefix = value or defaults.default_ami_prefix(image)
     if len(prefix) > naming.AMI_PREFIX_MAX:
         raise ParamError(field, f"must be at most {naming.AMI_PREFIX_MAX} characters, got {len(prefix)}")
     if not naming.AMI_NAME_RE.fullmatch(prefix):
@@ -228,8 +235,11 @@ def refuse_undeclared(params: Mapping[str, Any]) -> None:
     )
 
 
-def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> BuildParams:
-    """Check every user value (``params``) and setting (``[amibake]``); return them with defaults."""
+def validate_build(params: Mapping[str, Any], settings: Mapping[str, str], image: str = "") -> BuildParams:
+    """Check every user value (``params``) and setting (``[amibake]``); return them with defaults.
+
+    ``image`` names the image definition (its AMI name prefix is the default); "" = the recipe's.
+    """
     recipe = _str(params, "recipe", defaults.DEFAULT_RECIPE)
     if recipe not in defaults.RECIPES:
         raise ParamError("recipe", f"must be one of {', '.join(defaults.RECIPES)}, got {recipe!r}")
@@ -301,6 +311,7 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
 
     return BuildParams(
         recipe=recipe,
+        image=image or recipe,
         base_ami=base_ami,
         base_ami_owner=owner,
         base_ami_name=name_filter,
@@ -310,7 +321,7 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str]) -> Bu
         device_name=device_name,
         encrypted=encrypted,
         kms_key_id=kms_key_id,
-        ami_name_prefix=validate_ami_prefix(_str(params, "ami_name_prefix"), recipe),
+        ami_name_prefix=validate_ami_prefix(_str(params, "ami_name_prefix"), image or recipe),
         mirror_url=validate_mirror_url(_str(params, "mirror_url")),
         boot_check=as_bool(params, "boot_check", as_bool(settings, "boot_check", True)),
         instance_profile=instance_profile,
@@ -356,3 +367,40 @@ def parse_conf_items(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             conf[key] = raw
     return conf
+
+
+#: Trigger-form fields that override an image definition's field for one run: form name -> the
+#: definition's field (dotted). The form's defaults are the definition's values.
+FORM_OVERRIDES = {
+    "canvas_size_gib": "size_gib",
+    "mirror_url": "mirror",
+    "keep_amis": "retention.keep",
+    "deprecate_grace": "retention.deprecate",
+}
+
+
+def validate_image_build(
+    image: ImageDefinition, params: Mapping[str, Any], settings: Mapping[str, str]
+) -> BuildParams:
+    """:func:`validate_build` of one image definition's run: the definition's recipe and values, this
+    run's overrides of them checked as the file is (``definition.apply_overrides``)."""
+    from operators.rules import definition  # it uses this module's rules: import it when called
+
+    # an empty field of the form (None, or "" from a text box) keeps the definition's value
+    overrides = {
+        FORM_OVERRIDES[k]: v for k, v in params.items() if k in FORM_OVERRIDES and v not in (None, "")
+    }
+    try:
+        image = definition.apply_overrides(image, overrides)
+    except definition.DefinitionError as exc:  # name the form's field, as every other refusal does
+        form_field = {v: k for k, v in FORM_OVERRIDES.items()}.get(exc.field)
+        if form_field is None:
+            raise
+        raise ParamError(form_field, f"{exc.problem} (the definition's {exc.field})") from None
+    values = {
+        "canvas_size_gib": image.size_gib,
+        "mirror_url": image.mirror or "",
+        "keep_amis": image.keep,
+        "deprecate_grace": image.deprecate,
+    }
+    return validate_build({**params, **values, "recipe": image.recipe}, settings, image=image.name)

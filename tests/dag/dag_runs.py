@@ -7,7 +7,7 @@ from typing import Any
 from operators.rules import naming
 from operators.rules.naming import Role
 
-DAG_ID = "amibake_nightly"
+DAG_ID = "amibake_debian12"
 
 
 def xcom_of(dag_run: Any, task_id: str) -> Any:

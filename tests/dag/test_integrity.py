@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DAG_FILE = REPO / "dags" / "amibake_nightly.py"
+DAG_FILE = REPO / "dags" / "amibake_images.py"
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,9 @@ def dagbag():
 
 
 def test_dag_folder_imports_without_errors(dagbag) -> None:
+    """One DAG per shipped image definition (images/*.yaml), plus the sweeper."""
     assert dagbag.import_errors == {}
-    assert "amibake_nightly" in dagbag.dags
+    assert {"amibake_centos7", "amibake_debian12", "amibake_sweeper"} <= set(dagbag.dags)
 
 
 @pytest.mark.parametrize(
@@ -67,12 +68,12 @@ def test_parsing_imports_nothing_heavy() -> None:
 def test_shape_of_the_nightly_dag(dagbag) -> None:
     from operators import defaults
 
-    dag = dagbag.dags["amibake_nightly"]
+    dag = dagbag.dags["amibake_debian12"]
     assert dag.catchup is False
     assert dag.max_active_runs == 1
     assert dag.doc_md and "teardown" in dag.doc_md.lower()
     assert set(dag.params.keys()) >= {
-        "recipe", "base_ami", "base_ami_owner", "base_ami_name", "instance_type", "subnet_id",
+        "base_ami", "base_ami_owner", "base_ami_name", "instance_type", "subnet_id",
         "canvas_size_gib", "ami_name_prefix", "mirror_url", "smoke_check", "smoke_instance_type",
     }  # fmt: skip
     chain = ["validate_params", "launch_build_box", "attach_canvas", "remote_chroot_build",
@@ -107,7 +108,10 @@ def test_shape_of_the_nightly_dag(dagbag) -> None:
 
 
 def test_schedule_comes_from_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    code = "import runpy, sys; g = runpy.run_path(sys.argv[1]); print(g['dag'].timetable.expression)"
+    """A definition without its own schedule (the shipped ones) runs at ``[amibake] schedule``."""
+    code = (
+        "import runpy, sys; g = runpy.run_path(sys.argv[1]); print(g['amibake_centos7'].timetable.expression)"
+    )
     env = {**__import__("os").environ, "AIRFLOW__AMIBAKE__SCHEDULE": "17 3 * * *"}
     out = subprocess.run(
         [sys.executable, "-c", code, str(DAG_FILE)],

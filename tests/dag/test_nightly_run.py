@@ -1,4 +1,4 @@
-"""Whole runs of amibake_nightly with ``dag.test()``: the local EC2 API with its boxes, real build-image.
+"""Whole runs of amibake_debian12 with ``dag.test()``: the local EC2 API with its boxes, real build-image.
 
 A bad value fails before anything is created; a real build that fails (its package mirror is dead)
 runs the teardowns and fails the run. The green run, on the instance's own box (rehearsal.boxes)
@@ -37,7 +37,7 @@ def _free_closed_port() -> int:
 def test_bad_value_fails_before_anything_is_created(
     nightly: Any, ec2: Any, box_login: Any, subnet: dict
 ) -> None:
-    dag_run = nightly.test(run_conf={"mirror_url": "ftp://mirror.invalid/debian", "recipe": "debian12"})
+    dag_run = nightly.test(run_conf={"mirror_url": "ftp://mirror.invalid/debian"})
     states = _task_states(dag_run)
     assert str(dag_run.state) == "failed"
     assert states["validate_params"] == "failed"
@@ -70,7 +70,7 @@ def _run_with_dead_mirror(nightly: Any, ec2: Any, capfd: Any) -> tuple[Any, str]
     ami = ec2.register_base_image("amibake-e2e-base")
     dead_mirror = f"http://127.0.0.1:{_free_closed_port()}/debian"
     dag_run = nightly.test(
-        run_conf={"recipe": "debian12", "base_ami": ami, "canvas_size_gib": 3, "mirror_url": dead_mirror}
+        run_conf={"base_ami": ami, "canvas_size_gib": 3, "mirror_url": dead_mirror}
     )
     return dag_run, capfd.readouterr().out  # dag.test runs the tasks in this process: their log is stdout
 

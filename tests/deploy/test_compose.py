@@ -197,13 +197,13 @@ def test_secrets_come_from_the_environment_and_env_example_lists_them(compose):
 
 
 def test_dockerfile_builds_from_the_airflow_we_test_with():
-    """FROM apache/airflow at the installed version; dags, operators and include copied in; no .env."""
+    """FROM apache/airflow at the installed version; dags, operators, include, images copied in; no .env."""
     from importlib.metadata import version
 
     text = DOCKERFILE.read_text()
     assert f"ARG AIRFLOW_VERSION={version('apache-airflow')}" in text
     assert re.search(r"^FROM apache/airflow:\$\{AIRFLOW_VERSION\}-python3\.11 AS airflow$", text, re.M)
-    for path in ("dags", "operators", "include"):
+    for path in ("dags", "operators", "include", "images"):
         assert re.search(rf"^COPY .*\b{path}\b", text, re.M), path
         assert (REPO / path).is_dir()
     assert ".env" not in re.findall(r"^COPY (.*)$", text, re.M)

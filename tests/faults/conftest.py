@@ -37,13 +37,13 @@ RUN_ID = "scheduled__2026-11-25T02:00:00+00:00"
 def previous_good(ec2: Any) -> dict[str, str]:
     """Last night's debian12 AMI and its snapshot, tagged as the nightly tags them."""
     client = ec2.boto3_client()
-    build = naming.build_id("amibake_nightly", PREVIOUS_RUN)
+    build = naming.build_id("amibake_debian12", PREVIOUS_RUN)
     created = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0).isoformat()
 
     def tags(role: Role) -> list[dict[str, str]]:
         return naming.resource_tags(
             build=build,
-            dag_id="amibake_nightly",
+            dag_id="amibake_debian12",
             run_id=PREVIOUS_RUN,
             recipe="debian12",
             role=role,

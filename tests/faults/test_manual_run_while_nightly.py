@@ -1,4 +1,4 @@
-"""A manual run triggered while another run of amibake_nightly is running: with a real scheduler
+"""A manual run triggered while another run of amibake_debian12 is running: with a real scheduler
 (rehearsal.airflow_env.LocalAirflow: api-server, scheduler, dag-processor, triggerer, LocalExecutor)
 the second run waits ``queued`` (``max_active_runs=1``), is not failed, and starts when the first ends.
 
@@ -24,7 +24,7 @@ from rehearsal.__main__ import _q, trigger, wait_for_dag
 from rehearsal.airflow_env import LocalAirflow, amibake_env, rehearsal_settings
 
 pytestmark = pytest.mark.slow
-DAG_ID = "amibake_nightly"
+DAG_ID = "amibake_debian12"
 
 
 def _state(airflow: LocalAirflow, run_id: str) -> str:
@@ -48,7 +48,7 @@ def test_a_manual_run_waits_queued_while_the_nightly_runs(
     try:
         airflow.start()
         wait_for_dag(airflow, DAG_ID)
-        conf = {"recipe": "debian12", "base_ami": ec2.register_base_image("amibake-test-base")}
+        conf = {"base_ami": ec2.register_base_image("amibake-test-base")}
         first = trigger(airflow, DAG_ID, conf)
         wait_until(
             lambda: ec2.calls("RunInstances"), "the first run's launch calling RunInstances", timeout=300

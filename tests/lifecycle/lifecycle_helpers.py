@@ -19,7 +19,7 @@ def tags(
     role: Role,
     created: datetime,
     *,
-    dag_id: str = "amibake_nightly",
+    dag_id: str = "amibake_debian12",
     run_id: str | None = None,
     recipe: str = "centos7",
 ) -> list[dict[str, str]]:

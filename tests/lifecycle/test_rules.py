@@ -21,7 +21,7 @@ def tags(build: str | None, role: naming.Role, when: datetime | None = OLD, reci
         return [{"Key": "Name", "Value": "someone-else"}]
     out = naming.resource_tags(
         build=build,
-        dag_id="amibake_nightly",
+        dag_id="amibake_debian12",
         run_id=f"run-{build}",
         recipe=recipe,
         role=role,
@@ -262,8 +262,8 @@ def test_sweep_rejects_naive_now_and_negative_age() -> None:
 def test_run_refs_maps_builds_to_their_dag_runs() -> None:
     inv = Inventory(instances=[instance("i-1", "b1"), instance("i-x", None)], snapshots=[snapshot("s", "b2")])
     assert lifecycle.run_refs(inv) == {
-        "b1": ("amibake_nightly", "run-b1"),
-        "b2": ("amibake_nightly", "run-b2"),
+        "b1": ("amibake_debian12", "run-b1"),
+        "b2": ("amibake_debian12", "run-b2"),
     }
 
 

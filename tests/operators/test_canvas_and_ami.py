@@ -174,7 +174,7 @@ def test_register_sends_every_parameter_and_emits_the_asset(ec2: Any) -> None:
     events = context["outlet_events"][AssetAlias(defaults.ASSET_ALIAS)].asset_alias_events
     (event,) = events
     assert event.dest_asset_key.uri == Asset(uri="amibake://ami/centos7").uri
-    assert event.extra == {**record.result, "recipe": "centos7", "region": ec2.region}
+    assert event.extra == {**record.result, "recipe": "centos7", "image": "centos7", "region": ec2.region}
     assert op.outlets == [AssetAlias(defaults.ASSET_ALIAS)]
     assert context["ti"].pushed["_amibake_ami"]["image_id"] == ami_id
 

@@ -11,9 +11,9 @@ from operators.rules.naming import Role
 
 
 def test_build_id_is_stable_per_run_and_differs_between_runs() -> None:
-    a = naming.build_id("amibake_nightly", "manual__2026-11-25T20:00:00+00:00")
-    assert a == naming.build_id("amibake_nightly", "manual__2026-11-25T20:00:00+00:00")
-    assert a != naming.build_id("amibake_nightly", "manual__2026-11-25T20:00:01+00:00")
+    a = naming.build_id("amibake_debian12", "manual__2026-11-25T20:00:00+00:00")
+    assert a == naming.build_id("amibake_debian12", "manual__2026-11-25T20:00:00+00:00")
+    assert a != naming.build_id("amibake_debian12", "manual__2026-11-25T20:00:01+00:00")
     assert len(a) == naming.BUILD_ID_LEN and int(a, 16) >= 0
 
 

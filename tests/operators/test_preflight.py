@@ -401,11 +401,11 @@ def test_the_cli_prints_each_check_and_exits_by_the_verdict(
 ) -> None:
     ami = ec2.register_base_image("amibake-test-base")
     ec2.clear_requests()
-    assert main(["--conf", "recipe=debian12", "--conf", f"base_ami={ami}"]) == 0
+    assert main(["--image", "debian12", "--conf", f"base_ami={ami}"]) == 0
     out = capsys.readouterr().out
     assert "OK   RunInstances (DryRun): would succeed" in out and out.rstrip().endswith("preflight: ready")
     _created_nothing(ec2)
-    assert main(["--conf", "recipe=debian12", "--conf", "base_ami=ami-0123456789abcdef0"]) == 1
+    assert main(["--image", "debian12", "--conf", "base_ami=ami-0123456789abcdef0"]) == 1
     out = capsys.readouterr().out
     assert "FAIL base AMI" in out and "[setting: base_ami] Fix:" in out
     assert main(["--conf", "instance_profile=evil-admin-profile"]) == 2
@@ -427,9 +427,7 @@ def test_a_night_with_a_bad_subnet_stops_at_preflight_on_its_first_try(
 ) -> None:
     ami = ec2.register_base_image("amibake-test-base")
     ec2.clear_requests()
-    dag_run = nightly.test(
-        run_conf={"recipe": "debian12", "base_ami": ami, "subnet_id": "subnet-0123456789abcdef0"}
-    )
+    dag_run = nightly.test(run_conf={"base_ami": ami, "subnet_id": "subnet-0123456789abcdef0"})
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert str(dag_run.state) == "failed"
     assert str(tis["validate_params"].state) == "success"
@@ -446,7 +444,7 @@ def test_a_good_night_passes_preflight_in_the_real_task_runtime(
     ami = ec2.register_base_image("amibake-test-base")
     ec2.clear_requests()
     head = nightly.partial_subset(task_ids=["preflight"], include_upstream=True, include_downstream=False)
-    dag_run = head.test(run_conf={"recipe": "debian12", "base_ami": ami})
+    dag_run = head.test(run_conf={"base_ami": ami})
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert set(tis) == {"validate_params", "preflight"}
     assert str(dag_run.state) == "success", {t: str(ti.state) for t, ti in tis.items()}

@@ -6,7 +6,13 @@ import shlex
 
 import pytest
 
-from operators.rules.remote import BuildProgress, build_image_argv, build_image_command, parse_progress
+from operators.rules.remote import (
+    BuildProgress,
+    build_image_argv,
+    build_image_command,
+    credentials_payload,
+    parse_progress,
+)
 from operators.rules.validation import ParamError
 
 BASE = {
@@ -54,6 +60,8 @@ def test_sudo_and_freeze_timeout() -> None:
         ("mirror_url", {"mirror_url": "http://x/`reboot`"}),
         ("action", {"action": "rm"}),
         ("size_gib", {"size_gib": "4; reboot"}),
+        ("manifest_sha256", {"manifest_sha256": "0" * 63}),
+        ("manifest_sha256", {"manifest_sha256": "$(reboot)" + "0" * 55}),
     ],
 )
 def test_nothing_unvalidated_reaches_the_shell(field: str, override: dict) -> None:
@@ -106,3 +114,35 @@ def test_frozen_and_ok() -> None:
     progress.feed('AMIBAKE {"event":"result","status":"ok"}')
     assert progress.frozen == ["/var/tmp/amibake/vol-1/root"]
     assert progress.ok
+
+
+def test_an_image_build_names_its_bundle_build_and_manifest() -> None:
+    digest = "ab" * 32
+    argv = build_image_argv(action="all", manifest_sha256=digest, image_bundle=True, **BASE)
+    assert argv[-8:] == [
+        "--manifest-sha256", digest,
+        "--image-dir", "/var/tmp/amibake/0123456789ab/image",
+        "--build-id", "0123456789ab",
+        "--no-boot-check",
+        "all",
+    ]  # fmt: skip
+    assert build_image_argv(action="credentials", image_bundle=True, **BASE)[-1] == "credentials"
+
+
+def test_credentials_go_one_line_per_repository_and_never_a_malformed_one() -> None:
+    payload = credentials_payload({"zeta": ("u2", "p 2!'$"), "internal": ("user", "s3cret")})
+    assert payload == b"internal\tuser\ts3cret\nzeta\tu2\tp 2!'$\n"
+    bad = [
+        ("", "Pw-9f2c"),
+        ("user-7d", ""),
+        ("user-7d", "Pw\tx9"),
+        ("user-7d", "Pw\nx9"),
+        ("us\r7d", "Pw-9f2c"),
+    ]
+    for login, password in [*bad, ("user-7d", "Pw\0x9")]:
+        with pytest.raises(ParamError) as exc:
+            credentials_payload({"internal": (login, password)})
+        assert "internal" in str(exc.value)
+        assert not any(len(part) > 2 and part in str(exc.value) for part in (login, password))
+    with pytest.raises(ParamError, match="repository name"):
+        credentials_payload({"../etc": ("u", "p")})

@@ -13,8 +13,10 @@ test_snapshot.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ from operators.rules import naming
 from operators.rules.remote import remote_dir
 from operators.rules.validation import ParamError
 
+REPO = Path(__file__).resolve().parents[2]
 RUN_ID = "manual__2026-11-25T03:00:00+00:00"
 VOLUME = "vol-0123456789abcdef0"
 #: What build-image reports after its verify phase (lib/verify.sh write_expectations).
@@ -41,6 +44,7 @@ EXPECTATIONS = {
     "cmdline": "root=UUID=0b5fe0d4-8f3a-4c4e-9d71-3e7d2d6c1a10 console=ttyS0",
     "baked_host_keys": [],
     "require_selinux": False,
+    "checks": [],
 }
 EXPECTATIONS_LINE = "AMIBAKE " + json.dumps({"event": "expectations", **EXPECTATIONS})
 HEADER = """#!/usr/bin/env bash
@@ -51,6 +55,9 @@ mkdir -p "$marks"
 action=${!#}
 printf '%s\\n' "$action" >>"$marks/actions"
 [[ $action == abort ]] && { echo 'AMIBAKE {"event":"result","status":"aborted"}'; exit 0; }
+if [[ $action == credentials ]]; then
+    cat >"$marks/credentials" && printf '%s\n' "$@" >"$marks/credentials-argv" && exit 0
+fi
 printf '%s\\n' "$@" >"$marks/argv"
 """
 
@@ -152,16 +159,69 @@ def test_build_ships_scripts_quotes_arguments_and_streams(rig: Rig) -> None:
     assert (shipped.stat().st_uid, shipped.stat().st_mode & 0o777) == (1000, 0o700)
     assert (shipped / "lib" / "common.sh").read_text() == "# shipped too\n"
     assert os.access(shipped / "build-image", os.X_OK)
+    # every shipped file is in SHA256SUMS, whose own digest the box is given to check it against
+    sums = shipped.parent / "SHA256SUMS"
+    assert {line.split("  ", 1)[1] for line in sums.read_text().splitlines()} == {
+        "scripts/build-image", "scripts/lib/common.sh",
+    }  # fmt: skip
     assert (rig.marks / "argv").read_text().splitlines() == [
         "--recipe", "debian12",
         "--volume-id", VOLUME,
         "--device-name", "/dev/sdf",
         "--size-gib", "4",
         "--mirror", "http://127.0.0.1:9/debian/bookworm-mirror",
+        "--manifest-sha256", hashlib.sha256(sums.read_bytes()).hexdigest(),
         "--boot-check",
         "all",
     ]  # fmt: skip
     assert (rig.marks / "actions").read_text().split() == ["all"], "first try: no abort"
+
+
+def test_an_image_definition_ships_its_bundle_and_hands_the_credentials_over_stdin(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With ``image``: the definition's bundle goes next to the scripts, both under one SHA256SUMS;
+    ``build-image credentials`` gets the repository's login from its Airflow connection on stdin
+    (not argv, not the log), then ``all`` names the bundle and the build."""
+    images = tmp_path / "images"
+    (images / "web" / "keys").mkdir(parents=True)
+    (images / "web" / "files").mkdir()
+    shutil.copy(REPO / "images/examples/centos7-web/keys/internal.asc", images / "web/keys/internal.asc")
+    (images / "web/files/motd").write_text("hello\n")
+    (images / "web.yaml").write_text(
+        "name: web\nrecipe: debian12\nrepositories:\n"
+        "- {name: internal, base_url: 'http://127.0.0.1:9/debian', suite: bookworm, components: [main], "
+        "gpg_key: internal.asc, "
+        "gpg_fingerprint: B984D6DCA059F90D49E80E9E4039B6FC71634273, connection_id: repo_web}\n"
+        "files: [{source: motd, destination: /etc/motd}]\n"
+        "smoke_checks: [{name: motd, command: test -s /etc/motd}]\n"
+    )
+    password = "Web-Repo-Pass-93f1c"
+    monkeypatch.setenv("AIRFLOW__AMIBAKE__IMAGES_DIR", str(images))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_REPO_WEB", json.dumps({"conn_type": "http", "login": "builder", "password": password})
+    )
+    _write(
+        rig.scripts,
+        """
+        echo 'EXPECTATIONS'
+        echo 'AMIBAKE {"event":"result","status":"ok"}'
+        """.replace("EXPECTATIONS", EXPECTATIONS_LINE),
+    )
+    dag, op = _op(rig, image="web")
+    run_operator(op, make_context(dag, RUN_ID))
+    build = naming.build_id(rig.dag_id, RUN_ID)
+    shipped = rig.on_box.path(remote_dir(build))
+    assert (rig.marks / "actions").read_text().split() == ["credentials", "all"]
+    assert (rig.marks / "credentials").read_text() == f"internal\tbuilder\t{password}\n"
+    argv = (rig.marks / "argv").read_text().splitlines()
+    assert argv[argv.index("--image-dir") + 1] == f"{remote_dir(build)}/image"
+    assert argv[argv.index("--build-id") + 1] == build
+    assert password not in (rig.marks / "credentials-argv").read_text() + "\n".join(argv)
+    assert "IMAGE_REPO_1_AUTH='1'" in (shipped / "image/image.env").read_text()
+    listed = {line.split("  ", 1)[1] for line in (shipped / "SHA256SUMS").read_text().splitlines()}
+    assert {"image/image.env", "image/files/motd", "image/keys/internal.asc", "image/checks/1"} <= listed
+    assert password not in capfd.readouterr().out
 
 
 def test_failure_names_phase_and_exit_code(rig: Rig) -> None:

@@ -36,6 +36,7 @@ EXPECTATIONS = {
     "cmdline": "root=UUID=0b5fe0d4-8f3a-4c4e-9d71-3e7d2d6c1a10 console=ttyS0",
     "baked_host_keys": [],
     "require_selinux": False,
+    "checks": [],
 }
 BUILD = {"volume_id": "vol-0123456789abcdef0", "expectations": EXPECTATIONS}
 #: What instance-check cannot find on this machine (no cloud-init, no metadata service, another
@@ -53,6 +54,14 @@ def test_instance_check_argv_is_the_boot_checks() -> None:
         "--baked-host-key", "SHA256:" + "a" * 43, "--require-selinux",
     ]  # fmt: skip
     assert "--require-selinux" not in remote.instance_check_argv(EXPECTATIONS)
+    # the image definition's smoke checks: one --check NAME COMMAND each, in order, as given
+    checks = [
+        {"name": "web-answers", "command": "curl -fsS 'http://127.0.0.1/'"},
+        {"name": "b", "command": "true"},
+    ]
+    assert remote.instance_check_argv({**EXPECTATIONS, "checks": checks})[-6:] == [
+        "--check", "web-answers", "curl -fsS 'http://127.0.0.1/'", "--check", "b", "true",
+    ]  # fmt: skip
 
 
 def test_check_lines_are_parsed_in_order_and_done_is_seen() -> None:
@@ -78,6 +87,12 @@ def test_check_lines_are_parsed_in_order_and_done_is_seen() -> None:
         ({"expectations": {**EXPECTATIONS, "cmdline": "quiet"}}, "build.expectations"),
         ({"expectations": {**EXPECTATIONS, "baked_host_keys": ["MD5:aa"]}}, "build.expectations"),
         ({"expectations": {**EXPECTATIONS, "require_selinux": "yes"}}, "build.expectations"),
+        (
+            {"expectations": {**EXPECTATIONS, "checks": [{"name": "a b", "command": "true"}]}},
+            "build.expectations",
+        ),
+        ({"expectations": {**EXPECTATIONS, "checks": [{"name": "a", "command": " "}]}}, "build.expectations"),
+        ({"expectations": {**EXPECTATIONS, "checks": [{"name": "a", "cmd": "true"}]}}, "build.expectations"),
         ({"volume_id": "vol-x"}, "build.volume_id"),
     ],
 )
@@ -116,6 +131,7 @@ def test_build_image_reports_the_expectations_after_verify(tmp_path: Path) -> No
     scripts = REPO / "include/scripts"
     script = (
         f". {scripts}/contract.env; . {scripts}/lib/common.sh; . {scripts}/lib/verify.sh; "
+        f". {scripts}/lib/imagedef.sh; "
         f"ROOT={root}; RUN_DIR={tmp_path}; RECIPE_SELINUX=1; "
         "root_uuid() { echo 0b5fe0d4-8f3a-4c4e-9d71-3e7d2d6c1a10; }; "
         'write_expectations && PROGRESS_FD=1 progress expectations "$(<"$(expectations_file)")"'
@@ -130,6 +146,7 @@ def test_build_image_reports_the_expectations_after_verify(tmp_path: Path) -> No
         "nvme_core.io_timeout=4294967295",
         "baked_host_keys": [fingerprint],
         "require_selinux": True,
+        "checks": [],
     }
     assert records.check("build", {"volume_id": BUILD["volume_id"], "expectations": progress.expectations})
 

@@ -116,3 +116,34 @@ def test_canvas_size_is_gp3_range() -> None:
 def test_form_strings_are_accepted() -> None:
     params = validate_build({"canvas_size_gib": "12", "boot_check": "true", "encrypted": "false"}, SETTINGS)
     assert (params.canvas_size_gib, params.boot_check, params.encrypted) == (12, True, False)
+
+
+def test_a_run_of_an_image_definition_takes_its_values_and_checks_overrides_as_the_file(tmp_path) -> None:
+    """validate_image_build: the definition's recipe, size, mirror and retention; the form's overrides
+    checked the same way as the file, a refusal naming the form's field; empty fields keep the file's."""
+    from operators.rules import definition
+    from operators.rules.validation import validate_image_build
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "web.yaml").write_text(
+        "name: web\nrecipe: debian12\nsize_gib: 5\nmirror: http://mirror.example/debian\n"
+        "retention: {keep: 4, deprecate: 1}\n"
+    )
+    image = definition.load(images / "web.yaml")
+    params = validate_image_build(image, {"mirror_url": "", "canvas_size_gib": None}, SETTINGS)
+    assert (params.recipe, params.image, params.canvas_size_gib) == ("debian12", "web", 5)
+    assert (params.mirror_url, params.keep_amis, params.deprecate_grace) == (
+        "http://mirror.example/debian",
+        4,
+        1,
+    )
+    assert params.ami_name_prefix == "amibake-web"
+    changed = validate_image_build(image, {"canvas_size_gib": 7, "keep_amis": 2}, SETTINGS)
+    assert (changed.canvas_size_gib, changed.keep_amis) == (7, 2)
+    with pytest.raises(
+        ParamError, match=r"^mirror_url: .*credentials never go in a URL.*the definition's mirror"
+    ):
+        validate_image_build(image, {"mirror_url": "http://u:p@m.example/debian"}, SETTINGS)
+    with pytest.raises(ParamError, match=r"^canvas_size_gib: "):
+        validate_image_build(image, {"canvas_size_gib": 10**6}, SETTINGS)

@@ -169,7 +169,7 @@ def test_undeclared_conf_keys_are_refused_by_the_rules(conf: dict, field: str) -
     from operators.rules.validation import refuse_undeclared
 
     with pytest.raises(ParamError) as refused:
-        refuse_undeclared({"recipe": "debian12", **conf})
+        refuse_undeclared(conf)
     assert refused.value.field == field and "not a trigger parameter" in str(refused.value)
     if field in ("instance_profile", "kms_key_id", "encrypted"):
         assert f"[amibake] {field}" in str(refused.value), "the error says where the value is set instead"
@@ -188,7 +188,7 @@ def test_a_run_with_undeclared_conf_keys_creates_nothing(
     """``./rehearse --conf instance_profile='"evil-admin-profile"'`` once launched a box with that role."""
     ami = ec2.register_base_image("amibake-test-base")
     ec2.clear_requests()
-    dag_run = nightly.test(run_conf={"recipe": "debian12", "base_ami": ami, **conf})
+    dag_run = nightly.test(run_conf={"base_ami": ami, **conf})
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     assert str(dag_run.state) == "failed"
     assert states["validate_params"] == "failed"
@@ -266,6 +266,7 @@ EXPECTATIONS_LINE = "AMIBAKE " + json.dumps(
         "cmdline": "root=UUID=0b5fe0d4-8f3a-4c4e-9d71-3e7d2d6c1a10",
         "baked_host_keys": [],
         "require_selinux": False,
+        "checks": [],
     }
 )
 
@@ -317,7 +318,9 @@ def test_values_that_reach_the_box_arrive_as_single_inert_arguments(
         )
     run_operator(op, make_context(dag, RUN_ID))
     received = argv_file.read_bytes().split(b"\0")[:-1]
+    digest = received[received.index(b"--manifest-sha256") + 1].decode()  # of the shipped SHA256SUMS
     expected = remote.build_image_argv(
+        manifest_sha256=digest,
         build=naming.build_id(dag_id, RUN_ID),
         action="all",
         volume_id=GOOD_VOLUME,

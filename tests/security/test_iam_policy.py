@@ -55,7 +55,7 @@ REGION = "us-east-1"
 SMOKE_BUILD = {
     "volume_id": "vol-0123456789abcdef0",
     "expectations": {"login_user": "admin", "cmdline": "root=UUID=0", "baked_host_keys": [],
-                     "require_selinux": False},
+                     "require_selinux": False, "checks": []},
 }  # fmt: skip
 BUILD = "0123456789ab"
 OUR_TAGS = {"Name": "amibake-x", naming.TAG_BUILD_ID: BUILD, naming.TAG_ROLE: "canvas"}
