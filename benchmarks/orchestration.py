@@ -4,7 +4,8 @@
    its phases (boot check included), in seconds and as a share of the wall time; and the share of the
    two boots in it: the boot check on the box (the build's ``bootcheck`` phase) and the smoke
    instance (the ``smoke_instance`` task: the registered AMI launched through the local EC2 API).
-2. Parse time of ``dags/amibake_nightly.py`` against an empty DAG, median of fresh processes.
+2. Parse time of ``dags/amibake_images.py`` with 1 and with 20 image definitions, against an empty
+   DAG, median of fresh processes.
 3. Worker slot-seconds of a run in which moto's instances, snapshots and AMIs take as long as on AWS
    (instance 60 s, snapshot 10 min, AMI 2 min): the time tasks held a worker slot, read from the task
    logs (from "Pre Execute" to the end of "Post Execute" of each execution, so deferred waits, which
@@ -186,9 +187,11 @@ def slot_seconds(logs: dict[tuple[str, int], list[dict[str, Any]]]) -> float:
     return total
 
 
-def parse_seconds(dag_file: Path, repeats: int) -> float:
-    """Median seconds a fresh process's DagBag takes to parse one DAG file."""
+def parse_seconds(dag_file: Path, repeats: int, images_dir: Path | None = None) -> float:
+    """Median seconds a fresh process's DagBag takes to parse one DAG file (with these definitions)."""
     env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    if images_dir is not None:
+        env["AIRFLOW__AMIBAKE__IMAGES_DIR"] = str(images_dir)
     times = []
     for _ in range(repeats):
         out = subprocess.run(
@@ -201,6 +204,16 @@ def parse_seconds(dag_file: Path, repeats: int) -> float:
         ).stdout
         times.append(float(out.strip().splitlines()[-1]))
     return statistics.median(times)
+
+
+def definitions(folder: Path, count: int) -> Path:
+    """``count`` copies of the shipped debian12 definition (img01, img02 ...) in ``folder``."""
+    text = (REPO / "images" / "debian12.yaml").read_text()
+    folder.mkdir()
+    for n in range(1, count + 1):
+        name = f"img{n:02d}"
+        (folder / f"{name}.yaml").write_text(re.sub(r"(?m)^name: .*$", f"name: {name}", text, count=1))
+    return folder
 
 
 def one_run(opts: Options, lag: dict[str, float] | None) -> tuple[RunResult, dict]:
@@ -238,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="amibake-bench-") as tmp:
         empty = Path(tmp) / "empty_dag.py"
         empty.write_text(EMPTY_DAG)
-        parse_ours = parse_seconds(REPO / "dags" / "amibake_nightly.py", args.repeats)
+        dag_file = REPO / "dags" / "amibake_images.py"
+        parse_one = parse_seconds(dag_file, args.repeats, definitions(Path(tmp) / "one", 1))
+        parse_twenty = parse_seconds(dag_file, args.repeats, definitions(Path(tmp) / "twenty", 20))
         parse_empty = parse_seconds(empty, args.repeats)
 
     scale = 20.0 if args.smoke else 1.0
@@ -269,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         ("  boot check on the box (phase bootcheck)", _share(boot, plain.wall_seconds)),
         (f"  smoke instance of the AMI (task {SMOKE_TASK})", _share(smoke, plain.wall_seconds)),
         ("  the two boots together", _share(boot + smoke, plain.wall_seconds)),
-        ("DAG parse: amibake_nightly.py (median)", f"{parse_ours * 1000:.0f} ms"),
+        ("DAG parse: amibake_images.py, 1 image definition (median)", f"{parse_one * 1000:.0f} ms"),
+        ("DAG parse: amibake_images.py, 20 image definitions (median)", f"{parse_twenty * 1000:.0f} ms"),
         ("DAG parse: empty DAG (median)", f"{parse_empty * 1000:.0f} ms"),
         (f"run with simulated AWS waits ({lag_text}): wall", f"{slow.wall_seconds:.1f} s"),
         ("  worker slot-seconds (deferred waits excluded)", f"{slot_seconds(slow_logs):.1f} s"),

@@ -72,7 +72,7 @@ def test_two_runs_on_celery_queue_and_do_not_interfere(
     airflow, ec2, ebs, base_ami, record_run = celery_rehearsal
     ec2.control.configure_rule("SnapshotProgress", duration=SNAPSHOT_PENDING_S)
     rh.wait_for_dag(airflow, DAG_ID)
-    conf = {"recipe": "debian12", "base_ami": base_ami}
+    conf = {"base_ami": base_ami}
     # the first run is the rehearsal's (boot check on, for a comparable figure); the boot check is
     # proven elsewhere, so the second skips it
     prefixes = {"celery-first": "", "celery-second": ""}

@@ -1,15 +1,20 @@
-"""ONE green night of amibake_nightly, read by every test that only checks its results.
+"""ONE green night of the rehearsal's customized Debian definition, read by every test that only
+checks its results.
 
-The night (``dag.test``: the local EC2 API with its boxes and the IAM policy enforced, a real box
-reached as on AWS, a real Debian 12 build with its qemu boot check on a loop-backed canvas,
-rehearsal.ebs.LoopEbs) runs once per module (``night``); each concern is its own test reading it:
-the run and its XComs against the EC2 requests, what is left afterwards, the secrets scan, the fence
-of the box. A night that did not succeed fails each of them with the same clear message (``green``).
-The module runs in one xdist worker (``xdist_group``; ./run-tests uses ``--dist loadgroup``).
+The night (``dag.test`` of ``amibake_rehearsal-debian12``, the DAG the product's DAG file makes of
+rehearsal/images.py's definition: the local EC2 API with its boxes and the IAM policy enforced, a
+real box reached as on AWS, a real Debian 12 build with its qemu boot check on a loop-backed canvas,
+rehearsal.ebs.LoopEbs, a package from a real signed apt repository behind basic auth,
+rehearsal/aptrepo.py) runs once per module (``night``); each concern is its own test reading it: the
+run and its XComs against the EC2 requests, what is left afterwards, the definition's effects on both
+boots, the secrets scan, the fence of the box. A night that did not succeed fails each of them with
+the same clear message (``green``). The module runs in one xdist worker (``xdist_group``;
+./run-tests uses ``--dist loadgroup``).
 
-Secrets: the AWS secret key of the ``amibake_aws`` connection (a unique value for this module) and
-the SSH private key of ``amibake_ssh`` (whole, and each line of its base64 body) must appear in no
-XCom, no task log line, no rendered template field, no box-side log, and no request sent to EC2.
+Secrets: the AWS secret key of the ``amibake_aws`` connection (a unique value for this module), the
+SSH private key of ``amibake_ssh`` (whole, and each line of its base64 body) and the repository
+password of ``amibake_repo_rehearsal`` must appear in no XCom, no task log line, no rendered template
+field, no box-side log, and no request sent to EC2; the password not in the snapshot's bytes either.
 Boundaries: the security group admits tcp/22 only from ``[amibake] ssh_cidr``; IMDSv2 is required
 on the box and on the AMI; the canvas is created encrypted, so its snapshot is too.
 """
@@ -24,15 +29,21 @@ import secrets
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
-from dag_runs import DAG_ID, left_in_moto, xcom_of
+from dag_runs import left_in_moto, xcom_of
 
 from operators import defaults
-from operators.rules import naming
+from operators.rules import definition, naming
 from operators.rules.naming import Role
 from operators.rules.remote import remote_dir
+from rehearsal import images
+from rehearsal.leaks import ec2_request_text
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_ID = definition.dag_id(images.NAME)
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,7 +54,9 @@ pytestmark = [
 #: ``[amibake] ssh_cidr`` of the night: not the boxes' loopback network, so the fence test sees that
 #: the rule admits exactly this range (the local EC2 API does not enforce security groups).
 SSH_CIDR = "198.51.100.0/24"
-CONF = {"recipe": "debian12", "canvas_size_gib": 3, "ami_name_prefix": "amibake-e2e"}
+#: canvas_size_gib overrides the definition's size_gib (4) for this run, as the form may.
+CONF = {"canvas_size_gib": 3, "ami_name_prefix": "amibake-e2e"}
+REPO_USER = "rehearsal"
 
 
 @dataclass
@@ -54,6 +67,8 @@ class Night:
     stack: Any
     ebs: Any
     aws_secret: str
+    repo_password: str
+    repo_requests: list[tuple[str, bool]] = field(default_factory=list)
     run: Any = None
     build: str = ""
     log: str = ""
@@ -112,6 +127,9 @@ def night(
     shared_stack: Any, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Night]:
     """The green night, run once for the module. Never raises for a failed run: each test says so."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from rehearsal.aptrepo import AptRepo
     from rehearsal.ebs import LoopEbs
     from rehearsal.ec2_local import FAKE_ACCESS_KEY
 
@@ -125,15 +143,29 @@ def night(
     }
     mp.setenv("AIRFLOW_CONN_AMIBAKE_AWS", json.dumps(conn))
     mp.setenv("AIRFLOW__AMIBAKE__SSH_CIDR", SSH_CIDR)
-    with LoopEbs(ec2.moto_url, ec2.region, tmp_path_factory.mktemp("ebs")) as ebs:
-        result = Night(stack=shared_stack, ebs=ebs, aws_secret=aws_secret)
+    repo_password = f"RepoSecret{secrets.token_hex(16)}"
+    work = tmp_path_factory.mktemp("definition")
+    with (
+        AptRepo.serve(work / "repo", user=REPO_USER, password=repo_password) as repo,
+        LoopEbs(ec2.moto_url, ec2.region, tmp_path_factory.mktemp("ebs")) as ebs,
+    ):
+        mp.setenv(
+            "AIRFLOW__AMIBAKE__IMAGES_DIR", str(images.images_folder(work / "images", REPO / "images", repo))
+        )
+        mp.setenv("AIRFLOW_CONN_AMIBAKE_REPO_REHEARSAL", images.connection(REPO_USER, repo_password))
+        bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_images.py"))
+        assert bag.import_errors == {}
+        dag = bag.dags[DAG_ID]
+        dag.deadline = None  # as tests/conftest.py's nightly: dag.test() does not run deadline callbacks
+        result = Night(stack=shared_stack, ebs=ebs, aws_secret=aws_secret, repo_password=repo_password)
         base_ami = ec2.register_base_image("amibake-e2e-base")
         with _TaskLogCapture(request) as capture:
             try:
-                result.run = shared_stack.nightly.test(run_conf={**CONF, "base_ami": base_ami})
+                result.run = dag.test(run_conf={**CONF, "base_ami": base_ami})
             except Exception:
                 result.error = traceback.format_exc()
             result.log = capture.read()
+        result.repo_requests = list(repo.requests)
         if result.run is not None:
             result.build = naming.build_id(DAG_ID, result.run.run_id)
             result.states = {ti.task_id: str(ti.state) for ti in result.run.get_task_instances()}
@@ -203,7 +235,7 @@ def test_xcoms_and_ec2_requests_tell_one_story(green: Night) -> None:
     with create_session() as session:
         events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == dag_run.run_id)).all()
         assert [(e.asset.uri, e.extra["ami_id"]) for e in events] == [
-            ("amibake://ami/debian12", image["ami_id"])
+            (f"amibake://ami/{images.NAME}", image["ami_id"])
         ]
 
 
@@ -275,12 +307,13 @@ def test_no_secret_in_xcom_logs_templates_or_requests(green: Night) -> None:
         "rendered templates": "\n".join(rows["rendered"]),
         "task logs": green.log,
         "box-side logs": green.box_logs,
-        "EC2 requests": json.dumps(ec2.requests),
+        "EC2 requests": ec2_request_text(ec2.requests),  # with each UserData decoded
     }
-    for needle in _secret_needles(green.aws_secret, login.private_key_pem):
+    for needle in [*_secret_needles(green.aws_secret, login.private_key_pem), green.repo_password]:
         for place, text in places.items():
             assert needle not in text, f"a secret ({needle[:6]}…) is in the {place}"
-    assert "PRIVATE KEY" not in places["xcom"] + places["rendered templates"] + places["EC2 requests"]
+    # (decoded, the user data holds the per-build HOST key cloud-init installs, by design: not checked)
+    assert "PRIVATE KEY" not in places["xcom"] + places["rendered templates"] + json.dumps(ec2.requests)
 
 
 def test_the_box_is_fenced_and_the_disks_encrypted(green: Night) -> None:
@@ -385,3 +418,37 @@ def test_the_smoke_instance_is_gone_before_its_security_group(green: Night) -> N
     assert terminated and deleted and terminated[0] < deleted[0], actions
     guest = green.stack.boxes.guests.get(smoke["instance_id"])
     assert not guest.alive and not guest.disk.exists()
+
+
+# --- the image definition: its effects on both boots, its password nowhere ------------------------
+
+
+def test_the_definition_is_built_in_and_checked_on_both_boots(green: Night) -> None:
+    """The box fetched the private repository with its login (every request authorized); both the
+    boot check on the box and the smoke instance of the AMI passed each of the definition's smoke
+    checks (package, enabled service, file with mode and group, provisioning script, kernel
+    argument); the build's XCom carries them as expectations."""
+    assert green.repo_requests and all(ok for _, ok in green.repo_requests), green.repo_requests
+    assert any(path.endswith("/InRelease") for path, _ in green.repo_requests)
+    wanted = {f"check {name}" for name in images.CHECKS}
+    built = xcom_of(green.run, "remote_chroot_build")
+    assert [c["name"] for c in built["expectations"]["checks"]] == list(images.CHECKS)
+    smoke = xcom_of(green.run, "smoke_instance")
+    assert {item: smoke["checks"].get(item) for item in wanted} == dict.fromkeys(wanted, "PASS"), smoke
+    for item in wanted:
+        assert f"amibake-check: {item}: PASS" in green.box_logs, item  # the boot check's phase log
+    assert images.KERNEL_ARG in built["expectations"]["cmdline"]
+
+
+def test_the_repository_password_is_not_in_the_image(green: Night) -> None:
+    """The snapshot's bytes (what every instance of the AMI starts from, free blocks included) hold no
+    trace of the repository password; the box's verify phase said so too."""
+    snapshot = xcom_of(green.run, "frozen_snapshot")
+    content = green.stack.boxes.guests.snapshots.content(snapshot["snapshot_id"])
+    assert content is not None, "the snapshot's bytes were kept (rehearsal.ebs.EbsSnapshots)"
+    secret, tail = green.repo_password.encode(), b""
+    with open(content, "rb") as disk:
+        while chunk := disk.read(64 << 20):
+            assert secret not in tail + chunk, "the repository password is in the snapshot"
+            tail = chunk[-len(secret) :]
+    assert "no repository password in the image's files or raw bytes" in green.box_logs

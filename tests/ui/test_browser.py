@@ -40,7 +40,6 @@ ARTIFACTS = REPO / "artifacts"
 DAG_ID = rh.DAG_ID
 BUILD_TASK = "remote_chroot_build"
 PREFIX = "ui-rehearsal"
-RECIPE = "debian12"
 RUN_TIMEOUT_S = 1500
 FINAL_TASK_STATES = {"success", "failed", "upstream_failed", "skipped", "removed"}
 PHASE_START = re.compile(r"phase (\w+) started")
@@ -58,7 +57,7 @@ TEXT_FIELDS = "input[name^=element_]:not([type=hidden]):not([type=checkbox])"
 #: The form's sections (Param ``section=``) and the Params in each, as the DAG declares them. The
 #: sections are one accordion that shows one section at a time: opening one closes the others.
 SECTIONS = {
-    "Image": ["recipe", "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check"],
+    "Image": ["ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check"],
     "Build box": ["base_ami", "base_ami_owner", "base_ami_name", "instance_type", "subnet_id"],
     "Smoke check": ["smoke_check", "smoke_instance_type"],
     "Retention": ["keep_amis", "deprecate_grace"],
@@ -116,18 +115,6 @@ def set_field(driver: WebDriver, param: str, value: str) -> None:
     _wait(driver, 5).until(
         lambda d: d.find_element(By.NAME, f"element_{param}").get_attribute("value") == value
     )
-
-
-def choose(driver: WebDriver, param: str, value: str) -> None:
-    """Pick ``value`` in a Param's dropdown (an ``enum``), by typing it as a person would."""
-    open_section(driver, SECTION_OF[param])
-    box = _wait(driver).until(
-        ec.visibility_of_element_located((By.CSS_SELECTOR, f"#element_{param} input[role=combobox]"))
-    )
-    box.send_keys(value)
-    box.send_keys(Keys.ENTER)
-    chosen = driver.find_element(By.NAME, f"element_{param}")
-    _wait(driver, 5).until(lambda d: chosen.get_attribute("value") == value)
 
 
 def open_trigger_form(driver: WebDriver, url: str) -> WebElement:
@@ -298,11 +285,10 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, record_run: Callable[
     driver.save_screenshot(str(ARTIFACTS / "ui-dag-docs.png"))
     docs.find_element(By.CSS_SELECTOR, "button[aria-label=Close]").click()
 
-    # Trigger through the form: non-default recipe (the one that builds offline) and AMI name
-    # prefix, the harness's base AMI (AWS would find one by name) and this machine's Debian mirror
-    # (the rehearsal's box is offline); the subnet is left empty, so [amibake] subnet_id is used.
+    # Trigger through the form: a non-default AMI name prefix, the harness's base AMI (AWS would
+    # find one by name) and this machine's Debian mirror (the rehearsal's box is offline); the subnet
+    # is left empty, so [amibake] subnet_id is used.
     form = open_trigger_form(driver, airflow.url)
-    choose(driver, "recipe", RECIPE)
     set_field(driver, "ami_name_prefix", PREFIX)
     set_field(driver, "base_ami", base_ami)
     set_field(driver, "mirror_url", debian_mirror())
@@ -311,7 +297,8 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, record_run: Callable[
     record_run(run_id)  # so the harness removes what the build left on the "box"
     run = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")
     conf = run["conf"]
-    assert (conf["recipe"], conf["ami_name_prefix"], conf["base_ami"]) == (RECIPE, PREFIX, base_ami)
+    assert (conf["ami_name_prefix"], conf["base_ami"]) == (PREFIX, base_ami)
+    assert "recipe" not in conf, "the definition says which recipe: the form does not offer it"
     assert conf.get("subnet_id") is None, conf
 
     # Watch the run page (grid + task list) until the run ends.
