@@ -19,7 +19,7 @@ def xcom_of(dag_run: Any, task_id: str) -> Any:
     with create_session() as session:
         row = session.scalars(
             select(XComModel).where(
-                XComModel.dag_id == DAG_ID,
+                XComModel.dag_id == dag_run.dag_id,
                 XComModel.run_id == dag_run.run_id,
                 XComModel.task_id == task_id,
                 XComModel.key == "return_value",

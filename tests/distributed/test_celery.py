@@ -69,7 +69,7 @@ def _explain(airflow: Any, run_id: str) -> str:
 def test_two_runs_on_celery_queue_and_do_not_interfere(
     celery_rehearsal: tuple, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    airflow, ec2, ebs, base_ami, record_run = celery_rehearsal
+    airflow, ec2, ebs, base_ami, record_run, _repo = celery_rehearsal
     ec2.control.configure_rule("SnapshotProgress", duration=SNAPSHOT_PENDING_S)
     rh.wait_for_dag(airflow, DAG_ID)
     conf = {"base_ami": base_ami}

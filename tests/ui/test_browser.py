@@ -255,7 +255,7 @@ def test_the_dag_page_names_an_owner(rehearsal: tuple, browser: WebDriver) -> No
 
 
 def test_a_person_triggers_and_watches_the_build_in_the_ui(rehearsal: tuple, browser: WebDriver) -> None:
-    airflow, _ec2, _ebs, base_ami, record_run = rehearsal
+    airflow, _ec2, _ebs, base_ami, record_run, _repo = rehearsal
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         _drive(browser, airflow, base_ami, record_run)
