@@ -67,7 +67,8 @@ SECTION_OF = {param: section for section, params in SECTIONS.items() for param i
 OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "mirror_url", "base_ami", "subnet_id"}
 #: Every task of a run (the task list of the run page).
 TASK_COUNT = 12
-CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "bootloader"]
+CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "packages",
+               "files", "provision", "bootloader"]
 
 
 @pytest.fixture(scope="module")
