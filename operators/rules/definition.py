@@ -136,16 +136,6 @@ def dag_id(name: str) -> str:
     return f"amibake_{name}"
 
 
-def ami_prefix(name: str) -> str:
-    """The AMI name prefix of an image (``amibake-<name>-<date>-<build>``): one image line per name.
-
-    The shipped ``centos7`` and ``debian12`` definitions keep the prefixes their recipes had, so the
-    AMIs built before definitions existed rotate on with the new ones. The rule's home is
-    :func:`operators.defaults.default_ami_prefix` (the prefix a run uses when the user gives none).
-    """
-    return defaults.default_ami_prefix(name)
-
-
 def discover(images_dir: Path) -> list[Path]:
     """The definition files of a folder (``*.yaml`` at its top level, not hidden), in name order.
 

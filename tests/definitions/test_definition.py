@@ -531,16 +531,16 @@ def test_discover_finds_top_level_definitions_only(tmp_path: Path) -> None:
 
 def test_names_of_the_dag_and_the_ami_line() -> None:
     # the shipped definitions keep the prefixes their recipes had: older AMIs rotate on with new ones
-    assert definition.ami_prefix("centos7") == "amibake-centos7"
-    assert definition.dag_id("debian12") == "amibake_debian12"
     from operators import defaults
     from operators.rules import naming
 
+    assert defaults.default_ami_prefix("centos7") == "amibake-centos7"
+    assert definition.dag_id("debian12") == "amibake_debian12"
+
     longest = "a" * 40
     assert CONTRACT.image_name_re.fullmatch(longest) and not CONTRACT.image_name_re.fullmatch(longest + "a")
-    assert definition.ami_prefix(longest) == defaults.default_ami_prefix(longest)
-    assert naming.AMI_NAME_RE.fullmatch(definition.ami_prefix(longest))
-    assert len(definition.ami_prefix(longest)) <= naming.AMI_PREFIX_MAX
+    assert naming.AMI_NAME_RE.fullmatch(defaults.default_ami_prefix(longest))
+    assert len(defaults.default_ami_prefix(longest)) <= naming.AMI_PREFIX_MAX
     assert re.fullmatch(r"[A-Za-z0-9_.-]{1,250}", definition.dag_id(longest + "-x"))  # Airflow's dag_id rule
 
 
