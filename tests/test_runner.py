@@ -1,0 +1,75 @@
+"""The test runner itself: ./run-tests relies on ``--dist loadgroup`` to build each green night and
+Debian image once. pytest 9.2 with pytest-xdist 3.8 silently stopped grouping
+(pytest-dev/pytest-xdist#1386): every test of a group then set up its own copy of the module's
+expensive fixture, in both workers. This runs a tiny suite the way ./run-tests does and checks that a
+group's tests share one worker and one fixture set-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+GROUPED = """
+import os
+import pytest
+
+pytestmark = pytest.mark.xdist_group("one")
+
+
+@pytest.fixture(scope="module")
+def expensive():
+    with open(os.environ["SETUPS"], "a") as f:
+        f.write(f"setup {os.getpid()}\\n")
+    yield
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_grouped(expensive, i):
+    with open(os.environ["SETUPS"], "a") as f:
+        f.write(f"run {os.getpid()}\\n")
+"""
+UNGROUPED = """
+import pytest
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_free(i):
+    pass
+"""
+
+
+def test_loadgroup_runs_a_group_in_one_worker_with_one_setup(tmp_path: Path) -> None:
+    (tmp_path / "test_grouped.py").write_text(GROUPED)
+    (tmp_path / "test_free.py").write_text(UNGROUPED)
+    setups = tmp_path / "setups"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "2",
+            "--dist",
+            "loadgroup",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            "/dev/null",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "SETUPS": str(setups)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = setups.read_text().splitlines()
+    assert [line for line in lines if line.startswith("setup")] == [lines[0]], lines
+    assert {line.split()[1] for line in lines} == {lines[0].split()[1]}, (
+        f"the group ran in two workers: {lines}"
+    )
