@@ -62,6 +62,12 @@ class Contract:
     image_file_max_bytes: int
     image_bundle_max_bytes: int
     provision_timeout_s: int
+    packages_file: str
+    package_epoch_re: re.Pattern[str]
+    package_version_re: re.Pattern[str]
+    package_release_re: re.Pattern[str]
+    package_arch_re: re.Pattern[str]
+    packages_max: int
 
     def nvme_byid_link(self, volume_id: str) -> str:
         """The ``/dev/disk/by-id`` link udev makes for an EBS volume on a Nitro instance."""

@@ -28,6 +28,7 @@ import binascii
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 from collections.abc import Iterator, Mapping
@@ -47,6 +48,22 @@ PACKAGE_FAMILY = {"centos7": "yum", "debian12": "apt"}
 FILES_DIR, SCRIPTS_DIR, KEYS_DIR = "files", "scripts", "keys"
 #: An Airflow connection id (Airflow's own rule: letters, digits, ``_.-``, at most 250).
 CONNECTION_ID_PATTERN = "^[A-Za-z0-9_.-]{1,250}$"
+#: ``rebuild_after``: whole days, e.g. ``30d``
+REBUILD_AFTER_PATTERN = "^[1-9][0-9]{0,2}d$"
+#: ``distribution``: an AWS region; a 12-digit account; an organization and an organizational unit ARN
+#: (AWS Organizations' formats); a KMS key of the target region: key id, ``alias/...`` or their ARN.
+REGION_PATTERN = "^[a-z]{2}(-[a-z]+){1,2}-[1-9][0-9]?$"
+ACCOUNT_PATTERN = "^[0-9]{12}$"
+ORGANIZATION_ARN_PATTERN = "^arn:aws(-cn|-us-gov)?:organizations::[0-9]{12}:organization/o-[a-z0-9]{10,32}$"
+OU_ARN_PATTERN = (
+    "^arn:aws(-cn|-us-gov)?:organizations::[0-9]{12}:ou/o-[a-z0-9]{10,32}/ou-[a-z0-9]{4,32}-[a-z0-9]{8,32}$"
+)
+_KMS_KEY = "([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32})"
+_KMS_ALIAS = "alias/[A-Za-z0-9/_-]{1,250}"
+KMS_KEY_PATTERN = (
+    f"^({_KMS_KEY}|{_KMS_ALIAS}|arn:aws(-cn|-us-gov)?:kms:{REGION_PATTERN[1:-1]}:[0-9]{{12}}:"
+    f"(key/{_KMS_KEY}|{_KMS_ALIAS}))$"
+)
 #: A definition file larger than this is refused before it is parsed.
 DEFINITION_MAX_BYTES = 256 * 1024
 #: Fields the trigger form may override for one run (dotted paths of the definition).
@@ -100,6 +117,53 @@ class SmokeCheck:
 
 
 @dataclass(frozen=True)
+class RegionCopy:
+    """One region the verified AMI is copied to, encrypted with ``kms_key_id`` of that region if given."""
+
+    region: str
+    kms_key_id: str = ""
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Where the verified AMI goes: copies in other regions, and who may launch it (and its copies)."""
+
+    regions: tuple[RegionCopy, ...] = ()
+    accounts: tuple[str, ...] = ()
+    organization_arns: tuple[str, ...] = ()
+    organizational_unit_arns: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        """Whether there is anything to do."""
+        return bool(self.regions or self.shared_with)
+
+    @property
+    def shared_with(self) -> tuple[str, ...]:
+        """Every principal given launch permission: accounts, organizations, organizational units."""
+        return (*self.accounts, *self.organization_arns, *self.organizational_unit_arns)
+
+    def launch_permissions(self) -> list[dict[str, str]]:
+        """The ``LaunchPermission`` entries EC2 names these principals with."""
+        return (
+            [{"UserId": a} for a in self.accounts]
+            + [{"OrganizationArn": a} for a in self.organization_arns]
+            + [{"OrganizationalUnitArn": a} for a in self.organizational_unit_arns]
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-able form, as the definition writes it (what the validate task hands on)."""
+        return {
+            "regions": [
+                {"region": r.region, **({"kms_key_id": r.kms_key_id} if r.kms_key_id else {})}
+                for r in self.regions
+            ],
+            "accounts": list(self.accounts),
+            "organization_arns": list(self.organization_arns),
+            "organizational_unit_arns": list(self.organizational_unit_arns),
+        }
+
+
+@dataclass(frozen=True)
 class ImageDefinition:
     """One checked definition. ``raw`` is the parsed file (the base of per-run overrides)."""
 
@@ -122,7 +186,10 @@ class ImageDefinition:
     schedule_set: bool = False
     keep: int = DEFAULT_KEEP
     deprecate: int = DEFAULT_DEPRECATE
+    #: days after which the newest verified AMI is rebuilt even when nothing changed (None: never)
+    rebuild_after_days: int | None = None
     smoke_checks: tuple[SmokeCheck, ...] = ()
+    distribution: Distribution = Distribution()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -134,6 +201,11 @@ class ImageDefinition:
 def dag_id(name: str) -> str:
     """The DAG of an image definition."""
     return f"amibake_{name}"
+
+
+def name_of_dag(dag: str) -> str:
+    """The image definition a DAG builds (the inverse of :func:`dag_id`; other DAGs give their id)."""
+    return dag.removeprefix(dag_id(""))
 
 
 def discover(images_dir: Path) -> list[Path]:
@@ -227,7 +299,9 @@ def from_mapping(path: Path, data: Any) -> ImageDefinition:
         schedule_set="schedule" in data,
         keep=retention.get("keep", DEFAULT_KEEP),
         deprecate=retention.get("deprecate", DEFAULT_DEPRECATE),
+        rebuild_after_days=int(data["rebuild_after"][:-1]) if "rebuild_after" in data else None,
         smoke_checks=tuple(SmokeCheck(c["name"], c["command"]) for c in data.get("smoke_checks", ())),
+        distribution=_distribution(data.get("distribution", {})),
         raw=data,
     )
     _check_rules(shown, image)
@@ -256,7 +330,9 @@ def canonical_hash(image: ImageDefinition) -> str:
     """sha256 of the definition's values (canonical JSON, defaults filled in: ``size_gib: 8`` written
     or not is the same definition) and of every source file it ships, by its path in the bundle."""
     content = asdict(image)
-    for local in ("path", "raw", "schedule_set"):  # where the file is; the parsed text; in `schedule`
+    # where the file is; the parsed text; in `schedule`; where the AMI goes (not what it holds: adding
+    # a region or an account must not rebuild the image, the next run's distribution step does it)
+    for local in ("path", "raw", "schedule_set", "distribution"):
         del content[local]
     content["schedule"] = image.schedule if image.schedule_set else "(the [amibake] schedule)"
     digest = hashlib.sha256(b"amibake image definition v1\0")
@@ -362,6 +438,15 @@ def write_manifest(build_dir: Path) -> str:
     return hashlib.sha256(manifest).hexdigest()
 
 
+def stage(dest: Path, scripts: Path, image: ImageDefinition | None) -> str:
+    """What goes to the box, in the empty dir ``dest``: ``scripts/`` (a copy of ``scripts``), the
+    definition's bundle in ``image/``, and their SHA256SUMS; returns that file's digest."""
+    shutil.copytree(scripts, dest / "scripts")
+    if image is not None:
+        render_bundle(image, dest / "image")
+    return write_manifest(dest)
+
+
 # -- the checks -------------------------------------------------------------------------------------
 #: libyaml's safe loader when PyYAML has it: about ten times faster than the pure-Python one (parse
 #: time counts: every definition is read at each DAG parse), and it caps nesting at 1000 levels.
@@ -454,14 +539,14 @@ def _check_schema(shown: str, data: dict) -> None:
         message = f"must be {wanted}, got {_kind_of(value)} {shown_value}"
         if where and where[-1] == "mode":
             message += '; quote it ("0644"): YAML reads an unquoted 0644 as the octal number 420'
+        elif "accounts" in where and isinstance(value, int):
+            message += '; quote it ("012345678901"): YAML reads it as a number, dropping leading 0s'
     elif kind == "maxItems":
         message = f"has {len(value)} entries, at most {expected}"
     elif kind == "uniqueItems":
         message = f"{_brief(_first_repeated(value))} is given twice"
     elif kind == "maxLength":
         message = f"is {len(value)} characters long, at most {expected}"
-    elif kind == "maxProperties" and expected == 0:
-        message = "must be empty: it is reserved for the distribution settings of a later release"
     else:
         message = error.message
     raise DefinitionError(shown, _field_path(where), message)
@@ -484,6 +569,12 @@ _PATTERN_WORDS = {
     CONTRACT.owner_re.pattern: "a user or group name: lower-case letters, digits, _ and -",
     CONTRACT.gpg_fingerprint_re.pattern: "40 upper-case hex digits (gpg --show-keys --with-colons: fpr)",
     CONNECTION_ID_PATTERN: "an Airflow connection id: letters, digits and _.-",
+    REBUILD_AFTER_PATTERN: "whole days, 1 to 999, like 30d",
+    REGION_PATTERN: "an AWS region like eu-west-1",
+    ACCOUNT_PATTERN: "an AWS account id: 12 digits, quoted",
+    ORGANIZATION_ARN_PATTERN: "an organization ARN: arn:aws:organizations::<account>:organization/o-...",
+    OU_ARN_PATTERN: "an organizational unit ARN: arn:aws:organizations::<account>:ou/o-.../ou-...",
+    KMS_KEY_PATTERN: "a KMS key of that region: key id, alias/<name>, or the key's or alias's ARN",
 }
 
 #: JSON Schema type names as a YAML author calls them.
@@ -580,6 +671,43 @@ def _repository(shown: str, where: str, data: dict, family: str) -> Repository:
     )
 
 
+def _distribution(data: Mapping[str, Any]) -> Distribution:
+    """The ``distribution`` field (schema-checked) as a :class:`Distribution`."""
+    return Distribution(
+        regions=tuple(RegionCopy(r["region"], r.get("kms_key_id", "")) for r in data.get("regions", ())),
+        accounts=tuple(data.get("accounts", ())),
+        organization_arns=tuple(data.get("organization_arns", ())),
+        organizational_unit_arns=tuple(data.get("organizational_unit_arns", ())),
+    )
+
+
+def distribution_of(data: Any, where: str = "distribution") -> Distribution:
+    """Check a ``distribution`` mapping handed over on its own (an operator's argument) as the
+    definition's field is checked; errors name ``where``."""
+    if data is None or data == {}:
+        return Distribution()
+    check = {"name": "distribution", "recipe": next(iter(PACKAGE_FAMILY)), "distribution": data}
+    _check_schema(where, check)
+    _check_text(where, data, ("distribution",))
+    found = _distribution(data)
+    _check_distribution(where, found)
+    return found
+
+
+def _check_distribution(shown: str, found: Distribution) -> None:
+    """Each region once; a KMS key given by ARN is a key of the region it encrypts in (AWS: CopyImage
+    takes a key of the destination region only)."""
+    _duplicates(shown, "distribution.regions", [r.region for r in found.regions])
+    for i, copy in enumerate(found.regions):
+        if copy.kms_key_id.startswith("arn:") and copy.kms_key_id.split(":")[3] != copy.region:
+            raise DefinitionError(
+                shown,
+                f"distribution.regions[{i}].kms_key_id",
+                f"is a key of {copy.kms_key_id.split(':')[3]}, not of {copy.region}: CopyImage encrypts "
+                "with a key of the region it copies to",
+            )
+
+
 def _duplicates(shown: str, where: str, values: list[str]) -> None:
     seen: set[str] = set()
     for i, value in enumerate(values):
@@ -602,6 +730,7 @@ def _check_rules(shown: str, image: ImageDefinition) -> None:
     _duplicates(shown, "files", [f.destination for f in image.files])
     _duplicates(shown, "scripts", list(image.scripts))
     _duplicates(shown, "smoke_checks", [c.name for c in image.smoke_checks])
+    _check_distribution(shown, image.distribution)
     _disjoint(shown, "packages.exclude", image.exclude, "packages.install", image.install)
     _disjoint(shown, "packages.remove", image.remove, "packages.install", image.install)
     _disjoint(shown, "services.disable", image.disable, "services.enable", image.enable)

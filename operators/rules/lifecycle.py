@@ -390,8 +390,20 @@ def plan_rotation(
     deprecate.sort(key=lambda a: order[a.resource_id])
     leaving.sort(key=lambda i: order[i["ImageId"]])
     deregister.sort(key=lambda a: order[a.resource_id])
-    leaving_ids = {i["ImageId"] for i in leaving}
+    delete_snapshots = _snapshots_left(images, snapshots, leaving, "deregistered")
+    return RotationPlan(
+        kept=kept, deprecate=deprecate, deregister=deregister, delete_snapshots=delete_snapshots
+    )
 
+
+def _snapshots_left(
+    images: list[Mapping[str, Any]],
+    snapshots: Iterable[Mapping[str, Any]],
+    leaving: list[Mapping[str, Any]],
+    what: str,
+) -> list[Action]:
+    """Deletions of our snapshots of the ``leaving`` AMIs that no other AMI of ``images`` uses."""
+    leaving_ids = {i["ImageId"] for i in leaving}
     still_used = {
         sid
         for i in images
@@ -405,17 +417,84 @@ def plan_rotation(
             if sid in ours and sid not in still_used:
                 build = tags_of(ours[sid])[naming.TAG_BUILD_ID]
                 delete_snapshots.append(
-                    Action("snapshot", sid, "delete", f"snapshot of deregistered {img['ImageId']}", build)
+                    Action("snapshot", sid, "delete", f"snapshot of {what} {img['ImageId']}", build)
                 )
                 still_used.add(sid)
+    return delete_snapshots
+
+
+def plan_copy_rotation(
+    plan: RotationPlan,
+    *,
+    home_region: str,
+    home_images: Iterable[Mapping[str, Any]],
+    images: Iterable[Mapping[str, Any]],
+    snapshots: Iterable[Mapping[str, Any]],
+    recipe: str,
+    line: str,
+) -> RotationPlan:
+    """The rotation of one other region's copies (``operators.distribute``) that follows ``plan``.
+
+    A copy is an AMI of ours carrying :data:`naming.TAG_SOURCE_AMI` and, as its source region,
+    ``home_region``, of the same recipe and image line. It is deprecated when its source is (at the
+    same time), and deregistered with its snapshots when its source is deregistered now or is gone
+    from ``home_images`` already (every AMI of the home region: a copy a failed rotation left behind
+    is caught up). ``images`` should be every AMI of the copy's region, so snapshots another AMI
+    uses stay; ``snapshots`` the ones that may be deleted (ours only are ever chosen).
+    """
+    images = list(images)
+    live_sources = {i.get("ImageId") for i in home_images if i.get("State") != "deregistered"}
+    deprecating = {a.resource_id: a for a in plan.deprecate}
+    deregistering = {a.resource_id for a in plan.deregister}
+    copies = sorted(
+        (
+            i
+            for i in images
+            if i.get("State") != "deregistered"
+            and is_ours(i)
+            and tags_of(i).get(naming.TAG_SOURCE_REGION) == home_region
+            and tags_of(i).get(naming.TAG_SOURCE_AMI)
+            and tags_of(i).get(naming.TAG_RECIPE) == recipe
+            and line_of(i) == line
+        ),
+        key=_newest_first,
+    )
+    deprecate: list[Action] = []
+    deregister: list[Action] = []
+    leaving: list[Mapping[str, Any]] = []
+    for copy in copies:
+        source, build = tags_of(copy)[naming.TAG_SOURCE_AMI], tags_of(copy)[naming.TAG_BUILD_ID]
+        if source in deregistering or source not in live_sources:
+            why = "is deregistered now" if source in deregistering else "is gone"
+            leaving.append(copy)
+            reason = f"copy of {source} ({home_region}), which {why}"
+            deregister.append(Action("image", copy["ImageId"], "deregister", reason, build))
+        elif source in deprecating:
+            at = deprecating[source].detail["deprecate_at"]
+            current = parse_time(copy.get("DeprecationTime"))
+            if current is None or current > parse_time(at):
+                reason = f"copy of {source} ({home_region}), which is deprecated now"
+                detail = {"deprecate_at": at}
+                deprecate.append(Action("image", copy["ImageId"], "deprecate", reason, build, detail))
+    delete_snapshots = _snapshots_left(images, snapshots, leaving, "deregistered copy")
     return RotationPlan(
-        kept=kept, deprecate=deprecate, deregister=deregister, delete_snapshots=delete_snapshots
+        kept=[], deprecate=deprecate, deregister=deregister, delete_snapshots=delete_snapshots
     )
 
 
 def is_verified(image: Mapping[str, Any]) -> bool:
     """Whether a smoke instance of this AMI passed every first-boot check (``amibake:verified=true``)."""
     return tags_of(image).get(naming.TAG_VERIFIED) == naming.VERIFIED
+
+
+def newest_verified(images: Iterable[Mapping[str, Any]], line: str) -> Mapping[str, Any] | None:
+    """The newest available, verified amibake AMI of image ``line``: the last good one, if any."""
+    good = [
+        i
+        for i in images
+        if i.get("State") == "available" and is_ours(i) and is_verified(i) and line_of(i) == line
+    ]
+    return min(good, key=_newest_first) if good else None
 
 
 def deprecate_now(now: datetime) -> datetime:

@@ -25,6 +25,35 @@ TAG_IMAGE_LINE = "amibake:image-line"
 #: (``operators.smoke``); rotation counts only AMIs carrying it with :data:`VERIFIED`.
 TAG_VERIFIED = "amibake:verified"
 VERIFIED = "true"
+#: On a copy of an AMI in another region (``operators.distribute``): the AMI it was copied from and
+#: that AMI's region. A rerun finds its copies by them, and rotation retires them with their source.
+TAG_SOURCE_AMI = "amibake:source-ami"
+TAG_SOURCE_REGION = "amibake:source-region"
+#: The digest of the inputs an AMI was built from, and a short form of each input
+#: (``operators.rules.fingerprint``): a night with the newest verified AMI's digest builds nothing.
+TAG_FINGERPRINT = "amibake:fingerprint"
+TAG_INPUTS = "amibake:inputs"
+
+#: What is in an AMI and where it came from, tagged on it by ``operators.manifest`` (PublishManifest):
+#: the sha256 of its package list (``operators.rules.manifest``), the amibake version and the git commit
+#: of the shipped scripts that built it, the image definition's hash, the Airflow run's URL (when
+#: ``[api] base_url`` is set) and, with ``[amibake] manifest_bucket``, the S3 folder of its
+#: ``packages.json`` and ``sbom.cdx.json`` (``s3://bucket/<image line>/<ami id>/``).
+TAG_PACKAGES_SHA256 = "amibake:packages-sha256"
+TAG_VERSION = "amibake:version"
+TAG_SCRIPTS_COMMIT = "amibake:scripts-commit"
+TAG_DEFINITION_SHA256 = "amibake:definition-sha256"
+TAG_RUN_URL = "amibake:run-url"
+TAG_MANIFEST = "amibake:manifest"
+#: The tags PublishManifest adds to an existing AMI of ours (the IAM policy allows these keys only).
+MANIFEST_TAGS = (
+    TAG_PACKAGES_SHA256,
+    TAG_VERSION,
+    TAG_SCRIPTS_COMMIT,
+    TAG_DEFINITION_SHA256,
+    TAG_RUN_URL,
+    TAG_MANIFEST,
+)
 
 #: AWS allows these characters in an AMI name, 3 to 128 of them.
 AMI_NAME_RE = re.compile(r"^[A-Za-z0-9()\[\] ./'@_-]{3,128}$")

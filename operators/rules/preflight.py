@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from operators import defaults
+from operators.rules import fingerprint
 
 #: The night's mutating calls that preflight sends with ``DryRun=True``.
 DRY_RUN_ACTIONS = ("CreateSecurityGroup", "RunInstances", "CreateVolume")
@@ -33,11 +34,6 @@ NOT_DRY_RUNNABLE: dict[str, str] = {
         "(aws:ResourceTag), which only an existing resource has, so a made-up id answers NotFound "
         "before any permission is evaluated"
     ),
-}
-#: The repository metadata file of each recipe's mirror (what yum / debootstrap fetch first).
-MIRROR_METADATA = {
-    "centos7": "os/x86_64/repodata/repomd.xml",
-    "debian12": "dists/bookworm/Release",
 }
 #: How the recipe script names its default mirror (``CENTOS_DEFAULT_MIRROR=https://...``).
 _DEFAULT_MIRROR_RE = re.compile(r"^[A-Z0-9_]*DEFAULT_MIRROR=(\S+)$", re.M)
@@ -337,9 +333,9 @@ def default_mirror_of(recipe_script: str) -> str:
 def mirror_probe(recipe: str, mirror_url: str, default_mirror: str) -> str:
     """The URL of the repository metadata to fetch from the worker ('' = nothing to check here)."""
     base = mirror_url or default_mirror
-    if not base or recipe not in MIRROR_METADATA:
+    if not base or recipe not in fingerprint.RECIPE_METADATA:
         return ""
-    return f"{base.rstrip('/')}/{MIRROR_METADATA[recipe]}"
+    return fingerprint.recipe_metadata(recipe, base)[0].url
 
 
 def mirror(url: str, status: int, error: str) -> Check:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any, TypedDict
 
-from operators.rules import validation
+from operators.rules import manifest, validation
 from operators.rules.contract import CONTRACT
 
 
@@ -60,11 +60,42 @@ class Expectations(TypedDict):
     checks: list[SmokeCheck]
 
 
+class PackageEntry(TypedDict):
+    """One installed package of the image (:mod:`operators.rules.manifest`)."""
+
+    name: str
+    epoch: int
+    version: str
+    release: str
+    arch: str
+
+
 class Build(TypedDict):
-    """``RemoteChrootBuild``'s XCom."""
+    """``RemoteChrootBuild``'s XCom: ``packages`` is the image's package list, canonical order, as the
+    box listed it after verify (``packages`` event, file fetched and checked against its sha256)."""
 
     volume_id: str
     expectations: Expectations
+    packages: list[PackageEntry]
+
+
+class ChangeCounts(TypedDict):
+    """How many packages were added, removed and updated since the previous AMI."""
+
+    added: int
+    removed: int
+    updated: int
+
+
+class Manifest(TypedDict):
+    """``PublishManifest``'s XCom: a small summary (the list itself is in the build's XCom and S3)."""
+
+    ami_id: str
+    packages: int
+    sha256: str
+    s3_key: str
+    changed: ChangeCounts
+    previous_ami: str
 
 
 class Ami(TypedDict):
@@ -73,6 +104,22 @@ class Ami(TypedDict):
     ami_id: str
     ami_name: str
     snapshot_id: str
+
+
+class Inputs(TypedDict):
+    """``FingerprintInputs``' XCom (:mod:`operators.rules.fingerprint`)."""
+
+    build: bool
+    reason: str
+    fingerprint: str
+    complete: bool
+    inputs: str
+    newest_verified_ami: str
+    changed: list[str]
+
+
+#: sha256 hex digest (the inputs' fingerprint).
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _pattern(pattern: re.Pattern[str], what: str) -> Callable[[Any], str | None]:
@@ -130,6 +177,28 @@ def _expectations(v: Any) -> str | None:
     return None if ok else expected
 
 
+def _packages(v: Any) -> str | None:
+    """None when ``v`` is a well-formed, canonical package list in JSON form."""
+    try:
+        ok = manifest.to_records(manifest.from_records(v)) == v
+    except manifest.ManifestError as exc:
+        return f"the image's package list ({exc})"
+    return None if ok else "the image's package list in canonical order (sorted, unique)"
+
+
+def _changes(v: Any) -> str | None:
+    counts = ("added", "removed", "updated")
+    ok = isinstance(v, dict) and set(v) == set(counts) and all(_count(v[c]) is None for c in counts)
+    return None if ok else "{added, removed, updated} counts"
+
+
+def _count(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "a count"
+
+
+_ami = _pattern(validation.AMI_ID_RE, "an AMI id")
+
+
 def _port(v: Any) -> str | None:
     return None if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 else "a TCP port"
 
@@ -161,9 +230,28 @@ CONTRACTS: dict[str, tuple[str, dict[str, Callable[[Any], str | None]]]] = {
         {
             "volume_id": _pattern(validation.VOLUME_ID_RE, "a volume id"),
             "expectations": _expectations,
+            "packages": _packages,
         },
     ),
-    "ami": ("RegisterHVMAmi", {"ami_id": _pattern(validation.AMI_ID_RE, "an AMI id")}),
+    "ami": ("RegisterHVMAmi", {"ami_id": _ami}),
+    "manifest": (
+        "PublishManifest",
+        {
+            "ami_id": _ami,
+            "packages": lambda v: None if _count(v) is None and v > 0 else "a package count",
+            "sha256": _pattern(SHA256_RE, "a sha256 hex digest"),
+            "s3_key": lambda v: None if isinstance(v, str) else "an S3 key or ''",
+            "changed": _changes,
+            "previous_ami": lambda v: None if v == "" or _ami(v) is None else "an AMI id or ''",
+        },
+    ),
+    "inputs": (
+        "FingerprintInputs",
+        {
+            "fingerprint": _pattern(SHA256_RE, "a sha256 hex digest"),
+            "inputs": lambda v: None if isinstance(v, str) and len(v) <= 256 else "a tag value",
+        },
+    ),
 }
 
 

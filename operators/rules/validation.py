@@ -10,7 +10,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from operators import defaults
@@ -45,7 +45,7 @@ TRIGGER_PARAMS = frozenset(
     {
         "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check", "base_ami",
         "base_ami_owner", "base_ami_name", "instance_type", "subnet_id", "keep_amis", "deprecate_grace",
-        "smoke_check", "smoke_instance_type",
+        "smoke_check", "smoke_instance_type", "force",
     }
 )  # fmt: skip
 #: Values that are the operator's to set, never a trigger's: where each one is set instead.
@@ -90,6 +90,11 @@ class BuildParams:
     deprecate_grace: int
     smoke_check: bool
     smoke_instance_type: str
+    #: build even when the inputs are those of the newest verified AMI (operators.rules.fingerprint)
+    force: bool = False
+    #: the definition's ``distribution`` (``Distribution.as_dict``): where ``DistributeAmi`` copies and
+    #: shares the verified AMI; empty for a build of no definition
+    distribution: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what the validate task pushes to XCom)."""
@@ -345,6 +350,7 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str], image
         ),
         smoke_check=as_bool(params, "smoke_check", as_bool(settings, "smoke_check", True)),
         smoke_instance_type=smoke_instance_type,
+        force=as_bool(params, "force", False),
     )
 
 
@@ -379,28 +385,35 @@ FORM_OVERRIDES = {
 }
 
 
-def validate_image_build(
-    image: ImageDefinition, params: Mapping[str, Any], settings: Mapping[str, str]
-) -> BuildParams:
-    """:func:`validate_build` of one image definition's run: the definition's recipe and values, this
-    run's overrides of them checked as the file is (``definition.apply_overrides``)."""
+def apply_form_values(image: ImageDefinition, params: Mapping[str, Any]) -> ImageDefinition:
+    """The definition with this run's form values (:data:`FORM_OVERRIDES`) applied and checked as the
+    file is; a refusal names the form's field. An empty field (None, or "" from a text box) keeps
+    the definition's value."""
     from operators.rules import definition  # it uses this module's rules: import it when called
 
-    # an empty field of the form (None, or "" from a text box) keeps the definition's value
     overrides = {
         FORM_OVERRIDES[k]: v for k, v in params.items() if k in FORM_OVERRIDES and v not in (None, "")
     }
     try:
-        image = definition.apply_overrides(image, overrides)
+        return definition.apply_overrides(image, overrides)
     except definition.DefinitionError as exc:  # name the form's field, as every other refusal does
         form_field = {v: k for k, v in FORM_OVERRIDES.items()}.get(exc.field)
         if form_field is None:
             raise
         raise ParamError(form_field, f"{exc.problem} (the definition's {exc.field})") from None
+
+
+def validate_image_build(
+    image: ImageDefinition, params: Mapping[str, Any], settings: Mapping[str, str]
+) -> BuildParams:
+    """:func:`validate_build` of one image definition's run: the definition's recipe and values, this
+    run's overrides of them checked as the file is (:func:`apply_form_values`)."""
+    image = apply_form_values(image, params)
     values = {
         "canvas_size_gib": image.size_gib,
         "mirror_url": image.mirror or "",
         "keep_amis": image.keep,
         "deprecate_grace": image.deprecate,
     }
-    return validate_build({**params, **values, "recipe": image.recipe}, settings, image=image.name)
+    built = validate_build({**params, **values, "recipe": image.recipe}, settings, image=image.name)
+    return replace(built, distribution=image.distribution.as_dict())

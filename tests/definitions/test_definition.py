@@ -178,6 +178,15 @@ def test_the_key_fingerprint_is_the_one_gpg_computes(gpg: Callable[..., str], tm
         definition.key_fingerprints(relabeled)
 
 
+ORG_ARN = "arn:aws:organizations::123456789012:organization/o-abc123defg"
+OU_ARN = "arn:aws:organizations::123456789012:ou/o-abc123defg/ou-ab12-cdefgh34"
+
+
+def _dist(**fields: object) -> dict:
+    """A distribution field with these fields."""
+    return dict(fields)
+
+
 def _make(images: Path, how: Callable[[Path], object]) -> Path:
     """Apply a hostile change (a function of the images dir returning the definition data)."""
     return _write(images, how(images))
@@ -346,14 +355,41 @@ HOSTILE: list[tuple[str, Callable[[Path], object], str, str]] = [
      "got a date"),
     ("yaml-python-tag", lambda i: "name: !!python/object/apply:os.system [id]\n", "line 1, column 7",
      "constructor"),
-    ("distribution-not-empty", lambda i: _with(distribution={"regions": ["eu-west-1"]}),
-     "distribution", "empty"),
+    ("distribution-unknown-field", lambda i: _with(distribution={"region": "eu-west-1"}),
+     "distribution.region", "not a field here"),
+    ("distribution-region-bare", lambda i: _with(distribution={"regions": ["eu-west-1"]}),
+     "distribution.regions[0]", "must be a mapping"),
+    ("distribution-region-bad", lambda i: _with(distribution=_dist(regions=[{"region": "Europe"}])),
+     "distribution.regions[0].region", "an AWS region"),
+    ("distribution-region-twice",
+     lambda i: _with(distribution=_dist(regions=[{"region": "eu-west-1"}, {"region": "eu-west-1"}])),
+     "distribution.regions[1]", "'eu-west-1' is given twice"),
+    ("distribution-region-extra", lambda i: _with(distribution=_dist(regions=[{"region": "eu-west-1",
+     "encrypted": True}])), "distribution.regions[0].encrypted", "not a field here"),
+    ("distribution-kms-bad", lambda i: _with(distribution=_dist(regions=[{"region": "eu-west-1",
+     "kms_key_id": "my key"}])), "distribution.regions[0].kms_key_id", "a KMS key"),
+    ("distribution-kms-other-region", lambda i: _with(distribution=_dist(regions=[{"region": "eu-west-1",
+     "kms_key_id": "arn:aws:kms:us-east-1:123456789012:alias/amibake"}])),
+     "distribution.regions[0].kms_key_id", "not of eu-west-1"),
+    ("distribution-account-number", lambda i: _with(distribution=_dist(accounts=[123456789012])),
+     "distribution.accounts[0]", "quote it"),
+    ("distribution-account-short", lambda i: _with(distribution=_dist(accounts=["12345678901"])),
+     "distribution.accounts[0]", "12 digits"),
+    ("distribution-account-twice", lambda i: _with(distribution=_dist(accounts=["123456789012"] * 2)),
+     "distribution.accounts", "given twice"),
+    ("distribution-org-bad", lambda i: _with(distribution=_dist(organization_arns=["o-abc123defg"])),
+     "distribution.organization_arns[0]", "an organization ARN"),
+    ("distribution-ou-is-org", lambda i: _with(distribution=_dist(organizational_unit_arns=[ORG_ARN])),
+     "distribution.organizational_unit_arns[0]", "an organizational unit ARN"),
     ("mode-not-octal", lambda i: _with(files=_file(mode="0999")), "files[0].mode", "match"),
     ("mode-an-int", lambda i: _with(files=_file(mode=644)), "files[0].mode", "must be a string"),
     ("mode-unquoted-octal", lambda i: yaml.safe_dump(BASE).replace("mode: '0644'", "mode: 0644"),
      "files[0].mode", 'quote it ("0644")'),
     ("owner-space", lambda i: _with(files=_file(owner="root root")), "files[0].owner", "match"),
     ("kernel-arg-space", lambda i: _with(kernel_args=["quiet splash"]), "kernel_args[0]", "match"),
+    ("rebuild-after-hours", lambda i: _with(rebuild_after="12h"), "rebuild_after", "whole days"),
+    ("rebuild-after-zero", lambda i: _with(rebuild_after="0d"), "rebuild_after", "whole days"),
+    ("rebuild-after-number", lambda i: _with(rebuild_after=30), "rebuild_after", "a string"),
     ("kernel-arg-quote", lambda i: _with(kernel_args=["init='/bin/sh'"]), "kernel_args[0]", "match"),
     ("service-slash", lambda i: _with(services={"enable": ["../../x.service"]}),
      "services.enable[0]", "match"),
@@ -406,6 +442,20 @@ SCHEMA_PATTERNS = {
 OWN_PATTERNS = {
     (_PROPS, "repositories", _ITEM, _PROPS, "connection_id"): definition.CONNECTION_ID_PATTERN,
     (_PROPS, "smoke_checks", _ITEM, _PROPS, "command"): definition.NOT_BLANK,
+    (
+        _PROPS,
+        "rebuild_after",
+    ): definition.REBUILD_AFTER_PATTERN,
+    **{
+        (_PROPS, "distribution", _PROPS, *where): pattern
+        for where, pattern in {
+            ("regions", _ITEM, _PROPS, "region"): definition.REGION_PATTERN,
+            ("regions", _ITEM, _PROPS, "kms_key_id"): definition.KMS_KEY_PATTERN,
+            ("accounts", _ITEM): definition.ACCOUNT_PATTERN,
+            ("organization_arns", _ITEM): definition.ORGANIZATION_ARN_PATTERN,
+            ("organizational_unit_arns", _ITEM): definition.OU_ARN_PATTERN,
+        }.items()
+    },
 }
 
 
@@ -585,6 +635,39 @@ def test_the_canonical_hash_is_of_the_values_not_the_spelling(images: Path) -> N
     assert definition.canonical_hash(definition.apply_overrides(image, {"size_gib": 5})) != first
     (images / "web" / "scripts" / "10-setup.sh").write_text("#!/bin/sh\necho changed\n")
     assert definition.canonical_hash(definition.load(path)) != first
+
+
+def test_a_distribution_is_read_checked_and_handed_on_but_not_hashed(images: Path) -> None:
+    """The distribution field as the brief's example writes it: read into a Distribution, handed on
+    as JSON (the validate task's XCom), checked the same way on its own, and left out of the hash
+    (where the AMI goes is not what it holds)."""
+    written = {
+        "regions": [{"region": "eu-west-1", "kms_key_id": "alias/amibake"}, {"region": "us-west-2"}],
+        "accounts": ["123456789012", "210987654321"],
+        "organization_arns": [ORG_ARN],
+        "organizational_unit_arns": [OU_ARN],
+    }
+    image = definition.load(_write(images, _with(distribution=written)))
+    assert image.distribution == definition.Distribution(
+        regions=(definition.RegionCopy("eu-west-1", "alias/amibake"), definition.RegionCopy("us-west-2")),
+        accounts=("123456789012", "210987654321"),
+        organization_arns=(ORG_ARN,),
+        organizational_unit_arns=(OU_ARN,),
+    )
+    assert image.distribution.as_dict() == written
+    assert json.loads(json.dumps(image.distribution.as_dict())) == written
+    assert definition.distribution_of(written) == image.distribution
+    assert image.distribution.launch_permissions() == [
+        {"UserId": "123456789012"},
+        {"UserId": "210987654321"},
+        {"OrganizationArn": ORG_ARN},
+        {"OrganizationalUnitArn": OU_ARN},
+    ]
+    plain = definition.load(_write(images, BASE))
+    assert not plain.distribution and plain.distribution.as_dict()["regions"] == []
+    assert definition.canonical_hash(image) == definition.canonical_hash(plain)
+    with pytest.raises(DefinitionError, match=r"^distribution: distribution\.regions\[0\]\.region: "):
+        definition.distribution_of({"regions": [{"region": "EU"}]})
 
 
 def test_the_manifest_covers_scripts_and_image_only(tmp_path: Path) -> None:
