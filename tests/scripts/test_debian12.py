@@ -25,7 +25,7 @@ import pytest
 import yaml
 from loopdisk import BuildResult, LoopVolume, run_build
 
-from operators.rules import definition
+from operators.rules import definition, manifest
 from rehearsal import images
 from rehearsal.aptrepo import AptRepo
 from rehearsal.sshd import package_cache, package_cache_env
@@ -238,11 +238,41 @@ def test_the_definition_is_in_the_image_and_its_password_nowhere(built, bundle) 
     assert "no repository password in the image's files or raw bytes" in verify_log
 
 
+def test_the_package_list_is_the_images_dpkg_database(built, bundle) -> None:
+    """After verify the box wrote the image's package list and announced it once (path, count,
+    sha256): the file is well-formed and canonical (the worker's parser takes it), has the announced
+    digest, holds exactly the "ii" packages the image's own dpkg-query lists, with their full versions,
+    among them the recipe's kernel and cloud-init and the definition's package from its repository."""
+    vol, res = built
+    assert res.rc == 0, res.stderr
+    kinds = [e["event"] for e in res.events if e["event"] in ("expectations", "packages")]
+    assert kinds == ["expectations", "packages"]
+    (event,) = [e for e in res.events if e["event"] == "packages"]
+    # (under this test's --work-dir: the worker takes only the box's default one, manifest.packages_event)
+    path, count, digest = event["path"], event["count"], event["sha256"]
+    assert path == str(vol.work / "run" / "packages.tsv")
+    packages = manifest.parse_list(Path(path).read_bytes(), sha256=digest, count=count)
+    dpkg = subprocess.run(
+        ["chroot", str(vol.work / "root"), "dpkg-query", "-W",
+         "-f=${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    installed = {(n, a): v for s, n, v, a in (row.split("\t") for row in dpkg) if s.startswith("ii")}
+    assert {p.key: p.evr for p in packages} == installed and len(packages) == len(installed)
+    names = {p.name for p in packages}
+    assert {"linux-image-cloud-amd64", "cloud-init", "grub-pc", "openssh-server", "amibake-hello"} <= names
+    assert manifest.package("amibake-hello", 0, "1.0", "", "all") in packages  # a native package
+
+
 def test_verify_passes_on_the_built_image(built) -> None:
-    """verify alone re-derives device and mount point and passes."""
-    vol, _ = built
+    """verify alone re-derives device and mount point and passes; it lists the same packages again
+    (the same file, count and digest: a retried build announces the same list)."""
+    vol, first = built
     res = verify(vol)
     assert res.rc == 0, res.stderr
+    assert [e for e in res.events if e["event"] == "packages"] == [
+        e for e in first.events if e["event"] == "packages"
+    ]
     log = (vol.work / "logs" / "verify.log").read_text()
     assert "initramfs" in log and "nvme xen-blkfront virtio_blk ena xen-netfront" in log
 

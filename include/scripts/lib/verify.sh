@@ -238,8 +238,62 @@ write_expectations() {
 
 expectations_file() { echo "$RUN_DIR/expectations"; }
 
+# --- the image's package list (the "packages" event) ---------------------------------------------
+
+packages_file() { echo "$RUN_DIR/$PACKAGES_FILE"; }
+packages_event_file() { echo "$RUN_DIR/packages.event"; }
+
+# What is wrong with one package list line (contract.env PACKAGES_FILE and PACKAGE_*_RE), in
+# PACKAGE_PROBLEM ('' when nothing; a variable, not output: no subshell per line).
+package_line_problem() {
+    local line=$1 tabs rest name epoch version release arch
+    PACKAGE_PROBLEM=""
+    tabs=${line//[!$'\t']/}
+    if ((${#tabs} != 4)); then
+        PACKAGE_PROBLEM="not 5 tab-separated fields"
+        return 0
+    fi
+    rest=$line
+    name=${rest%%$'\t'*} && rest=${rest#*$'\t'}
+    epoch=${rest%%$'\t'*} && rest=${rest#*$'\t'}
+    version=${rest%%$'\t'*} && rest=${rest#*$'\t'}
+    release=${rest%%$'\t'*} && arch=${rest#*$'\t'}
+    [[ $name =~ $PACKAGE_NAME_RE ]] || PACKAGE_PROBLEM+="; name '$name' does not match PACKAGE_NAME_RE"
+    [[ $epoch =~ $PACKAGE_EPOCH_RE ]] || PACKAGE_PROBLEM+="; epoch '$epoch' does not match PACKAGE_EPOCH_RE"
+    [[ $version =~ $PACKAGE_VERSION_RE ]] || PACKAGE_PROBLEM+="; version '$version' does not match PACKAGE_VERSION_RE"
+    [[ $release =~ $PACKAGE_RELEASE_RE ]] || PACKAGE_PROBLEM+="; release '$release' does not match PACKAGE_RELEASE_RE"
+    [[ $arch =~ $PACKAGE_ARCH_RE ]] || PACKAGE_PROBLEM+="; arch '$arch' does not match PACKAGE_ARCH_RE"
+    PACKAGE_PROBLEM=${PACKAGE_PROBLEM#; }
+    return 0
+}
+
+# The image's package list from the recipe (recipe_list_packages: rpm or dpkg in the image), sorted,
+# de-duplicated and checked line by line, in $RUN_DIR/$PACKAGES_FILE (the build's run dir); the
+# packages event's fields (path, count, sha256) in packages.event, for build-image to emit.
+write_package_list() {
+    local out tmp line count=0 sum
+    out=$(packages_file)
+    tmp=$out.tmp
+    recipe_list_packages >"$tmp.raw"
+    LC_ALL=C sort -u "$tmp.raw" >"$tmp"
+    rm -f "$tmp.raw"
+    while IFS= read -r line; do
+        count=$((count + 1))
+        package_line_problem "$line"
+        [[ -z $PACKAGE_PROBLEM ]] || die "verify: package list line $count ($(json_str "$line")): $PACKAGE_PROBLEM"
+    done <"$tmp"
+    ((count > 0)) || die "verify: the image's package list is empty (recipe_list_packages printed nothing)"
+    ((count <= PACKAGES_MAX)) || die "verify: the image's package list has $count lines, more than PACKAGES_MAX=$PACKAGES_MAX"
+    sum=$(sha256sum "$tmp" | cut -d' ' -f1)
+    mv -f "$tmp" "$out"
+    printf '"path":%s,"count":%d,"sha256":"%s"\n' "$(json_str "$out")" "$count" "$sum" >"$(packages_event_file)"
+    echo "verify: package list: $count packages in $out, sha256 $sum"
+}
+
 phase_verify() {
     ensure_root_mounted
+    # A list or event of an earlier try never stands for this image.
+    rm -f "$(packages_file)" "$(packages_event_file)"
     VERIFY_FAILS=0
     verify_bootloader
     verify_grub_cfg
@@ -259,5 +313,6 @@ phase_verify() {
         return 1
     fi
     write_expectations
+    write_package_list
     echo "verify: all checks passed"
 }

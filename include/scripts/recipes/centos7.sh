@@ -100,6 +100,14 @@ recipe_list_initramfs() {
     chroot "$ROOT" lsinitrd "/boot/initramfs-$1.img"
 }
 
+# The image's installed packages from its rpm database, one NAME<TAB>EPOCH<TAB>VERSION<TAB>RELEASE<TAB>ARCH
+# line each (contract.env PACKAGES_FILE; EPOCHNUM: 0 when a package has no epoch). gpg-pubkey entries
+# are the keys rpm trusts, not packages: left out.
+recipe_list_packages() {
+    rpm --root "$ROOT" -qa --qf '%{NAME}\t%{EPOCHNUM}\t%{VERSION}\t%{RELEASE}\t%{ARCH}\n' |
+        awk -F'\t' '$1 != "gpg-pubkey"'
+}
+
 # Kernel versions installed in the image.
 image_kernels() {
     local d

@@ -77,6 +77,21 @@ recipe_list_initramfs() {
     chroot "$ROOT" lsinitramfs "/boot/initrd.img-$1"
 }
 
+# The image's installed packages ("ii" in the image's own dpkg database, read by its dpkg-query), one
+# NAME<TAB>EPOCH<TAB>VERSION<TAB>RELEASE<TAB>ARCH line each (contract.env PACKAGES_FILE): Debian's
+# [epoch:]upstream[-revision] split at the first colon and the last hyphen (no epoch: 0).
+# shellcheck disable=SC2016 # ${...} is dpkg-query's own field syntax, not the shell's
+recipe_list_packages() {
+    chroot "$ROOT" dpkg-query -W -f='${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n' |
+        awk -F'\t' 'substr($1, 1, 2) == "ii" {
+            v = $3; e = 0; r = ""
+            c = index(v, ":")
+            if (c) { e = substr(v, 1, c - 1); v = substr(v, c + 1) }
+            if (match(v, /-[^-]*$/)) { r = substr(v, RSTART + 1); v = substr(v, 1, RSTART - 1) }
+            printf "%s\t%s\t%s\t%s\t%s\n", $2, e, v, r, $4
+        }'
+}
+
 # The image's apt sources: the build mirror for the suite and its updates, plus the security
 # archive the box itself uses (if any), so `apt-get upgrade` on an instance gets fixes.
 write_apt_sources() {
