@@ -16,12 +16,15 @@ _EXPORTS = {
     "TerminateBuildBox": "operators.build_box",
     "AttachCanvas": "operators.canvas",
     "DeleteCanvas": "operators.canvas",
+    "FingerprintInputs": "operators.fingerprint",
     "RemoteChrootBuild": "operators.remote_build",
     "FrozenSnapshot": "operators.snapshot",
     "RegisterHVMAmi": "operators.ami",
     "SmokeInstance": "operators.smoke",
     "TerminateSmokeInstance": "operators.smoke",
     "RotateAmis": "operators.rotate",
+    "PublishManifest": "operators.manifest",
+    "DistributeAmi": "operators.distribute",
     "SweepOrphans": "operators.sweep",
 }
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowException
 
-from operators import defaults
+from operators import defaults, metrics
 from operators.base import AmibakeOperator
 from operators.links.ec2 import AmiLink
 from operators.rules import naming, records, validation
@@ -67,6 +67,8 @@ class RegisterHVMAmi(AmibakeOperator):
     :param size_gib: root volume size of the AMI (the canvas size).
     :param image: the image definition's name ('' = the recipe's name).
     :param ami_name_prefix: prefix of the AMI name ('' = ``amibake-<image>``).
+    :param inputs: ``FingerprintInputs``' XCom: its fingerprint is tagged on the AMI, so the next night
+        with the same inputs builds nothing (``amibake:fingerprint``, ``amibake:inputs``).
     """
 
     template_fields: Sequence[str] = (
@@ -75,6 +77,7 @@ class RegisterHVMAmi(AmibakeOperator):
         "size_gib",
         "image",
         "ami_name_prefix",
+        "inputs",
     )
     operator_extra_links = (AmiLink(),)
     ui_color = "#fbe7a1"
@@ -86,6 +89,7 @@ class RegisterHVMAmi(AmibakeOperator):
         size_gib: Any,
         image: str = "",
         ami_name_prefix: str = "",
+        inputs: Any = None,
         deferrable: bool = True,
         waiter_delay: int = defaults.WAIT_IMAGE_AVAILABLE[0],
         waiter_max_attempts: int = defaults.WAIT_IMAGE_AVAILABLE[1],
@@ -97,6 +101,7 @@ class RegisterHVMAmi(AmibakeOperator):
         self.size_gib = size_gib
         self.image = image
         self.ami_name_prefix = ami_name_prefix
+        self.inputs = inputs
         self.deferrable = deferrable
         self.waiter_delay = waiter_delay
         self.waiter_max_attempts = waiter_max_attempts
@@ -115,6 +120,12 @@ class RegisterHVMAmi(AmibakeOperator):
             {"Key": naming.TAG_SNAPSHOT_ID, "Value": snapshot_id},
             {"Key": naming.TAG_IMAGE_LINE, "Value": prefix},
         ]
+        if self.inputs is not None:
+            inputs = records.check("inputs", self.inputs)
+            tags += [
+                {"Key": naming.TAG_FINGERPRINT, "Value": inputs["fingerprint"]},
+                {"Key": naming.TAG_INPUTS, "Value": inputs["inputs"]},
+            ]
         if existing:
             image_id = existing[0]["ImageId"]
             if snapshot_id not in _snapshots_of(existing[0]):
@@ -132,6 +143,7 @@ class RegisterHVMAmi(AmibakeOperator):
                 tags=tags,
             )
             image_id = hook.register_image(args)
+            metrics.count(self.image or self.recipe, "ami.created")
             self.log.info("build %s: registered AMI %s (%s)", build, image_id, name)
         self.persist_link(AmiLink, context, image_id=image_id)
         return self.defer_or_wait(

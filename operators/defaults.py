@@ -135,6 +135,10 @@ SETTINGS: dict[str, str] = {
     # e.g. airflow.providers.smtp.notifications.smtp.SmtpNotifier) and its keyword arguments as JSON
     "notifier": "",
     "notifier_kwargs": "",  # empty = no arguments
+    # an S3 bucket (the amibake_aws connection's account) for each AMI's package list and CycloneDX
+    # SBOM: s3://<bucket>/<image line>/<ami id>/packages.json and sbom.cdx.json; empty = none (the
+    # list then stays in the build task's XCom, and the AMI's tags carry its sha256)
+    "manifest_bucket": "",
 }
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -235,14 +233,10 @@ def _mirror(params: validation.BuildParams) -> rules.Check:
     url = rules.mirror_probe(params.recipe, params.mirror_url, default)
     if not url:
         return rules.mirror("", 0, "")
-    request = urllib.request.Request(url, headers={"User-Agent": "amibake-preflight", "Range": "bytes=0-0"})
-    try:
-        with urllib.request.urlopen(request, timeout=MIRROR_TIMEOUT_S) as answer:  # noqa: S310 - http(s) only
-            return rules.mirror(url, answer.status, "")
-    except urllib.error.HTTPError as exc:
-        return rules.mirror(url, exc.code, "")
-    except (OSError, ValueError) as exc:
-        return rules.mirror(url, 0, str(getattr(exc, "reason", exc)))
+    from operators.hooks import repository
+
+    status, error = repository.probe(url, timeout=MIRROR_TIMEOUT_S)
+    return rules.mirror(url, status, error)
 
 
 class Preflight(AmibakeOperator):

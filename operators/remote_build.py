@@ -4,7 +4,6 @@ runs the build there."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowException
 
-from operators import defaults
+from operators import defaults, metrics
 from operators.base import AmibakeOperator
-from operators.rules import definition, records, remote, validation
+from operators.rules import definition, manifest, records, remote, validation
 
 if TYPE_CHECKING:
     import paramiko
@@ -32,9 +31,11 @@ class RemoteChrootBuild(AmibakeOperator):
     left running, then runs the build with a pty, logging every output line as it arrives (phase
     start / end with durations at INFO). No silence timeout; ``build_timeout`` is a hard limit.
     Every value reaches the remote shell as its own quoted argument. A failure names the phase
-    and the exit code. XCom: ``records.Build``: ``{"volume_id", "expectations"}``, the latter what a
-    first boot of the image must show (login user, kernel arguments, baked host keys, SELinux), as
-    build-image reported it after its verify phase; ``SmokeInstance`` checks the AMI with it.
+    and the exit code. XCom: ``records.Build``: ``{"volume_id", "expectations", "packages"}``:
+    what a first boot of the image must show (login user, kernel arguments, baked host keys, SELinux),
+    as build-image reported it after its verify phase (``SmokeInstance`` checks the AMI with it), and
+    the image's package list, fetched from the file the ``packages`` event names over the same SSH
+    client and checked against the announced sha256 (``PublishManifest`` tags, stores and diffs it).
 
     :param box: ``LaunchBuildBox``'s XCom.
     :param canvas: ``AttachCanvas``'s XCom.
@@ -107,7 +108,7 @@ class RemoteChrootBuild(AmibakeOperator):
         common["mirror_url"] = mirror
         with contextlib.closing(ssh.get_conn()) as client:
             with tempfile.TemporaryDirectory(prefix="amibake-ship-") as staging:
-                common["manifest_sha256"] = self._stage(Path(staging), local_scripts, image)
+                common["manifest_sha256"] = definition.stage(Path(staging), local_scripts, image)
                 count = ship_directory(client, Path(staging), remote.remote_dir(build))
             common["image_bundle"] = image is not None
             self.log.info(
@@ -134,22 +135,40 @@ class RemoteChrootBuild(AmibakeOperator):
                 raise AirflowException(
                     f"build-image exceeded build_timeout of {self.build_timeout} s in phase {phase!r}"
                 )
-        if result.exit_code != 0 or not result.progress.ok:
-            raise AirflowException(
-                result.progress.failure(result.exit_code if result.exit_code is not None else -1)
-            )
+            if result.exit_code != 0 or not result.progress.ok:
+                raise AirflowException(
+                    result.progress.failure(result.exit_code if result.exit_code is not None else -1)
+                )
+            packages = self._fetch_packages(client, result.progress.packages, sudo=common["sudo"])
         total = sum(result.progress.finished.values())
         self.log.info("build %s: image built on %s in %.1f s of phases", build, volume_id, total)
-        # what the smoke instance checks after registration: checked here, where it was reported
-        return records.check("build", {"volume_id": volume_id, "expectations": result.progress.expectations})
+        metrics.phases(self.image or self.recipe, result.progress.finished)
+        # what the smoke instance checks after registration, and what is in the image: checked here,
+        # where they were reported
+        return records.check(
+            "build",
+            {
+                "volume_id": volume_id,
+                "expectations": result.progress.expectations,
+                "packages": manifest.to_records(packages) if packages is not None else None,
+            },
+        )
 
-    @staticmethod
-    def _stage(staging: Path, scripts: Path, image: definition.ImageDefinition | None) -> str:
-        """What goes to the box, in ``staging``: scripts/, image/ and their SHA256SUMS; its digest."""
-        shutil.copytree(scripts, staging / "scripts")
-        if image is not None:
-            definition.render_bundle(image, staging / "image")
-        return definition.write_manifest(staging)
+    def _fetch_packages(
+        self, client: paramiko.SSHClient, event: dict[str, Any] | None, *, sudo: bool
+    ) -> list[manifest.Package] | None:
+        """The image's package list the box announced (``packages`` event): fetched over the same SSH
+        client, checked against the announced sha256 and count and the contract's line format. None
+        when no list was announced: the record's check then refuses the build, naming the field."""
+        from operators.hooks.box import fetch_file
+
+        if event is None:
+            return None
+        path, count, digest = manifest.packages_event(event)
+        data = fetch_file(client, path, sudo=sudo, max_bytes=count * manifest.MAX_LINE_BYTES)
+        packages = manifest.parse_list(data, sha256=digest, count=count)
+        self.log.info("package list fetched from the box: %d packages, sha256 %s", len(packages), digest)
+        return packages
 
     def _credentials(self, image: definition.ImageDefinition) -> dict[str, tuple[str, str]]:
         """``{repository: (login, password)}`` from the Airflow connections the definition names."""

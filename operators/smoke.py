@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from operators import defaults
+from operators import defaults, metrics
 from operators.base import AmibakeOperator
 from operators.links.ec2 import EC2InstanceLink
-from operators.rules import launch, lifecycle, naming, records, remote, validation
+from operators.rules import definition, launch, lifecycle, naming, records, remote, validation
 from operators.rules.naming import Role
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ class SmokeInstance(AmibakeOperator):
             root_volume=(image["RootDeviceName"], size),
         )
         token = f"amibake-{build}-smoke-{context['ti'].try_number}"
+        launched = time.monotonic()
         instance_id = hook.run_instance(run_args, token=token)["InstanceId"]
         self.persist_link(EC2InstanceLink, context, instance_id=instance_id)
         self.log.info(
@@ -169,6 +170,8 @@ class SmokeInstance(AmibakeOperator):
         except SmokeCheckFailed as failed:
             raise self._reject(ami_id, instance_id, str(failed)) from failed
         seconds = round(time.monotonic() - started, 1)
+        # launch to the last check: what the smoke instance adds to a night
+        metrics.duration(definition.name_of_dag(self.dag_id), "smoke_check", time.monotonic() - launched)
         hook.mark_verified(ami_id)
         self.log.info(
             "AMI %s passed every smoke check in %.1f s: tagged amibake:verified=true", ami_id, seconds

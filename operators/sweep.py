@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from operators import metrics
 from operators.base import AmibakeOperator
 from operators.rules import lifecycle
 from operators.rules.validation import ParamError, as_bool, validate_number
@@ -80,7 +81,8 @@ class SweepOrphans(AmibakeOperator):
             self.log.info("nothing to sweep")
         if dry_run:
             return [a.as_dict() for a in plan.remove]
-        failures = self._remove(plan.remove)
+        done, failures = self._remove(plan.remove)
+        metrics.swept({kind: sum(1 for a in done if a.kind == kind) for kind in lifecycle.KIND_ORDER})
         if failures:
             raise RuntimeError("sweep incomplete, could not remove: " + "; ".join(failures))
         return [a.as_dict() for a in plan.remove]
@@ -96,8 +98,10 @@ class SweepOrphans(AmibakeOperator):
             if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ACTIVE_RUN_STATES)) > 0
         }
 
-    def _remove(self, actions: list[lifecycle.Action]) -> list[str]:
-        """Carry out the plan in its order; return what failed (the hook treats "already gone" as done)."""
+    def _remove(self, actions: list[lifecycle.Action]) -> tuple[list[lifecycle.Action], list[str]]:
+        """Carry out the plan in its order; return what was done and what failed (the hook treats
+        "already gone" as done)."""
+        done: list[lifecycle.Action] = []
         failures: list[str] = []
 
         def attempt(action: lifecycle.Action, call: Callable[[], object]) -> bool:
@@ -109,6 +113,7 @@ class SweepOrphans(AmibakeOperator):
                 failures.append(f"{action.kind} {action.resource_id}: {exc}")
                 return False
             self.log.info("%s %s: %s done", action.kind, action.resource_id, action.action)
+            done.extend(boxes if action.kind == "instance" else [action])
             return True
 
         by_kind = {kind: [a for a in actions if a.kind == kind] for kind in lifecycle.KIND_ORDER}
@@ -129,4 +134,4 @@ class SweepOrphans(AmibakeOperator):
             attempt(action, lambda a=action: self.hook.deregister_image(a.resource_id))
         for action in by_kind["snapshot"]:
             attempt(action, lambda a=action: self.hook.delete_snapshot(a.resource_id))
-        return failures
+        return done, failures

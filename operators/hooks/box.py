@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import posixpath
+import shlex
 import stat
 import time
 from collections.abc import Callable
@@ -25,8 +26,10 @@ from operators.rules.remote import (
     CHECK,
     CHECK_FAIL,
     EXPECTATIONS,
+    PACKAGES,
     BuildProgress,
     parse_check_lines,
+    read_file_argv,
 )
 
 if TYPE_CHECKING:
@@ -180,8 +183,54 @@ def _emit(line: str, result: CommandResult, log: logging.Logger) -> None:
             event.get("baked_host_keys") or "none",
             "required" if event.get("require_selinux") else "not required",
         )
+    elif kind == PACKAGES:
+        log.info(
+            "package list: %s packages in %s on the box, sha256 %s",
+            event.get("count"),
+            event.get("path"),
+            event.get("sha256"),
+        )
     else:
         log.info("build-image: %s", {k: v for k, v in event.items() if k != "event"} | {"event": kind})
+
+
+def fetch_file(
+    client: paramiko.SSHClient, path: str, *, sudo: bool, max_bytes: int, timeout_s: float = 60.0
+) -> bytes:
+    """The bytes of one file of the box, read with ``cat`` over an exec channel of ``client`` (as root
+    through ``sudo -n`` when ``sudo``: what the build writes is root's). Refuses a file larger than
+    ``max_bytes`` and a failed read (with the box's message)."""
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise ConnectionError("SSH transport to the build box is not active")
+    channel = transport.open_session()
+    try:
+        channel.settimeout(READ_SLICE_S)
+        channel.exec_command(shlex.join(read_file_argv(path, sudo=sudo)))
+        deadline = time.monotonic() + timeout_s
+        data = bytearray()
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {path} from the box took longer than {timeout_s} s")
+            try:
+                chunk = channel.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > max_bytes:
+                raise ValueError(f"{path} on the box is larger than {max_bytes} bytes")
+        status = channel.recv_exit_status()
+        errors = bytearray()
+        while channel.recv_stderr_ready() and len(errors) < 4096:
+            errors += channel.recv_stderr(4096)
+    finally:
+        channel.close()
+    if status != 0:
+        message = errors.decode(errors="replace").strip()[-500:]
+        raise FileNotFoundError(f"could not read {path} on the box (exit code {status}): {message}")
+    return bytes(data)
 
 
 def public_key_of_connection(ssh_conn_id: str) -> str:

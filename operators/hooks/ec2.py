@@ -538,6 +538,14 @@ class BuildEc2Hook(EC2Hook):
         EC2 sends it base64-encoded; botocore decodes it (``decode_console_output``)."""
         return self.conn.get_console_output(InstanceId=instance_id).get("Output") or ""
 
+    def tag_manifest(self, image_id: str, tags: dict[str, str]) -> None:
+        """Tag an AMI of ours with what is in it and where it came from (``naming.MANIFEST_TAGS`` only:
+        the IAM policy allows no other key on an existing AMI)."""
+        unknown = set(tags) - set(naming.MANIFEST_TAGS)
+        if unknown:
+            raise ValueError(f"not manifest tags: {sorted(unknown)}")
+        self.conn.create_tags(Resources=[image_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+
     def mark_verified(self, image_id: str) -> None:
         """Tag an AMI of ours ``amibake:verified=true`` (its smoke check passed)."""
         self.conn.create_tags(
@@ -565,6 +573,71 @@ class BuildEc2Hook(EC2Hook):
         for volume_id in ids:
             self.delete_volume(volume_id)
         return ids
+
+    # -- distribution: copies of a verified AMI in other regions, and who may launch them -----------
+    # (operators.distribute; each call goes to this hook's region: one hook per region)
+    def find_copies(self, source_image_id: str) -> list[dict]:
+        """This region's copies of ``source_image_id`` (by :data:`naming.TAG_SOURCE_AMI`), any state
+        but deregistered, newest first."""
+        images = self.conn.describe_images(
+            Owners=["self"],
+            Filters=[{"Name": f"tag:{naming.TAG_SOURCE_AMI}", "Values": [source_image_id]}],
+            IncludeDeprecated=True,
+            IncludeDisabled=True,
+        )["Images"]
+        live = [img for img in images if img.get("State") != "deregistered"]
+        return sorted(live, key=lambda i: str(i.get("CreationDate", "")), reverse=True)
+
+    def copy_image(self, args: dict[str, Any]) -> str:
+        """CopyImage into this region; returns the copy's id.
+
+        ``args`` carries a ClientToken, so botocore's retry after a lost answer gets the original
+        copy. AMI names are unique per region: ``InvalidAMIName.Duplicate`` names the copy a lost
+        answer was about when that AMI carries the source tag (else it is another AMI: raised).
+        """
+        try:
+            return self.conn.copy_image(**args)["ImageId"]
+        except Exception as exc:
+            if error_code(exc) != "InvalidAMIName.Duplicate":
+                raise
+            named = self.conn.describe_images(
+                Owners=["self"], Filters=[{"Name": "name", "Values": [args["Name"]]}]
+            )["Images"]
+            ours = [
+                img
+                for img in named
+                if naming.tags_to_dict(img.get("Tags")).get(naming.TAG_SOURCE_AMI) == args["SourceImageId"]
+            ]
+            if not ours:
+                raise
+            self.log.info("AMI %s is the copy a lost CopyImage answer was about", ours[0]["ImageId"])
+            return ours[0]["ImageId"]
+
+    def launch_permissions(self, image_id: str) -> list[dict[str, str]]:
+        """Who may launch an AMI now (DescribeImageAttribute ``launchPermission``)."""
+        answer = self.conn.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
+        return list(answer.get("LaunchPermissions") or [])
+
+    def add_launch_permissions(self, image_id: str, permissions: list[dict[str, str]]) -> None:
+        """Let these accounts / organizations / OUs launch an AMI (adding is idempotent on EC2)."""
+        self.conn.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": permissions})
+
+    def volume_permissions(self, snapshot_id: str) -> set[str]:
+        """Accounts that may create volumes from a snapshot now (``createVolumePermission``)."""
+        answer = self.conn.describe_snapshot_attribute(
+            SnapshotId=snapshot_id, Attribute="createVolumePermission"
+        )
+        return {p["UserId"] for p in answer.get("CreateVolumePermissions") or [] if "UserId" in p}
+
+    def add_volume_permissions(self, snapshot_id: str, accounts: list[str]) -> None:
+        """Let these accounts create volumes from (and so copy) a snapshot. EC2 has no organization
+        or OU form of it: launching a shared AMI needs none, copying it needs the account's."""
+        self.conn.modify_snapshot_attribute(
+            SnapshotId=snapshot_id,
+            Attribute="createVolumePermission",
+            OperationType="add",
+            UserIds=accounts,
+        )
 
 
 def _admits_ssh_from(group: dict, cidr: str) -> bool:

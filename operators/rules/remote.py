@@ -32,6 +32,8 @@ BOOT_STAGE, CHECK = CONTRACT.event("boot-stage"), CONTRACT.event("check")
 CHECK_FAIL = "FAIL"
 #: Once per successful build, after the verify phase: what instance-check must be told about the image.
 EXPECTATIONS = CONTRACT.event("expectations")
+#: Right after it: where the image's package list is on the box, its count and sha256.
+PACKAGES = CONTRACT.event("packages")
 STATUS_OK, STATUS_FAIL = CONTRACT.status("ok"), CONTRACT.status("fail")
 #: The digest of the shipped SHA256SUMS (``--manifest-sha256``).
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -141,6 +143,7 @@ class BuildProgress:
     boot_stages: dict[str, float] = field(default_factory=dict)
     checks: dict[str, tuple[str, str]] = field(default_factory=dict)
     expectations: dict[str, Any] | None = None
+    packages: dict[str, Any] | None = None
 
     def feed(self, line: str) -> dict[str, Any] | None:
         """Take one output line; return its event if it was a progress line."""
@@ -165,6 +168,8 @@ class BuildProgress:
             self.checks[str(event.get("item"))] = (str(event.get("status")), str(event.get("detail", "")))
         elif kind == EXPECTATIONS:
             self.expectations = {k: v for k, v in event.items() if k != "event"}
+        elif kind == PACKAGES:
+            self.packages = {k: v for k, v in event.items() if k != "event"}
         elif kind == RESULT:
             self.result = event
             if event.get("status") == STATUS_FAIL:
@@ -189,6 +194,12 @@ class BuildProgress:
         where = f"; full log on the box: {self.failed_log}" if self.failed_log else ""
         checks = f"; failed checks: {', '.join(self.failed_checks)}" if self.failed_checks else ""
         return f"build-image failed in phase {phase!r} with exit code {rc}{checks}{where}"
+
+
+def read_file_argv(path: str, *, sudo: bool) -> list[str]:
+    """argv that prints one file of the box (as root through ``sudo -n`` when the login is not root:
+    the build's files are root's)."""
+    return [*(["sudo", "-n"] if sudo else []), "cat", "--", path]
 
 
 def instance_check_argv(expectations: dict[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ class RecordingTI:
 
     try_number: int = 1
     max_tries: int = 0
+    map_index: int = -1
     pushed: dict[str, Any] = field(default_factory=dict)
 
     def xcom_push(self, key: str, value: Any) -> None:

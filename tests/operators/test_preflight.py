@@ -332,7 +332,7 @@ def test_an_ssh_connection_without_a_key_fails(
 def mirror_server(tmp_path: Path) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 serving a Debian-shaped mirror with only ``dists/bookworm``."""
     (tmp_path / "debian" / "dists" / "bookworm").mkdir(parents=True)
-    (tmp_path / "debian" / "dists" / "bookworm" / "Release").write_text("Suite: bookworm\n")
+    (tmp_path / "debian" / "dists" / "bookworm" / "InRelease").write_text("Suite: bookworm\n")
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -350,7 +350,7 @@ def test_the_mirror_is_fetched_from_the_worker(
     exc, checks = _preflight({"base_ami": ami, "mirror_url": f"{mirror_server}/debian"})
     assert exc is None, exc
     (mirror,) = [c for c in checks if c["name"] == "mirror"]
-    assert "dists/bookworm/Release answered HTTP 2" in mirror["detail"]
+    assert "dists/bookworm/InRelease answered HTTP 2" in mirror["detail"]
     failed = _failed(_preflight({"base_ami": ami, "mirror_url": f"{mirror_server}/centos"})[0])
     assert set(failed) == {"mirror"} and "404" in failed["mirror"].detail
     assert failed["mirror"].setting.startswith("mirror_url")
@@ -419,7 +419,8 @@ def test_the_form_declares_exactly_the_trigger_params(nightly: Any) -> None:
     assert set(nightly.params) == TRIGGER_PARAMS
     preflight = nightly.get_task("preflight")
     assert "validate_params" in preflight.upstream_task_ids
-    assert "preflight" in nightly.get_task("launch_build_box").upstream_task_ids
+    assert "preflight" in nightly.get_task("fingerprint_inputs").upstream_task_ids
+    assert "fingerprint_inputs" in nightly.get_task("launch_build_box").upstream_task_ids
 
 
 def test_a_night_with_a_bad_subnet_stops_at_preflight_on_its_first_try(

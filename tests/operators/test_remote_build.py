@@ -32,6 +32,7 @@ from operator_harness import make_context, run_operator
 
 from operators.remote_build import RemoteChrootBuild
 from operators.rules import naming
+from operators.rules.manifest import ManifestError
 from operators.rules.remote import remote_dir
 from operators.rules.validation import ParamError
 
@@ -47,6 +48,12 @@ EXPECTATIONS = {
     "checks": [],
 }
 EXPECTATIONS_LINE = "AMIBAKE " + json.dumps({"event": "expectations", **EXPECTATIONS})
+OK_LINE = 'AMIBAKE {"event":"result","status":"ok"}'
+#: The list the stand-in's report_packages writes and announces (lib/verify.sh write_package_list).
+PACKAGES = [
+    {"name": "base-files", "epoch": 0, "version": "12.4+deb12u11", "release": "", "arch": "amd64"},
+    {"name": "libc6", "epoch": 0, "version": "2.36", "release": "9+deb12u14", "arch": "amd64"},
+]
 HEADER = """#!/usr/bin/env bash
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,6 +66,15 @@ if [[ $action == credentials ]]; then
     cat >"$marks/credentials" && printf '%s\n' "$@" >"$marks/credentials-argv" && exit 0
 fi
 printf '%s\\n' "$@" >"$marks/argv"
+# the package list (root's, as the real one) and its event; $1: a sha256 to announce instead
+report_packages() {
+    local list=${here%/scripts}/run/packages.tsv sum
+    mkdir -p "${list%/*}"
+    printf 'base-files\\t0\\t12.4+deb12u11\\t\\tamd64\\nlibc6\\t0\\t2.36\\t9+deb12u14\\tamd64\\n' >"$list"
+    chmod 0600 "$list"
+    sum=${1:-$(sha256sum "$list" | cut -d' ' -f1)}
+    printf 'AMIBAKE {"event":"packages","path":"%s","count":2,"sha256":"%s"}\\n' "$list" "$sum"
+}
 """
 
 
@@ -146,6 +162,7 @@ def test_build_ships_scripts_quotes_arguments_and_streams(rig: Rig) -> None:
         [[ -e $marks/go ]] || exit 9
         echo 'AMIBAKE {"event":"phase-end","phase":"mkfs","seconds":0.5}'
         echo 'EXPECTATIONS'
+        report_packages
         echo 'AMIBAKE {"event":"result","status":"ok"}'
         """.replace("EXPECTATIONS", EXPECTATIONS_LINE),
     )
@@ -153,7 +170,7 @@ def test_build_ships_scripts_quotes_arguments_and_streams(rig: Rig) -> None:
     dag, op = _op(rig, mirror_url="http://127.0.0.1:9/debian/bookworm-mirror", boot_check=True)
     with _watch_task_log("waiting for the task log", go.touch):
         result = run_operator(op, make_context(dag, RUN_ID)).result
-    assert result == {"volume_id": VOLUME, "expectations": EXPECTATIONS}
+    assert result == {"volume_id": VOLUME, "expectations": EXPECTATIONS, "packages": PACKAGES}
     shipped = rig.on_box.path(remote_dir(naming.build_id(rig.dag_id, RUN_ID))) / "scripts"
     # shipped over SFTP by the box's non-root user, into a dir only it may change
     assert (shipped.stat().st_uid, shipped.stat().st_mode & 0o777) == (1000, 0o700)
@@ -205,6 +222,7 @@ def test_an_image_definition_ships_its_bundle_and_hands_the_credentials_over_std
         rig.scripts,
         """
         echo 'EXPECTATIONS'
+        report_packages
         echo 'AMIBAKE {"event":"result","status":"ok"}'
         """.replace("EXPECTATIONS", EXPECTATIONS_LINE),
     )
@@ -270,7 +288,7 @@ def test_hard_timeout_hangs_up_and_aborts(rig: Rig) -> None:
 
 def test_retry_aborts_the_earlier_build_first(rig: Rig) -> None:
     ok = 'AMIBAKE {"event":"result","status":"ok"}'
-    _write(rig.scripts, f"echo '{EXPECTATIONS_LINE}'\necho '{ok}'\n")
+    _write(rig.scripts, f"echo '{EXPECTATIONS_LINE}'\nreport_packages\necho '{ok}'\n")
     dag, op = _op(rig)
     run_operator(op, make_context(dag, RUN_ID, try_number=2, max_tries=1))
     assert (rig.marks / "actions").read_text().split() == ["abort", "all"]
@@ -282,6 +300,25 @@ def test_a_build_that_reports_no_expectations_is_refused(rig: Rig) -> None:
     _write(rig.scripts, 'echo \'AMIBAKE {"event":"result","status":"ok"}\'\n')
     dag, op = _op(rig)
     with pytest.raises(ParamError, match="^build.expectations: .*RemoteChrootBuild's XCom"):
+        run_operator(op, make_context(dag, RUN_ID))
+
+
+def test_a_build_that_reports_no_package_list_is_refused(rig: Rig) -> None:
+    """An image whose package list was not announced (an older script, a broken contract) is not
+    handed on: the record's check names the field."""
+    _write(rig.scripts, f"echo '{EXPECTATIONS_LINE}'\necho '{OK_LINE}'\n")
+    dag, op = _op(rig)
+    with pytest.raises(ParamError, match="^build.packages: .*RemoteChrootBuild's XCom"):
+        run_operator(op, make_context(dag, RUN_ID))
+
+
+def test_a_package_list_that_is_not_the_announced_one_is_refused(rig: Rig) -> None:
+    """The file fetched from the box must have the sha256 the event announced (root-only file, read
+    through sudo over the build's SSH client)."""
+    other = "0" * 64
+    _write(rig.scripts, f"echo '{EXPECTATIONS_LINE}'\nreport_packages {other}\necho '{OK_LINE}'\n")
+    dag, op = _op(rig)
+    with pytest.raises(ManifestError, match=f"not the announced {other}"):
         run_operator(op, make_context(dag, RUN_ID))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,11 @@ EXPECTATIONS = {
     "require_selinux": False,
     "checks": [],
 }
-BUILD = {"volume_id": "vol-0123456789abcdef0", "expectations": EXPECTATIONS}
+BUILD = {
+    "volume_id": "vol-0123456789abcdef0",
+    "expectations": EXPECTATIONS,
+    "packages": [{"name": "bash", "epoch": 0, "version": "5.2.15", "release": "3", "arch": "amd64"}],
+}
 #: What instance-check cannot find on this machine (no cloud-init, no metadata service, another
 #: kernel command line); each must FAIL, never pass or be skipped silently.
 MUST_FAIL = {"cloud-init", "imdsv2-only", "kernel-cmdline"}
@@ -148,7 +153,7 @@ def test_build_image_reports_the_expectations_after_verify(tmp_path: Path) -> No
         "require_selinux": True,
         "checks": [],
     }
-    assert records.check("build", {"volume_id": BUILD["volume_id"], "expectations": progress.expectations})
+    assert records.check("build", {**BUILD, "expectations": progress.expectations})
 
 
 # -- against the local EC2 API ------------------------------------------------------------------------
@@ -321,6 +326,14 @@ def test_a_retry_terminates_the_earlier_tries_instance_and_launches_a_new_one(
         )["Instances"]
     ]  # fmt: skip
     assert boxes.get(earlier).alive
+    # it was launched long before this try: wait until EC2's eventual consistency shows it
+    # (rehearsal.aws_rules.EventualConsistency hides a new instance from Describe for a moment)
+    client = ec2.boto3_client(recorded=True)
+    filters = naming.build_filters(build, Role.SMOKE)
+    deadline = time.monotonic() + 30
+    while not client.describe_instances(Filters=filters)["Reservations"]:
+        assert time.monotonic() < deadline, f"{earlier} never became visible"
+        time.sleep(0.1)
     ec2.clear_requests()
 
     smoke = _smoke(dag, box, ami)

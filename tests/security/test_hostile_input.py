@@ -280,7 +280,7 @@ def recording_scripts(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     argv_file = tmp_path / "argv"
     entry = scripts / "build-image"
     # stands in for build-image: records the argv it was given, then reports success (with the
-    # expectations a real build reports after verify)
+    # expectations and the package list a real build reports after verify)
     entry.write_text(
         textwrap.dedent(
             f"""\
@@ -288,6 +288,10 @@ def recording_scripts(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
             set -euo pipefail
             printf '%s\\0' "$@" >{argv_file}
             echo '{EXPECTATIONS_LINE}'
+            list=$(cd "$(dirname "$0")/.." && pwd)/run/packages.tsv
+            mkdir -p "${{list%/*}}" && printf 'bash\\t0\\t5.2.15\\t3\\tamd64\\n' >"$list"
+            printf 'AMIBAKE {{"event":"packages","path":"%s","count":1,"sha256":"%s"}}\\n' \\
+                "$list" "$(sha256sum "$list" | cut -d' ' -f1)"
             echo 'AMIBAKE {{"event":"result","status":"ok"}}'
             """
         )

@@ -56,6 +56,7 @@ SMOKE_BUILD = {
     "volume_id": "vol-0123456789abcdef0",
     "expectations": {"login_user": "admin", "cmdline": "root=UUID=0", "baked_host_keys": [],
                      "require_selinux": False, "checks": []},
+    "packages": [{"name": "bash", "epoch": 0, "version": "5.2.15", "release": "3", "arch": "amd64"}],
 }  # fmt: skip
 BUILD = "0123456789ab"
 OUR_TAGS = {"Name": "amibake-x", naming.TAG_BUILD_ID: BUILD, naming.TAG_ROLE: "canvas"}
@@ -219,6 +220,11 @@ FULL_REQUESTS: dict[str, dict[str, str]] = {
     "EnableImageDeprecation": {"ImageId": "ami-1"},
     "DisableImageDeprecation": {"ImageId": "ami-1"},
     "CreateTags": {"ResourceId.1": "vol-1", "ResourceId.2": "ami-1", "Tag.1.Key": "k", "Tag.1.Value": "v"},
+    "CopyImage": {"SourceImageId": "ami-1", "SourceRegion": "us-west-2"},
+    "DescribeImageAttribute": {"ImageId": "ami-1"},
+    "ModifyImageAttribute": {"ImageId": "ami-1"},
+    "DescribeSnapshotAttribute": {"SnapshotId": "snap-1"},
+    "ModifySnapshotAttribute": {"SnapshotId": "snap-1"},
 }
 EXISTING = (
     "ami-1",
@@ -348,7 +354,7 @@ def test_no_create_tags_outside_a_create(kind: str) -> None:
     assert not policy.decide(Authorization("ec2:CreateTags", arn, foreign_keys))[0]
 
 
-def test_the_only_tag_added_to_an_existing_resource_is_verified_true_on_our_ami() -> None:
+def test_verified_true_is_added_only_to_our_ami_and_never_with_another_key() -> None:
     """SmokeInstance's CreateTags: ``amibake:verified=true`` on an AMI of ours, and nothing else."""
     policy = Policy(load_policy())
     ours = {f"aws:ResourceTag/{k}": [v] for k, v in OUR_TAGS.items()}

@@ -1,0 +1,9 @@
+"""Fingerprint tests run on tests/conftest.py's fixtures (the local EC2 API)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The operator harness of tests/operators runs an operator as the task runner would.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operators"))
