@@ -59,6 +59,7 @@ from rehearsal.ebs import EbsSnapshots, LoopEbs
 from rehearsal.ec2_local import Ec2Control, LocalEc2, standard_extensions
 from rehearsal.guests import Guests
 from rehearsal.iam import POLICY_PATH, load_policy
+from rehearsal.mirror import FrozenMirror, debian_upstreams
 from rehearsal.sshd import WORK_DIR_PREFIX, package_cache, package_cache_env
 
 #: The definition a plain ``./rehearse`` builds: every kind of customization, served by a local repo.
@@ -73,6 +74,8 @@ STATE_FILE = "state.json"
 #: The tasks whose return values carry the new AMI id and the snapshot id.
 AMI_TASK = "register_hvm_ami"
 SNAPSHOT_TASK = "frozen_snapshot"
+INPUTS_TASK = "fingerprint_inputs"
+SMOKE_TASK = "smoke_instance"
 AMI_RE = re.compile(r"\bami-[0-9a-f]{8,17}\b")
 SNAPSHOT_RE = re.compile(r"\bsnap-[0-9a-f]{8,17}\b")
 
@@ -99,6 +102,8 @@ class RunResult:
     leaks: list[str] = field(default_factory=list)
     #: what that search covered, for the summary
     scanned: list[str] = field(default_factory=list)
+    #: the next night, triggered right after a green one with nothing changed (None: not run)
+    unchanged: RunResult | None = None
 
 
 @dataclass
@@ -503,12 +508,12 @@ class Options:
         return definition.dag_id(self.image)
 
 
-def images_folder(state_dir: Path, repo: AptRepo) -> Path:
+def images_folder(state_dir: Path, repo: AptRepo, mirror: str = "") -> Path:
     """The rehearsal's ``[amibake] images_dir``: the product's definitions plus rehearsal-debian12,
-    written afresh for this run's repository (its URL and key change every run)."""
+    written afresh for this run's repository (its URL and key change every run) and Debian mirror."""
     folder = state_dir / "images"
     shutil.rmtree(folder, ignore_errors=True)
-    return images.images_folder(folder, defaults.PACKAGE_IMAGES_DIR, repo)
+    return images.images_folder(folder, defaults.PACKAGE_IMAGES_DIR, repo, mirror)
 
 
 def available_images() -> list[str]:
@@ -558,8 +563,12 @@ def rehearsal_services(
         served = ServedRepo(repo, REPO_USER, password)
         key_dirs.append(str(repo.gnupghome))
         save_state()
-        images_dir = images_folder(state_dir, repo)
+        # Debian's archive, its indexes frozen for this rehearsal: a push mid-run changes nothing
+        shutil.rmtree(state_dir / "mirror", ignore_errors=True)
+        mirror = stack.enter_context(FrozenMirror.serve(debian_upstreams(), state_dir / "mirror"))
+        images_dir = images_folder(state_dir, repo, mirror.base("debian"))
         say(f"signed apt repository {repo.url} (basic auth, key {repo.fingerprint})")
+        say(f"Debian mirror {mirror.base('debian')} (indexes frozen, from {mirror.upstreams['debian']})")
         say(f"image definitions in {images_dir}")
         box_env = package_cache_env(opts.package_cache)
         snapshots_dir = state_dir / "snapshots"
@@ -642,6 +651,28 @@ def leftovers(state_dir: Path) -> list[str]:
     return found
 
 
+def mutating_calls(result: RunResult) -> list[str]:
+    """The EC2 requests of a run that change something (not Describe*/Get*, not a DryRun)."""
+    return [
+        c["action"]
+        for c in result.ec2_calls
+        if not c["action"].startswith(("Describe", "Get")) and c["params"].get("DryRun") != "true"
+    ]
+
+
+def unchanged_problem(result: RunResult) -> str:
+    """Why the unchanged night did not do what it must (green, nothing built), or ''."""
+    night = result.unchanged
+    if night is None:
+        return ""
+    if night.state != "success":
+        return f"the unchanged night ended {night.state}"
+    built = [t["task_id"] for t in night.tasks if t["task_id"] == AMI_TASK and t["state"] != "skipped"]
+    if built or mutating_calls(night):
+        return f"the unchanged night built anyway ({', '.join(mutating_calls(night)) or 'register ran'})"
+    return ""
+
+
 def retried_tasks(result: RunResult) -> list[str]:
     """Tasks that needed a retry (``try_number`` > 1): a clean run has none (issue 11, section 5)."""
     return [f"{ti['task_id']} (try {ti['try_number']})" for ti in result.tasks if ti.get("try_number", 1) > 1]
@@ -674,6 +705,19 @@ def summary(result: RunResult, airflow: LocalAirflow) -> str:
         lines.append("  REPOSITORY PASSWORD FOUND in: " + ", ".join(result.leaks))
     elif result.scanned:
         lines.append("  repository password: found nowhere (searched " + ", ".join(result.scanned) + ")")
+    night = result.unchanged
+    if night is not None:
+        skipped = sum(1 for t in night.tasks if t["state"] == "skipped")
+        lines += [
+            "",
+            f"next night, nothing changed: run {night.run_id}: {night.state.upper()} "
+            f"in {night.wall_seconds:.0f} s",
+            f"  {skipped} tasks skipped; EC2 API calls: {len(night.ec2_calls)}, of which changing something: "
+            f"{len(mutating_calls(night))}",
+        ]
+        problem = unchanged_problem(result)
+        if problem:
+            lines.append(f"  UNCHANGED NIGHT FAILED: {problem}")
     login = f"user {ADMIN_USER}, password {airflow.password}"
     lines += ["", f"Airflow UI: {airflow.url}/dags/{result.dag_id}/runs/{_q(result.run_id)}  ({login})"]
     return "\n".join(lines)
@@ -710,6 +754,12 @@ def rehearse(opts: Options) -> RunResult:
         log_dirs = [airflow.home, opts.state_dir / "logs"]
         xcom = xcom_values(airflow, result.dag_id, result.run_id)
         result.leaks, result.scanned = password_leaks(xcom, result, served, log_dirs)
+        # only a verified AMI whose inputs could all be read lets the next night skip
+        verified = (xcom.get(SMOKE_TASK) or {}).get("verified") is True
+        if result.state == "success" and verified and (xcom.get(INPUTS_TASK) or {}).get("complete"):
+            say("the next night, with nothing changed: triggering the DAG again ...")
+            ec2.control.clear_requests()
+            result.unchanged = run_dag(airflow, ec2, opts.dag_id, conf, opts.timeout, on_trigger)
         if served.repo.requests:
             asked, authorized = len(served.repo.requests), sum(ok for _, ok in served.repo.requests)
             say(f"  the apt repository got {asked} requests, {authorized} of them with the login")
@@ -828,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = rehearse(opts)
-        code = 0 if result.state == "success" and not result.leaks else 1
+        code = 0 if result.state == "success" and not result.leaks and not unchanged_problem(result) else 1
     except KeyboardInterrupt:
         say("interrupted: everything was stopped")
         code = 130

@@ -7,7 +7,8 @@ has no API for a state AWS has (a pending snapshot, a registered AMI's real mapp
 :func:`aws_rules` returns them in their order; every delay is a constructor argument with a small
 default so the suite stays fast, and each rule forgets its state on ``reset()``.
 
-Not modelled: per-resource rate limits (RunInstances' own bucket), AMIs in ``pending``, instances in
+Not modelled: per-resource rate limits (RunInstances' own bucket), AMIs in ``pending`` (but copies
+are, :class:`CopyImageRules`), instances in
 ``pending`` / ``shutting-down`` (moto's states), KMS, cross-account snapshot permissions.
 """
 
@@ -41,6 +42,7 @@ Answer = tuple[int, bytes]
 CONSISTENCY_S = 0.3  # a new instance, volume or snapshot stays unknown
 SNAPSHOT_S = 0.5  # a new snapshot stays pending
 LINGER_S = 0.5  # a terminated instance's network interface keeps its security group
+COPY_S = 0.5  # a copied AMI stays pending
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ class ClientTokenIdempotency(Rule):
     The same token with other parameters is ``IdempotentParameterMismatch``, as on AWS.
     """
 
-    ACTIONS = frozenset({"RunInstances", "CreateVolume"})
+    ACTIONS = frozenset({"RunInstances", "CreateVolume", "CopyImage"})
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -722,8 +724,145 @@ def _instances(ec2: Any) -> Iterable[Any]:
     return (inst for reservation in ec2.reservations.values() for inst in reservation.instances)
 
 
+# -- 11. CopyImage into another region ---------------------------------------------------------------------
+def kms_key_exists(key_id: str, region: str) -> bool:
+    """Whether moto's KMS (same server, same account) knows ``key_id`` (id, alias or ARN) in ``region``."""
+    from moto.kms.models import kms_backends
+
+    kms = kms_backends[ACCOUNT_ID][region]
+    try:
+        return kms.any_id_to_key_id(key_id) in kms.keys
+    except Exception:  # noqa: BLE001 - an unknown alias: moto raises its own NotFound
+        return False
+
+
+class CopyImageRules(Rule):
+    """CopyImage as EC2 does it, where moto copies little (a 15 GiB snapshot of its own, no tags, no
+    encryption, ``available`` at once, any name, ClientToken ignored: :class:`ClientTokenIdempotency`).
+
+    Refused as AWS refuses: no ``SourceRegion`` (MissingParameter), an unknown source AMI
+    (InvalidAMIID.NotFound), a name taken in the target region (InvalidAMIName.Duplicate),
+    ``KmsKeyId`` without ``Encrypted`` (InvalidParameterDependency, moto's own CreateVolume answer), a
+    tag specification for anything but image or snapshot. Then the copy gets one new snapshot per
+    mapping of the source (same size, encrypted with the KMS key if asked), the source's mappings
+    and attributes, the ``TagSpecifications`` tags (the snapshot ones on every new snapshot), and is
+    ``pending`` for ``duration`` seconds before ``available``. A KMS key unknown in the target region
+    fails the copy only then (``failed``, as AWS fails a copy asynchronously: the StateReason text is
+    ours). The copy is made by moto's CopyImage in the region the request was signed for, so the
+    ClientToken rule sees its answer.
+    """
+
+    def __init__(self, duration: float = COPY_S) -> None:
+        self.duration = duration
+        self._lock = threading.Lock()
+        self._copying: dict[str, tuple[float, Any, str]] = {}  # id -> (start, image, failure reason)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._copying.clear()
+
+    def advance(self) -> None:
+        """Bring every copy in progress to its state now."""
+        now = time.monotonic()
+        with self._lock:
+            for image_id, (start, image, failure) in list(self._copying.items()):
+                if self.duration <= 0 or now - start >= self.duration:
+                    image.state = "failed" if failure else "available"
+                    if failure:
+                        image.state_reason = {"Code": "Client.CopyImageFailed", "Message": failure}
+                    del self._copying[image_id]
+
+    def before(self, action: str, params: dict[str, str], moto: Any) -> Answer | None:
+        self.advance()
+        if action != "CopyImage" or params.get("DryRun", "").lower() == "true":
+            return None
+        source_region = params.get("SourceRegion", "")
+        if not source_region:
+            return aws_error("MissingParameter", "The request must contain the parameter SourceRegion")
+        source_id = params.get("SourceImageId", "")
+        source = ec2_backends[ACCOUNT_ID][source_region].amis.get(source_id)
+        if source is None:
+            return aws_error("InvalidAMIID.NotFound", f"The image id '[{source_id}]' does not exist")
+        name = params.get("Name", "")
+        for image in backend(moto).amis.values():
+            if image.name == name and image.owner_id == ACCOUNT_ID:
+                return aws_error(
+                    "InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {image.id}"
+                )
+        if params.get("KmsKeyId") and params.get("Encrypted", "").lower() != "true":
+            return aws_error(
+                "InvalidParameterDependency",
+                "The parameter KmsKeyId requires the parameter Encrypted to be set.",
+            )
+        for kind in _tag_specs(params):
+            if kind not in ("image", "snapshot"):
+                return aws_error(
+                    "InvalidParameterValue",
+                    f"'{kind}' is not a valid taggable resource type for this operation.",
+                )
+        return None
+
+    def after(self, action: str, params: dict[str, str], status: int, body: bytes, moto: Any) -> bytes:
+        if action != "CopyImage" or status != 200:
+            return body
+        ec2 = backend(moto)
+        image = ec2.amis.get(_child_text(ET.fromstring(body), "imageId"))
+        if image is None:
+            return body
+        source = ec2_backends[ACCOUNT_ID][params["SourceRegion"]].amis[params["SourceImageId"]]
+        region = moto.meta.region_name
+        encrypted = params.get("Encrypted", "").lower() == "true"
+        key = params.get("KmsKeyId") or None
+        ec2.snapshots.pop(image.ebs_snapshot.id, None)  # moto's own 15 GiB snapshot
+        specs = _tag_specs(params)
+        mappings, new_snapshots = [], []
+        for mapping in getattr(source, "block_device_mappings", []):
+            copied = json.loads(json.dumps(mapping))
+            ebs = copied.get("Ebs")
+            if ebs and ebs.get("SnapshotId") in ec2_backends[ACCOUNT_ID][params["SourceRegion"]].snapshots:
+                size = int(ebs.get("VolumeSize") or 8)
+                was_encrypted = bool(ebs.get("Encrypted"))
+                volume = ec2.create_volume(
+                    size=size,
+                    zone_name=f"{region}a",
+                    encrypted=encrypted or was_encrypted,
+                    kms_key_id=key if key and kms_key_exists(key, region) else None,
+                )
+                snap = ec2.create_snapshot(volume.id, f"Copied for DestinationAmi {image.id}", ACCOUNT_ID)
+                ec2.delete_volume(volume.id)
+                snap.from_ami = image.id
+                ebs["SnapshotId"], ebs["Encrypted"] = snap.id, encrypted or was_encrypted
+                if key:
+                    ebs["KmsKeyId"] = key
+                new_snapshots.append(snap)
+            mappings.append(copied)
+        image.__class__ = _RegisteredImage
+        image.registered_mappings = mappings
+        image.ena_support = getattr(source, "ena_support", None)
+        image.imds_support = getattr(source, "imds_support", None)
+        image.root_device_name, image.boot_mode = source.root_device_name, source.boot_mode
+        image.sriov = getattr(source, "sriov", None)
+        if new_snapshots:
+            image.ebs_snapshot = new_snapshots[0]
+        if specs.get("image"):
+            ec2.create_tags([image.id], specs["image"])
+        if specs.get("snapshot") and new_snapshots:
+            ec2.create_tags([s.id for s in new_snapshots], specs["snapshot"])
+        failure = (
+            f"KMS key {key} does not exist in {region}" if key and not kms_key_exists(key, region) else ""
+        )
+        image.state = "pending"
+        with self._lock:
+            self._copying[image.id] = (time.monotonic(), image, failure)
+        return body
+
+
 def aws_rules(
-    *, consistency_s: float = CONSISTENCY_S, snapshot_s: float = SNAPSHOT_S, linger_s: float = LINGER_S
+    *,
+    consistency_s: float = CONSISTENCY_S,
+    snapshot_s: float = SNAPSHOT_S,
+    linger_s: float = LINGER_S,
+    copy_s: float = COPY_S,
 ) -> list[Rule]:
     """Every rule, in the order they must run: throttling first (AWS throttles before anything), then
     DryRun, idempotency, eventual consistency, and the per-action rules."""
@@ -738,4 +877,5 @@ def aws_rules(
         ImageDeprecation(),
         HideDeprecatedImages(),
         LingeringInterfaces(linger_s),
+        CopyImageRules(copy_s),
     ]

@@ -78,6 +78,7 @@ class _Rule:
     when: str = "before"  # "after": moto acted, then the answer is lost
     drop_connection: bool = False  # an "after" fault that closes the connection without an answer
     dry_run: bool | None = None  # only DryRun calls (True), only real ones (False), or both (None)
+    region: str | None = None  # only calls to this region's endpoint (None: any region)
 
 
 class Extension(Protocol):
@@ -96,13 +97,25 @@ class Extension(Protocol):
     def after(self, action: str, params: dict[str, str], status: int, body: bytes, moto: Any) -> bytes: ...
 
 
-def _calls(requests: list[dict[str, Any]], action: str, dry_run: bool) -> list[dict[str, str]]:
-    """The params of the recorded calls of ``action`` that are (or are not) dry runs."""
+def _calls(
+    requests: list[dict[str, Any]], action: str, dry_run: bool, region: str | None = None
+) -> list[dict[str, str]]:
+    """The params of the recorded calls of ``action`` that are (or are not) dry runs (to ``region``'s
+    endpoint only, if given)."""
     return [
         r["params"]
         for r in requests
-        if r["action"] == action and (r["params"].get("DryRun", "").lower() == "true") == dry_run
+        if r["action"] == action
+        and (r["params"].get("DryRun", "").lower() == "true") == dry_run
+        and region in (None, r.get("region"))
     ]
+
+
+def region_of(authorization: str, default: str) -> str:
+    """The region a SigV4-signed request is for (``Credential=KEY/DATE/REGION/ec2/aws4_request``),
+    as moto reads it; ``default`` for an unsigned one."""
+    scope = authorization.partition("Credential=")[2].split(",")[0].split("/")
+    return scope[2] if len(scope) >= 5 and scope[2] else default
 
 
 def tag_specs(params: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -187,7 +200,7 @@ class LocalEc2:
         self.region = region
         self.extensions: list[Extension] = standard_extensions() if extensions is None else list(extensions)
         self._rule_defaults: list[tuple[Any, str, Any]] = []
-        self._moto_client: Any = None
+        self._moto_clients: dict[str, Any] = {}
         self._port = port
         self._moto_port = moto_port
         self._lock = threading.Lock()
@@ -245,19 +258,27 @@ class LocalEc2:
         with self._lock:
             return [dict(r) for r in self._requests]
 
-    def calls(self, action: str, *, dry_run: bool = False) -> list[dict[str, str]]:
+    def calls(self, action: str, *, dry_run: bool = False, region: str | None = None) -> list[dict[str, str]]:
         """The flattened parameters of every recorded call of one action: the real ones, or with
-        ``dry_run`` only the ``DryRun=true`` ones (preflight's)."""
-        return _calls(self.requests, action, dry_run)
+        ``dry_run`` only the ``DryRun=true`` ones (preflight's); with ``region``, only those sent to
+        that region (each recorded call's ``region`` is its SigV4 signature's)."""
+        return _calls(self.requests, action, dry_run, region)
 
     def clear_requests(self) -> None:
         """Forget the recorded calls (faults and delays stay)."""
         with self._lock:
             self._requests.clear()
 
-    def _record(self, action: str, params: dict[str, str], fault: str | None) -> dict[str, Any]:
+    def _record(
+        self, action: str, params: dict[str, str], fault: str | None, region: str | None = None
+    ) -> dict[str, Any]:
         """Record one call; the entry gets ``status`` (and ``error``) once it is answered."""
-        entry: dict[str, Any] = {"action": action, "params": params, "time": time.time()}
+        entry: dict[str, Any] = {
+            "action": action,
+            "params": params,
+            "time": time.time(),
+            "region": region or self.region,
+        }
         if fault:
             entry["fault"] = fault
         with self._lock:
@@ -284,13 +305,15 @@ class LocalEc2:
         when: str = "before",
         drop_connection: bool = False,
         dry_run: bool | None = None,
+        region: str | None = None,
     ) -> None:
         """Answer the next ``times`` calls of ``action`` with this AWS error (None = every call).
 
         ``when="before"``: instead of moto (nothing happens). ``when="after"``: moto acts first, then
         its answer is replaced by the error or, with ``drop_connection``, the connection is closed
         without an answer (a response lost on the way back: botocore retries it). ``dry_run``: only
-        DryRun calls (True), only real ones (False), or both (None).
+        DryRun calls (True), only real ones (False), or both (None). ``region``: only calls to that
+        region (None: any).
         """
         if when not in ("before", "after"):
             raise ValueError(f"when must be 'before' or 'after', got {when!r}")
@@ -307,6 +330,7 @@ class LocalEc2:
                     when=when,
                     drop_connection=drop_connection,
                     dry_run=dry_run,
+                    region=region,
                 )
             )
 
@@ -323,7 +347,7 @@ class LocalEc2:
             self._rules.clear()
 
     def _take_rules(
-        self, action: str, when: str = "before", dry_run: bool = False
+        self, action: str, when: str = "before", dry_run: bool = False, region: str | None = None
     ) -> tuple[_Rule | None, float]:
         """Consume the first matching fault of ``when`` ("before" also: the total delay).
 
@@ -335,6 +359,8 @@ class LocalEc2:
                 if rule.action != action or (rule.error_code is not None and rule.when != when):
                     continue
                 if rule.dry_run is not None and rule.dry_run != dry_run:
+                    continue
+                if rule.region is not None and rule.region != (region or self.region):
                     continue
                 if rule.error_code is None and when != "before":
                     continue
@@ -389,20 +415,23 @@ class LocalEc2:
             self._requests.clear()
             self._rules.clear()
 
-    def moto_client(self) -> Any:
-        """One shared EC2 client straight to moto, for the extensions (boto3 clients are thread-safe)."""
+    def moto_client(self, region: str | None = None) -> Any:
+        """One shared EC2 client straight to moto per region (default: this API's), for the
+        extensions: a call to another region's endpoint is looked up in that region's state."""
+        region = region or self.region
         with self._lock:
-            if self._moto_client is None:
-                self._moto_client = self.boto3_client()
-            return self._moto_client
+            if region not in self._moto_clients:
+                self._moto_clients[region] = self.boto3_client(region=region)
+            return self._moto_clients[region]
 
-    def boto3_client(self, service: str = "ec2", *, recorded: bool = False) -> Any:
-        """A boto3 client for assertions; straight to moto (not recorded) unless ``recorded``."""
+    def boto3_client(self, service: str = "ec2", *, recorded: bool = False, region: str | None = None) -> Any:
+        """A boto3 client for assertions (in ``region``, default this API's); straight to moto (not
+        recorded) unless ``recorded``."""
         import boto3
 
         return boto3.client(
             service,
-            region_name=self.region,
+            region_name=region or self.region,
             endpoint_url=self.endpoint_url if recorded else self.moto_url,
             aws_access_key_id=FAKE_ACCESS_KEY,
             aws_secret_access_key=FAKE_SECRET_KEY,
@@ -497,8 +526,9 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
                 self._send(*self._forward(body))
                 return
             dry_run = params.get("DryRun", "").lower() == "true"
-            fault, delay = ec2._take_rules(action, dry_run=dry_run)
-            entry = ec2._record(action, params, _fault_label(fault))
+            region = region_of(self.headers.get("Authorization", ""), ec2.region)
+            fault, delay = ec2._take_rules(action, dry_run=dry_run, region=region)
+            entry = ec2._record(action, params, _fault_label(fault), region)
             if delay:
                 time.sleep(delay)
             if fault is not None:
@@ -508,8 +538,8 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
                     _XML,
                 )
             else:
-                status, data, headers = self._through_extensions(action, params, body)
-            lost = ec2._take_rules(action, "after", dry_run)[0] if 200 <= status < 300 else None
+                status, data, headers = self._through_extensions(action, params, body, region)
+            lost = ec2._take_rules(action, "after", dry_run, region)[0] if 200 <= status < 300 else None
             if lost is not None:
                 with ec2._lock:
                     entry["fault"] = _fault_label(lost)
@@ -526,10 +556,11 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
             self._send(status, data, headers)
 
         def _through_extensions(
-            self, action: str, params: dict[str, str], body: bytes
+            self, action: str, params: dict[str, str], body: bytes, region: str
         ) -> tuple[int, bytes, dict[str, str]]:
-            """An extension's ``before`` may answer; else moto does, and each ``after`` may rewrite that."""
-            moto = ec2.moto_client()
+            """An extension's ``before`` may answer; else moto does, and each ``after`` may rewrite that.
+            Each gets a moto client of the call's region (``moto.meta.region_name``)."""
+            moto = ec2.moto_client(region)
             for ext in ec2.extensions:
                 answer = ext.before(action, params, moto)
                 if answer is not None:
@@ -627,6 +658,7 @@ class Ec2Control:
         times: int | None = 1,
         when: str = "before",
         drop_connection: bool = False,
+        region: str | None = None,
     ) -> None:
         """See :meth:`LocalEc2.add_fault`."""
         self._call(
@@ -639,6 +671,7 @@ class Ec2Control:
                 "times": times,
                 "when": when,
                 "drop_connection": drop_connection,
+                "region": region,
             },
         )
 

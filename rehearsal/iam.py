@@ -178,6 +178,13 @@ RESOURCES: dict[str, Callable[[dict[str, str], State], list[Resource]]] = {
     "EnableImageDeprecation": lambda p, _: _existing("image", p.get("ImageId")),
     "DisableImageDeprecation": lambda p, _: _existing("image", p.get("ImageId")),
     "CreateTags": lambda p, _: [Resource(_type_of(i), i) for i in _numbered(p, "ResourceId")],
+    # distribution (operators.distribute): the copy and its snapshots are created in the target
+    # region; the source AMI is another region's, which the target region's state cannot look up
+    "CopyImage": lambda p, _: [Resource("image", created=True), Resource("snapshot", created=True)],
+    "DescribeImageAttribute": lambda p, _: _existing("image", p.get("ImageId")),
+    "ModifyImageAttribute": lambda p, _: _existing("image", p.get("ImageId")),
+    "DescribeSnapshotAttribute": lambda p, _: _existing("snapshot", p.get("SnapshotId")),
+    "ModifySnapshotAttribute": lambda p, _: _existing("snapshot", p.get("SnapshotId")),
 }
 
 

@@ -41,13 +41,15 @@ printf 'image=%s recipe=%s build=%s\\n' "$AMIBAKE_IMAGE" "$AMIBAKE_RECIPE" "$AMI
 """
 
 
-def definition(repo: AptRepo) -> dict:
-    """The definition's fields, for the repository ``repo`` serves."""
+def definition(repo: AptRepo, mirror: str = "") -> dict:
+    """The definition's fields, for the repository ``repo`` serves; ``mirror``: the Debian mirror
+    (``rehearsal.mirror``; '' = the box's own apt sources, which a night cannot fingerprint)."""
     return {
         "name": NAME,
         "description": "Debian 12 with the rehearsal's private repository, a file, a script and a service",
         "recipe": "debian12",
         "size_gib": 4,
+        **({"mirror": mirror} if mirror else {}),
         "repositories": [
             {
                 "name": REPO_NAME,
@@ -71,7 +73,7 @@ def definition(repo: AptRepo) -> dict:
     }
 
 
-def write_definition(folder: Path, repo: AptRepo) -> Path:
+def write_definition(folder: Path, repo: AptRepo, mirror: str = "") -> Path:
     """``folder/rehearsal-debian12.yaml`` and ``folder/rehearsal-debian12/``; the definition's path."""
     sources = folder / NAME
     for sub in ("files", "scripts", "keys"):
@@ -84,15 +86,15 @@ def write_definition(folder: Path, repo: AptRepo) -> Path:
     path = folder / f"{NAME}.yaml"
     path.write_text(
         "# Written by rehearsal/images.py for this run: the repository's URL and key change every run.\n"
-        + yaml.safe_dump(definition(repo), sort_keys=False, width=200)
+        + yaml.safe_dump(definition(repo, mirror), sort_keys=False, width=200)
     )
     return path
 
 
-def images_folder(dest: Path, product_images: Path, repo: AptRepo) -> Path:
+def images_folder(dest: Path, product_images: Path, repo: AptRepo, mirror: str = "") -> Path:
     """``dest``: the product's definitions (``images/*.yaml`` and their folders) plus this one."""
     shutil.copytree(product_images, dest, ignore=shutil.ignore_patterns("examples"), dirs_exist_ok=True)
-    write_definition(dest, repo)
+    write_definition(dest, repo, mirror)
     return dest
 
 
