@@ -11,11 +11,14 @@
    logs (from "Pre Execute" to the end of "Post Execute" of each execution, so deferred waits, which
    the triggerer carries, are excluded), next to the build script's own time.
 4. EC2 API calls per run, as recorded by the local EC2 proxy.
+5. The cost of a night with nothing changed (the rehearsal triggers the DAG again right after the
+   green run: the fingerprint of its inputs is the verified AMI's, so nothing is built): wall time,
+   worker slot-seconds and EC2 calls (and how many change something: none), next to the full night.
 
 Usage (root, after ``bin/setup``)::
 
     .venv/bin/python benchmarks/orchestration.py            # two rehearsal runs, ~20 min
-    .venv/bin/python benchmarks/orchestration.py --smoke    # one run, latencies / 20, no boot, no smoke
+    .venv/bin/python benchmarks/orchestration.py --smoke    # one run, latencies / 20, no boot check
 
 This prints figures; it asserts nothing about speed.
 """
@@ -39,10 +42,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rehearsal.__main__ import BASE_IMAGE_NAME, DAG_ID, Options, RunResult, rehearse  # noqa: E402
+from rehearsal.__main__ import (  # noqa: E402
+    BASE_IMAGE_NAME,
+    DAG_ID,
+    SMOKE_TASK,
+    Options,
+    RunResult,
+    mutating_calls,
+    rehearse,
+    unchanged_problem,
+)
 
 BUILD_TASK = "remote_chroot_build"
-SMOKE_TASK = "smoke_instance"
 PHASE_RE = re.compile(r"phase (\S+) finished in ([0-9.]+) s")
 #: Simulated AWS latencies in seconds (what the issue asks for).
 AWS_LATENCIES = {"instance": 60.0, "snapshot": 600.0, "image": 120.0}
@@ -231,6 +242,28 @@ def one_run(opts: Options, lag: dict[str, float] | None) -> tuple[RunResult, dic
     return result, task_logs(result, opts.state_dir / "airflow")
 
 
+def unchanged_rows(full: RunResult, home: Path) -> list[tuple[str, str]]:
+    """The next night with nothing changed, next to the full build it followed."""
+    night = full.unchanged
+    if night is None or unchanged_problem(full):
+        raise SystemExit(
+            f"benchmark: the unchanged night did not skip: {unchanged_problem(full) or 'not run'}"
+        )
+    full_slots, night_slots = slot_seconds(task_logs(full, home)), slot_seconds(task_logs(night, home))
+    return [
+        (
+            "full night (above, no simulated waits): wall / worker slot-seconds",
+            f"{full.wall_seconds:.1f} s / {full_slots:.1f} s",
+        ),
+        ("next night, nothing changed: wall", f"{night.wall_seconds:.1f} s"),
+        ("  worker slot-seconds", f"{night_slots:.1f} s"),
+        (
+            "  EC2 API calls (of which changing something)",
+            f"{len(night.ec2_calls)} ({len(mutating_calls(night))})",
+        ),
+    ]
+
+
 def _share(seconds: float, wall: float) -> str:
     """Seconds and their share of the wall time."""
     return f"{seconds:.1f} s ({seconds / wall:.0%})" if wall else f"{seconds:.1f} s"
@@ -240,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     """Measure and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--smoke", action="store_true", help="one run, latencies / 20, no boot check, no smoke instance (CI)"
+        "--smoke", action="store_true", help="one run, latencies / 20, no boot check (CI)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="parses per DAG file (median)")
     args = parser.parse_args(argv)
@@ -259,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = 20.0 if args.smoke else 1.0
     lag = {k: v / scale for k, v in AWS_LATENCIES.items()}
-    opts = Options(boot_check=not args.smoke, ec2_in_process=True, conf={"smoke_check": not args.smoke})
+    # the smoke instance runs in --smoke too: only a verified AMI lets the next night skip
+    opts = Options(boot_check=not args.smoke, ec2_in_process=True, conf={"smoke_check": True})
     if args.smoke:
         plain, plain_logs = one_run(opts, lag)
         slow, slow_logs = plain, plain_logs
@@ -292,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         ("  worker slot-seconds (deferred waits excluded)", f"{slot_seconds(slow_logs):.1f} s"),
         ("  of which the build script", f"{slow_build:.1f} s"),
         ("EC2 API calls per run", f"{len(plain.ec2_calls)} ({by_action})"),
+        *unchanged_rows(plain, opts.state_dir / "airflow"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"\n{'figure':<{width}}  value")

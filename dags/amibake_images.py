@@ -20,8 +20,11 @@ from airflow.sdk import DAG, AsyncCallback, DeadlineAlert, DeadlineReference, Pa
 from operators import (
     AttachCanvas,
     DeleteCanvas,
+    DistributeAmi,
+    FingerprintInputs,
     FrozenSnapshot,
     LaunchBuildBox,
+    PublishManifest,
     RegisterHVMAmi,
     RemoteChrootBuild,
     RotateAmis,
@@ -44,6 +47,12 @@ and registers it as an HVM AMI:
    here, naming the field, before any AWS resource exists. Conf keys the form does not declare are
    refused. **preflight** then asks AWS (read-only and DryRun calls), the SSH connection and the
    mirror whether the night can succeed, and fails listing every problem with its fix.
+   **fingerprint_inputs** reads, from the worker, the metadata of every repository the image is
+   built from (yum `repomd.xml`, apt `InRelease`), the definition's hash and the scripts shipped to
+   the box. When they are those of the newest VERIFIED AMI of the image line, the night builds
+   nothing: every later task is skipped, no EC2 resource is created and the run is green; the log
+   says `unchanged since ami-... built ...`. The `force` Param, or the definition's `rebuild_after`
+   age, builds anyway. A repository it cannot read means "cannot tell": the night builds.
 2. **launch_build_box**: the box (IMDSv2, tagged at creation) in a temporary security group that
    admits SSH only from `[amibake] ssh_cidr`; waits until it runs and answers on SSH.
 3. **attach_canvas**: a blank, encrypted gp3 volume attached to the box.
@@ -54,8 +63,13 @@ and registers it as an HVM AMI:
    verify: which also searches the image for every repository password); its output streams into
    the task log.
 5. **frozen_snapshot**: freeze the canvas filesystems, CreateSnapshot, thaw at once.
-6. **register_hvm_ami**: RegisterImage (HVM, ENA, SR-IOV, legacy BIOS, IMDSv2) and announce it
-   as the Asset `amibake://ami/<name>`.
+6. **register_hvm_ami**: RegisterImage (HVM, ENA, SR-IOV, legacy BIOS, IMDSv2), tagged with the
+   fingerprint of its inputs (`amibake:fingerprint`, `amibake:inputs`), and announce it as the
+   Asset `amibake://ami/<name>`.
+   **publish_manifest** then tags the AMI with the digest of its package list (rpm / dpkg, listed
+   on the box after verify) and its provenance (amibake version, scripts commit, definition hash,
+   run URL), writes `packages.json` and a CycloneDX SBOM to `[amibake] manifest_bucket` when set, and
+   shows what changed since the previous AMI of the line (its log and its `changes` XCom).
 7. **smoke_instance**: launch ONE instance of the new AMI (`smoke_instance_type`, default
    t3.micro) in the build's subnet and security group, with a login key and a host key made for it
    alone (the private key lives only in the task's memory, so this wait holds a worker slot);
@@ -65,9 +79,15 @@ and registers it as an HVM AMI:
    stays unverified, the console's tail is in the log, and the run fails naming the failed items.
    `smoke_check` off: the AMI stays unverified (the log says so); this task and rotation are
    skipped, so nothing is retired.
-8. **rotate_amis**: only after the new AMI is available AND verified: keep the newest `keep_amis`
+8. **distribute_ami**: copies the newest verified AMI to the definition's `distribution.regions`
+   (CopyImage, tags carried, encrypted with a region's `kms_key_id` when given) and shares it and
+   its copies with the listed accounts, organizations and OUs. Idempotent by tag: it also runs on
+   a night that builds nothing, so a region added later, or one that failed, is finished then. A
+   region that fails does not undo the others; the task fails naming it.
+9. **rotate_amis**: only after the new AMI is available AND verified: keep the newest `keep_amis`
    VERIFIED AMIs of its image line (recipe + AMI name prefix, `amibake-<name>` by default), set
-   `deprecate_at` on the next `deprecate_grace`, deregister older ones with their snapshots.
+   `deprecate_at` on the next `deprecate_grace`, deregister older ones with their snapshots (their
+   copies in the distribution regions go with them).
    Unverified AMIs never count as good: they are deprecated, and deregistered once
    `keep_amis + deprecate_grace` verified AMIs are newer. A failed night never gets here, so
    every existing AMI stays as it was; AMIs of other prefixes are never touched.
@@ -154,6 +174,14 @@ def image_dag(defn: definition.ImageDefinition) -> DAG:
             ),
         ],
         params={
+            "force": Param(
+                False,
+                type="boolean",
+                title="Build even if nothing changed",
+                description="Off: a night whose inputs (repository metadata, definition, shipped scripts) "
+                "are those of the newest verified AMI builds nothing and stays green. On: build anyway.",
+                section="Image",
+            ),
             "ami_name_prefix": Param(
                 None,
                 type=["null", "string"],
@@ -283,6 +311,15 @@ def image_dag(defn: definition.ImageDefinition) -> DAG:
             **AWS_STEP,
         )
 
+        # from the worker, no box: a night whose inputs are the newest verified AMI's skips the rest
+        inputs = FingerprintInputs(
+            task_id="fingerprint_inputs",
+            recipe=p["recipe"],
+            build=p,
+            runs_anyway=["distribute_ami"],
+            execution_timeout=timedelta(minutes=10),
+            **AWS_STEP,
+        )
         launch = LaunchBuildBox(
             task_id="launch_build_box",
             recipe=p["recipe"],
@@ -333,7 +370,17 @@ def image_dag(defn: definition.ImageDefinition) -> DAG:
             snapshot=snapshot.output,
             size_gib=p["canvas_size_gib"],
             ami_name_prefix=p["ami_name_prefix"],
+            inputs=inputs.output,
             execution_timeout=_wait_budget(defaults.WAIT_IMAGE_AVAILABLE),
+            **AWS_STEP,
+        )
+        manifest = PublishManifest(
+            task_id="publish_manifest",
+            recipe=p["recipe"],
+            image=p["image"],
+            ami=register.output,
+            build=build.output,
+            execution_timeout=timedelta(minutes=15),
             **AWS_STEP,
         )
         smoke = SmokeInstance(
@@ -349,12 +396,26 @@ def image_dag(defn: definition.ImageDefinition) -> DAG:
             + timedelta(seconds=2 * defaults.SMOKE_CHECK_TIMEOUT_S),
             **AWS_STEP,
         )
+        # the newest verified AMI: this night's once its smoke instance passed, else (nothing to build,
+        # or smoke_check off) the one the fingerprint found; so a night with nothing to build still
+        # finishes a distribution an earlier night left incomplete, or adds a region or account
+        distribute = DistributeAmi(
+            task_id="distribute_ami",
+            recipe=p["recipe"],
+            ami_id="{{ (ti.xcom_pull(task_ids='smoke_instance') or {}).get('ami_id') "
+            "or ti.xcom_pull(task_ids='fingerprint_inputs')['newest_verified_ami'] }}",
+            distribution=p["distribution"],
+            trigger_rule="none_failed_min_one_success",
+            execution_timeout=_wait_budget(defaults.WAIT_IMAGE_AVAILABLE),
+            **AWS_STEP,
+        )
         rotate = RotateAmis(
             task_id="rotate_amis",
             recipe=p["recipe"],
             new_ami_id="{{ ti.xcom_pull(task_ids='register_hvm_ami')['ami_id'] }}",
             keep=p["keep_amis"],
             grace=p["deprecate_grace"],
+            distribution=p["distribution"],
             execution_timeout=timedelta(minutes=15),
             **AWS_STEP,
         )
@@ -362,7 +423,9 @@ def image_dag(defn: definition.ImageDefinition) -> DAG:
         terminate = TerminateBuildBox(task_id="terminate_build_box", **AWS_STEP)
         delete_canvas = DeleteCanvas(task_id="delete_canvas", **AWS_STEP)
 
-        preflight >> launch >> attach >> build >> snapshot >> register >> smoke
+        preflight >> inputs >> launch >> attach >> build >> snapshot >> register >> smoke
+        register >> manifest
+        [inputs, manifest, smoke] >> distribute
         smoke >> terminate_smoke >> terminate >> delete_canvas
         smoke >> rotate  # only after the new AMI is available and verified; a failed night rotates nothing
         # finds the smoke instance by tags, whether the smoke task passed, failed or never ran; the

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import secrets
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class Night:
     box_logs: str = ""
     error: str = ""  # the traceback, when dag.test itself raised
     states: dict[str, str] = field(default_factory=dict)
+    dag: Any = None
+    base_ami: str = ""
+    repo: Any = None  # rehearsal.aptrepo.AptRepo, served until the module ends
 
     def failure(self) -> str:
         """Why this night cannot serve the tests (empty when it is green)."""
@@ -132,6 +136,7 @@ def night(
     from rehearsal.aptrepo import AptRepo
     from rehearsal.ebs import LoopEbs
     from rehearsal.ec2_local import FAKE_ACCESS_KEY
+    from rehearsal.mirror import FrozenMirror, debian_upstreams
 
     ec2, mp = shared_stack.ec2, shared_stack.monkeypatch
     aws_secret = f"amibakeTestSecret{secrets.token_hex(16)}"  # moto accepts any secret key
@@ -148,17 +153,25 @@ def night(
     with (
         AptRepo.serve(work / "repo", user=REPO_USER, password=repo_password) as repo,
         LoopEbs(ec2.moto_url, ec2.region, tmp_path_factory.mktemp("ebs")) as ebs,
+        FrozenMirror.serve(debian_upstreams(), tmp_path_factory.mktemp("mirror")) as mirror,
     ):
-        mp.setenv(
-            "AIRFLOW__AMIBAKE__IMAGES_DIR", str(images.images_folder(work / "images", REPO / "images", repo))
-        )
+        folder = images.images_folder(work / "images", REPO / "images", repo, mirror.base("debian"))
+        mp.setenv("AIRFLOW__AMIBAKE__IMAGES_DIR", str(folder))
         mp.setenv("AIRFLOW_CONN_AMIBAKE_REPO_REHEARSAL", images.connection(REPO_USER, repo_password))
         bag = DagBag(dag_folder=str(REPO / "dags" / "amibake_images.py"))
         assert bag.import_errors == {}
         dag = bag.dags[DAG_ID]
         dag.deadline = None  # as tests/conftest.py's nightly: dag.test() does not run deadline callbacks
-        result = Night(stack=shared_stack, ebs=ebs, aws_secret=aws_secret, repo_password=repo_password)
         base_ami = ec2.register_base_image("amibake-e2e-base")
+        result = Night(
+            stack=shared_stack,
+            ebs=ebs,
+            aws_secret=aws_secret,
+            repo_password=repo_password,
+            dag=dag,
+            base_ami=base_ami,
+            repo=repo,
+        )
         with _TaskLogCapture(request) as capture:
             try:
                 result.run = dag.test(run_conf={**CONF, "base_ami": base_ami})
@@ -454,3 +467,133 @@ def test_the_repository_password_is_not_in_the_image(green: Night) -> None:
             assert secret not in tail + chunk, "the repository password is in the snapshot"
             tail = chunk[-len(secret) :]
     assert "no repository password in the image's files or raw bytes" in green.box_logs
+
+
+# --- what is in the AMI ------------------------------------------------------------------------
+
+
+def test_the_ami_says_what_is_in_it_and_where_it_came_from(green: Night) -> None:
+    """The build listed the image's packages (the private repository's amibake-hello among them);
+    publish_manifest tagged the AMI with that list's digest and the provenance, in one CreateTags the
+    IAM policy admits; a first night has no previous AMI to compare with."""
+    from importlib import metadata
+
+    from operators.manifest import scripts_commit
+    from operators.rules import manifest, records
+
+    built = xcom_of(green.run, "remote_chroot_build")
+    packages = manifest.from_records(built["packages"])
+    hello = [p for p in packages if p.name == green.repo.package]
+    assert [(p.version, p.release, p.arch) for p in hello] == [("1.0", "", "all")], hello
+    summary = records.check("manifest", xcom_of(green.run, "publish_manifest"))
+    ami = xcom_of(green.run, "register_hvm_ami")["ami_id"]
+    assert (summary["ami_id"], summary["packages"]) == (ami, len(packages))
+    assert summary["sha256"] == manifest.list_sha256(packages)
+    assert (summary["previous_ami"], summary["s3_key"]) == ("", "")
+    image = green.stack.ec2.boto3_client().describe_images(ImageIds=[ami])["Images"][0]
+    tags = naming.tags_to_dict(image["Tags"])
+    defn = definition.load(Path(os.environ["AIRFLOW__AMIBAKE__IMAGES_DIR"]) / f"{images.NAME}.yaml")
+    assert tags[naming.TAG_PACKAGES_SHA256] == summary["sha256"]
+    assert tags[naming.TAG_DEFINITION_SHA256] == definition.canonical_hash(defn)  # the file that built it
+    assert tags[naming.TAG_VERSION] == metadata.version("amibake")
+    assert tags[naming.TAG_SCRIPTS_COMMIT] == scripts_commit(defaults.scripts_dir())
+    manifest_tags = [
+        c
+        for c in green.stack.ec2.calls("CreateTags")
+        if c.get("ResourceId.1") == ami and c["Tag.1.Key"] in naming.MANIFEST_TAGS
+    ]
+    assert len(manifest_tags) == 1
+    assert {v for k, v in manifest_tags[0].items() if k.endswith(".Key")} <= set(naming.MANIFEST_TAGS)
+    assert re.search(r"package list fetched from the box: \d+ packages", green.log)
+    assert green.log.count(f"{green.repo.package}\t") == 0  # the list is not in the task log
+
+
+# --- the next night, when nothing changed (runs last: it reads the green night's AMI) -------------
+
+
+@dataclass
+class Rerun:
+    """The same night triggered again with nothing changed: its run, task log and EC2 requests."""
+
+    run: Any
+    log: str
+    requests: list[dict[str, Any]]
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def unchanged(night: Night, request: pytest.FixtureRequest) -> Rerun:
+    """The green night's DAG triggered again with the same conf, right after it (once for the module)."""
+    why = night.failure()
+    if why:
+        pytest.fail(f"the green night failed, so its rerun cannot be checked:\n{why}", pytrace=False)
+    ec2 = night.stack.ec2
+    before = len(ec2.requests)
+    started = time.monotonic()
+    with _TaskLogCapture(request) as capture:
+        run = night.dag.test(run_conf={**CONF, "base_ami": night.base_ami})
+        log = capture.read()
+    return Rerun(run, log, ec2.requests[before:], time.monotonic() - started)
+
+
+def _mutating(requests: list[dict[str, Any]]) -> list[str]:
+    """The requests that change something in EC2 (not Describe*/Get*, and not a DryRun)."""
+    return [
+        r["action"]
+        for r in requests
+        if not r["action"].startswith(("Describe", "Get")) and r["params"].get("DryRun") != "true"
+    ]
+
+
+def test_the_ami_carries_the_fingerprint_of_its_inputs(green: Night) -> None:
+    inputs = xcom_of(green.run, "fingerprint_inputs")
+    assert inputs["build"] is True and "no verified AMI of image line amibake-e2e yet" in inputs["reason"]
+    ami = xcom_of(green.run, "register_hvm_ami")["ami_id"]
+    image = green.stack.ec2.boto3_client().describe_images(ImageIds=[ami])["Images"][0]
+    tags = naming.tags_to_dict(image["Tags"])
+    assert tags[naming.TAG_FINGERPRINT] == inputs["fingerprint"]
+    assert tags[naming.TAG_INPUTS] == inputs["inputs"]
+    parts = dict(item.split("=") for item in inputs["inputs"].split())
+    assert set(parts) == {
+        "definition",
+        "scripts",
+        "recipe",
+        "repo:bookworm",
+        "repo:bookworm-updates",
+        "repo:bookworm-security",
+        f"repo:{images.REPO_NAME}",
+    }
+
+
+def test_an_unchanged_night_builds_nothing_and_stays_green(green: Night, unchanged: Rerun) -> None:
+    """No instance, volume, snapshot or AMI: not one mutating EC2 request; every step after the
+    fingerprint skipped but distribution; the run green; the log names the AMI it matched and its
+    inputs."""
+    states = {ti.task_id: str(ti.state) for ti in unchanged.run.get_task_instances()}
+    assert str(unchanged.run.state) == "success", states
+    # distribute_ami runs on such a night too (on the newest verified AMI): with no distribution, no call
+    ran = {"validate_params", "preflight", "fingerprint_inputs", "distribute_ami"}
+    assert {t: states[t] for t in ran} == dict.fromkeys(ran, "success")
+    assert {s for t, s in states.items() if t not in ran} == {"skipped"}, states
+    assert _mutating(unchanged.requests) == []
+    ami = xcom_of(green.run, "register_hvm_ami")["ami_id"]
+    inputs = xcom_of(unchanged.run, "fingerprint_inputs")
+    assert (inputs["build"], inputs["newest_verified_ami"]) == (False, ami)
+    assert inputs["fingerprint"] == xcom_of(green.run, "fingerprint_inputs")["fingerprint"]
+    assert f"unchanged since {ami} built " in unchanged.log
+    print(f"unchanged night: {unchanged.seconds:.1f} s, {len(unchanged.requests)} EC2 requests")
+
+
+def test_a_new_package_version_makes_the_next_night_build(green: Night, unchanged: Rerun) -> None:
+    """After the private repository publishes a newer amibake-hello, the fingerprint of the next
+    night differs in that repository only, so it builds. (The rebuild itself is the green night's;
+    it is not run a second time here.)"""
+    from operators.fingerprint import FingerprintInputs
+
+    green.repo.add_version("1.1")
+    params = xcom_of(unchanged.run, "validate_params")
+    result = FingerprintInputs(task_id="fingerprint_inputs", recipe="debian12", build=params).execute({})
+    ami = xcom_of(green.run, "register_hvm_ami")["ami_id"]
+    assert (result["build"], result["changed"]) == (True, [f"repo:{images.REPO_NAME}"]), result
+    assert result["reason"].startswith(f"changed since {ami} built ")
+    assert result["reason"].endswith(f": repo:{images.REPO_NAME}")
