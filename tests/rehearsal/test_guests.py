@@ -3,18 +3,15 @@
 Real parts throughout: moto behind the local EC2 API with EbsSnapshots and Boxes(guests=...), LoopEbs
 loop devices, qemu started by include/scripts/ec2-guest. The fast tests boot a one-sector disk that
 writes a line to the serial console and spins (a real BIOS boot, no OS, so no SSH: the status checks
-stay "initializing"); the slow one builds the Debian 12 image onto a volume attached through the API,
-snapshots and registers it as the product does, launches it with a per-instance key and host key in
-user data, waits for 2/2, logs in and runs instance-check. Needs root (loop devices, port 22).
+stay "initializing"). The boot of a real image we built, to 2/2, SSH and every instance-check item,
+is the green night's smoke instance (tests/e2e/test_green_night.py), which goes the same way through
+the API. Needs root (loop devices, port 22).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -24,12 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paramiko
 import pytest
 
-from operators.rules.contract import CONTRACT
-from operators.rules.launch import new_host_key, user_data
-from rehearsal.boxes import Boxes, Login
+from rehearsal.boxes import Boxes
 from rehearsal.ebs import EbsSnapshots, LoopEbs
 from rehearsal.ec2_local import LocalEc2, standard_extensions
 from rehearsal.guests import CONSOLE_BYTES, GIB, Guests, root_snapshot, root_volume_size
@@ -40,8 +34,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86"),
 ]
 REPO = Path(__file__).resolve().parents[2]
-BUILD_IMAGE = REPO / "include" / "scripts" / "build-image"
-INSTANCE_CHECK = REPO / "include" / "scripts" / "instance-check"
 IMDS = REPO / "include" / "scripts" / "lib" / "imds.py"
 ROOT = "/dev/sda1"  # operators.defaults.ROOT_DEVICE_NAME, what RegisterHVMAmi registers
 BOOT_LINE = b"amibake test boot sector on COM1"
@@ -143,19 +135,6 @@ def imds_get(state_dir: Path, path: str) -> str:
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     return body.decode()
-
-
-def expectations(stdout: str) -> dict[str, Any]:
-    """The build's "expectations" progress event: what instance-check is told about the image (the
-    login user, kernel arguments, baked host keys, SELinux), as the smoke operator gets it."""
-    events = [
-        json.loads(line[len(CONTRACT.progress_prefix) :])
-        for line in stdout.splitlines()
-        if line.startswith(CONTRACT.progress_prefix)
-    ]
-    found = [e for e in events if e.get("event") == "expectations"]
-    assert found, "the build reported no expectations event"
-    return found[-1]
 
 
 def console_output(api: Api, instance_id: str) -> bytes:
@@ -307,112 +286,3 @@ def test_the_console_is_the_last_64_kib(tmp_path: Path) -> None:
     guest = Guest("i-0123456789abcdef0", "127.0.0.2", tmp_path, "vol-0123456789abcdef0", 1)
     guest.serial.write_bytes(b"a" * 10 + b"b" * CONSOLE_BYTES)
     assert guest.console() == b"b" * CONSOLE_BYTES
-
-
-# -- one real boot of the image we build (slow) ---------------------------------------------------------
-@pytest.mark.slow
-def test_the_debian_image_we_build_boots_through_the_ec2_api_and_passes_instance_check(
-    api: Api, tmp_path: Path
-) -> None:
-    """Build Debian 12 on a volume attached through the API, freeze + CreateSnapshot + thaw, register it
-    as RegisterHVMAmi does, RunInstances with a per-instance key and host key in #cloud-config and a root
-    2 GiB above the AMI's; wait for 2/2, log in as the image's user (the build's expectations) verifying
-    the host key, run instance-check with those expectations, as the smoke instance does:
-    every item passes (the root grew, the hostname and key came from the metadata, IMDSv2 only ...)."""
-    from rehearsal.sshd import package_cache, package_cache_env
-
-    size_gib = 3
-    box, vol, _ = canvas_on_a_box(api, size_gib)
-    work = tmp_path / "work"
-    build = ["bash", str(BUILD_IMAGE), "--recipe", "debian12", "--volume-id", vol,
-             "--size-gib", str(size_gib), "--work-dir", str(work)]  # fmt: skip
-    env = {**os.environ, **package_cache_env(package_cache())}
-    try:
-        res = subprocess.run([*build, "all"], capture_output=True, text=True, env=env, timeout=2400)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-        expect = expectations(res.stdout)
-        subprocess.run([*build, "freeze"], capture_output=True, text=True, check=True, timeout=300)
-        try:
-            snapshot_started = time.monotonic()
-            snap = api.client.create_snapshot(VolumeId=vol)["SnapshotId"]
-            snapshot_s = time.monotonic() - snapshot_started  # with the copy of the canvas
-        finally:
-            subprocess.run([*build, "thaw"], capture_output=True, text=True, timeout=300)
-    finally:
-        subprocess.run([*build, "abort"], capture_output=True, text=True, timeout=300)
-        api.client.detach_volume(VolumeId=vol, InstanceId=box)
-        api.ebs.wait_for(vol, attached=False, timeout=60)
-    ami = register(api, snap, size_gib, "amibake-test-debian12")
-
-    login = Login.new(expect["login_user"])
-    key = paramiko.Ed25519Key.from_private_key(io.StringIO(login.private_key_pem))
-    host_key = new_host_key()
-    started = time.monotonic()
-    iid = api.client.run_instances(
-        ImageId=ami,
-        MinCount=1,
-        MaxCount=1,
-        InstanceType="t3.micro",
-        UserData=user_data(f"{key.get_name()} {key.get_base64()} smoke", host_key),
-        MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
-        BlockDeviceMappings=[{"DeviceName": ROOT, "Ebs": {"VolumeSize": size_gib + 2}}],
-    )["Instances"][0]["InstanceId"]
-    guest = api.guests.get(iid)
-    try:
-        api.client.get_waiter("instance_status_ok").wait(
-            InstanceIds=[iid], WaiterConfig={"Delay": 5, "MaxAttempts": 180}
-        )
-    except Exception:
-        pytest.fail("no 2/2 in 15 min; console:\n" + guest.console()[-4000:].decode(errors="replace"))
-    status_ok = time.monotonic() - started
-    address = api.client.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0][
-        "PublicIpAddress"
-    ]
-    assert address == guest.address
-
-    client = paramiko.SSHClient()
-    key_type, key_b64 = host_key[1].split()[:2]
-    client.get_host_keys().add(
-        address, key_type, paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
-    )
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    try:
-        client.connect(
-            address, username=login.user, pkey=key, look_for_keys=False, allow_agent=False, timeout=30
-        )
-    except paramiko.SSHException as exc:
-        pytest.fail(
-            f"ssh {login.user}@{address}: {exc}; console:\n"
-            + guest.console()[-6000:].decode(errors="replace")
-        )
-    logged_in = time.monotonic() - started
-    check = ["sudo", "-n", "bash", "-s", "--", "--expect-cmdline", expect["cmdline"]]
-    check += [arg for fp in expect["baked_host_keys"] for arg in ("--baked-host-key", fp)]
-    check += ["--require-selinux"] if expect["require_selinux"] else []
-    with client:
-        stdin, stdout, stderr = client.exec_command(shlex.join(check), timeout=600)
-        stdin.write(INSTANCE_CHECK.read_bytes())
-        stdin.channel.shutdown_write()
-        output = stdout.read().decode()
-        rc = stdout.channel.recv_exit_status()
-    items = [line for line in output.splitlines() if line.startswith("amibake-check: ")]
-    kept = api.snapshots.content(snap)
-    assert kept is not None
-    print(
-        f"\nCreateSnapshot of the {size_gib} GiB canvas with its copy: {snapshot_s:.1f} s "
-        f"({kept.stat().st_blocks * 512 / 2**20:.0f} MiB allocated); guest {iid}: status ok after "
-        f"{status_ok:.0f} s, ssh login after {logged_in:.0f} s (from RunInstances)\n{output}"
-    )
-    assert rc == 0, output + stderr.read().decode()
-    assert items[-1].startswith("amibake-check: done: ") and " 0 failed" in items[-1]
-    assert [i for i in items[:-1] if ": PASS: " not in i and ": not applicable: " not in i] == []
-    passed = {i.split(": ")[1] for i in items if ": PASS: " in i}
-    assert {"cloud-init", "root-grew", "hostname", "host-keys", "imdsv2-only"} <= passed
-    console = console_output(api, iid)
-    assert b"Linux version" in console or b"Cloud-init" in console
-    assert (guest.dir / "imds.log").read_text().count(" token=yes") > 0  # cloud-init used IMDSv2
-
-    api.client.terminate_instances(InstanceIds=[iid, box])
-    assert guest.proc.poll() is not None
-    assert not guest.disk.exists()
-    assert processes_mentioning(str(guest.dir)) == []  # qemu and its metadata processes
