@@ -584,16 +584,56 @@ def test_an_unchanged_night_builds_nothing_and_stays_green(green: Night, unchang
     print(f"unchanged night: {unchanged.seconds:.1f} s, {len(unchanged.requests)} EC2 requests")
 
 
-def test_a_new_package_version_makes_the_next_night_build(green: Night, unchanged: Rerun) -> None:
-    """After the private repository publishes a newer amibake-hello, the fingerprint of the next
-    night differs in that repository only, so it builds. (The rebuild itself is the green night's;
-    it is not run a second time here.)"""
-    from operators.fingerprint import FingerprintInputs
+@pytest.fixture(scope="module")
+def rebuilt(night: Night, unchanged: Rerun, request: pytest.FixtureRequest) -> Rerun:
+    """The night after the private repository published amibake-hello 1.1 (once for the module,
+    after the unchanged night). Without the box's boot check (the green night ran it); the smoke
+    instance still verifies the new AMI."""
+    night.repo.add_version("1.1")
+    ec2 = night.stack.ec2
+    before = len(ec2.requests)
+    started = time.monotonic()
+    with _TaskLogCapture(request) as capture:
+        run = night.dag.test(run_conf={**CONF, "base_ami": night.base_ami, "boot_check": False})
+        log = capture.read()
+    return Rerun(run, log, ec2.requests[before:], time.monotonic() - started)
 
-    green.repo.add_version("1.1")
-    params = xcom_of(unchanged.run, "validate_params")
-    result = FingerprintInputs(task_id="fingerprint_inputs", recipe="debian12", build=params).execute({})
-    ami = xcom_of(green.run, "register_hvm_ami")["ami_id"]
-    assert (result["build"], result["changed"]) == (True, [f"repo:{images.REPO_NAME}"]), result
-    assert result["reason"].startswith(f"changed since {ami} built ")
-    assert result["reason"].endswith(f": repo:{images.REPO_NAME}")
+
+def _xcom_key(dag_run: Any, task_id: str, key: str) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalars(
+            select(XComModel).where(
+                XComModel.dag_id == dag_run.dag_id,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.task_id == task_id,
+                XComModel.key == key,
+            )
+        ).one()
+        return XComModel.deserialize_value(row)
+
+
+def test_a_new_package_version_rebuilds_and_says_what_changed(green: Night, rebuilt: Rerun) -> None:
+    """The next night's fingerprint differs in the private repository only, so it builds; the new
+    AMI is verified and its manifest names amibake-hello as updated from 1.0 to 1.1, against the
+    previous AMI's list (read from the XCom of the run that built it: no manifest bucket here)."""
+    states = {ti.task_id: str(ti.state) for ti in rebuilt.run.get_task_instances()}
+    assert str(rebuilt.run.state) == "success" and set(states.values()) == {"success"}, states
+    first = xcom_of(green.run, "register_hvm_ami")["ami_id"]
+    inputs = xcom_of(rebuilt.run, "fingerprint_inputs")
+    assert (inputs["build"], inputs["changed"]) == (True, [f"repo:{images.REPO_NAME}"]), inputs
+    assert f"changed since {first} built " in rebuilt.log
+    second = xcom_of(rebuilt.run, "register_hvm_ami")["ami_id"]
+    summary = xcom_of(rebuilt.run, "publish_manifest")
+    assert (summary["ami_id"], summary["previous_ami"]) == (second, first)
+    assert summary["changed"] == {"added": 0, "removed": 0, "updated": 1}, summary
+    changes = _xcom_key(rebuilt.run, "publish_manifest", "changes")
+    assert f"what changed in {second} since {first}: 1 updated, 0 added, 0 removed" in changes
+    assert re.search(rf"updated\s+{green.repo.package}\.all\s+1\.0 -> 1\.1", changes), changes
+    assert changes.splitlines()[0] in rebuilt.log  # the block is in the task log too
+    assert xcom_of(rebuilt.run, "smoke_instance")["verified"] is True
+    assert set(xcom_of(rebuilt.run, "rotate_amis")["kept"]) == {first, second}
+    print(f"rebuild night after a new package version: {rebuilt.seconds:.1f} s")

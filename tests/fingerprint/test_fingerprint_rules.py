@@ -182,3 +182,12 @@ def test_rebuild_after_builds_an_unchanged_image_once_old_enough(age_days: int, 
     assert decision.build is builds
     if builds:
         assert f"it is {age_days} days old (rebuild_after: 30d)" in decision.reason
+
+
+def test_rebuild_after_is_read_in_days_from_the_definition() -> None:
+    from operators import defaults
+    from operators.rules import definition
+
+    example = definition.load(defaults.PACKAGE_IMAGES_DIR / "examples" / "centos7-web.yaml")
+    assert example.rebuild_after_days == 30  # rebuild_after: 30d
+    assert definition.load(defaults.PACKAGE_IMAGES_DIR / "centos7.yaml").rebuild_after_days is None

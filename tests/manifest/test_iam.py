@@ -1,4 +1,4 @@
-"""The IAM policy's one new permission for PublishManifest (docs/iam-policy.json, Sid TagOurAmiWithItsManifest):
+"""The IAM policy's permission for PublishManifest (docs/iam-policy.json, Sid TagOurAmiWithItsManifest):
 CreateTags of the manifest tags (naming.MANIFEST_TAGS) on an AMI carrying our build id, and nothing
 more: not on someone else's AMI, not on another resource, not with a key that adopts or verifies.
 Judged by the same evaluator that enforces the policy on every request of the suite (rehearsal.iam)."""
