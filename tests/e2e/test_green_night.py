@@ -410,7 +410,11 @@ def test_the_smoke_instance_booted_the_amis_bytes_and_passed_every_check(green: 
     guest = green.stack.boxes.guests.get(smoke["instance_id"])
     console = guest.console().decode(errors="replace")
     assert "Linux version" in console and "DataSourceEc2" in console, console[-2000:]
-    (tagged,) = [c for c in ec2.calls("CreateTags") if c.get("ResourceId.1") == image["ami_id"]]
+    (tagged,) = [
+        c
+        for c in ec2.calls("CreateTags")
+        if c.get("ResourceId.1") == image["ami_id"] and c["Tag.1.Key"] == naming.TAG_VERIFIED
+    ]
     assert (tagged["Tag.1.Key"], tagged["Tag.1.Value"]) == (naming.TAG_VERIFIED, naming.VERIFIED)
     tags = ec2.boto3_client().describe_images(ImageIds=[image["ami_id"]])["Images"][0]["Tags"]
     assert {t["Key"]: t["Value"] for t in tags}[naming.TAG_VERIFIED] == naming.VERIFIED

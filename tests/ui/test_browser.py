@@ -57,7 +57,7 @@ TEXT_FIELDS = "input[name^=element_]:not([type=hidden]):not([type=checkbox])"
 #: The form's sections (Param ``section=``) and the Params in each, as the DAG declares them. The
 #: sections are one accordion that shows one section at a time: opening one closes the others.
 SECTIONS = {
-    "Image": ["ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check"],
+    "Image": ["force", "ami_name_prefix", "canvas_size_gib", "mirror_url", "boot_check"],
     "Build box": ["base_ami", "base_ami_owner", "base_ami_name", "instance_type", "subnet_id"],
     "Smoke check": ["smoke_check", "smoke_instance_type"],
     "Retention": ["keep_amis", "deprecate_grace"],
@@ -65,8 +65,8 @@ SECTIONS = {
 SECTION_OF = {param: section for section, params in SECTIONS.items() for param in params}
 #: The optional text Params: nullable, default None, so their fields start empty.
 OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "mirror_url", "base_ami", "subnet_id"}
-#: Every task of a run (the task list of the run page).
-TASK_COUNT = 12
+#: Every task of a run (the task list of the run page): the 15 of dags/amibake_images.py.
+TASK_COUNT = 15
 CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "packages",
                "files", "provision", "bootloader"]
 

@@ -61,6 +61,8 @@ phase_partition() {
     for part in "$sys"/*/partition; do
         [[ -e $part ]] || continue
         part=${part%/partition}
+        # sysfs can list it before its /dev node exists (the earlier try re-read the table)
+        wait_for_block "/dev/${part##*/}" "$dev"
         wipefs -a "/dev/${part##*/}"
     done
     wipefs -a "$dev"
