@@ -63,8 +63,9 @@ SECTIONS = {
     "Retention": ["keep_amis", "deprecate_grace"],
 }
 SECTION_OF = {param: section for section, params in SECTIONS.items() for param in params}
-#: The optional text Params: nullable, default None, so their fields start empty.
-OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "mirror_url", "base_ami", "subnet_id"}
+#: The optional text Params: nullable, default None, so their fields start empty (mirror_url does not:
+#: its default is rehearsal-debian12's mirror, the rehearsal's frozen Debian mirror).
+OPTIONAL_TEXT_PARAMS = {"ami_name_prefix", "base_ami", "subnet_id"}
 #: Every task of a run (the task list of the run page): the 15 of dags/amibake_images.py.
 TASK_COUNT = 15
 CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "configure", "packages",
