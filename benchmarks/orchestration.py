@@ -252,7 +252,7 @@ def unchanged_rows(full: RunResult, home: Path) -> list[tuple[str, str]]:
     full_slots, night_slots = slot_seconds(task_logs(full, home)), slot_seconds(task_logs(night, home))
     return [
         (
-            "full night (above, no simulated waits): wall / worker slot-seconds",
+            "full night (the run above): wall / worker slot-seconds",
             f"{full.wall_seconds:.1f} s / {full_slots:.1f} s",
         ),
         ("next night, nothing changed: wall", f"{night.wall_seconds:.1f} s"),
