@@ -77,9 +77,22 @@ class AmibakeOperator(AwsBaseOperator[BuildEc2Hook]):
         self.recipe = recipe
         self.ssh_conn_id = ssh_conn_id or defaults.setting("ssh_conn_id")
 
-    def trigger_kwargs(self) -> dict[str, Any]:
-        """Connection arguments every AWS trigger of this task needs."""
-        return {"aws_conn_id": self.aws_conn_id, "region_name": self.hook.conn_region_name}
+    def trigger_kwargs(self, region: str | None = None) -> dict[str, Any]:
+        """Connection arguments every AWS trigger of this task needs (in ``region``, default its own)."""
+        return {"aws_conn_id": self.aws_conn_id, "region_name": region or self.hook.conn_region_name}
+
+    def hook_in(self, region: str) -> BuildEc2Hook:
+        """This task's EC2 hook in another ``region``: same connection, TLS and botocore settings
+        (made once per region and task)."""
+        hooks = self.__dict__.setdefault("_hooks_by_region", {})
+        if region not in hooks:
+            hooks[region] = BuildEc2Hook(
+                aws_conn_id=self.aws_conn_id,
+                region_name=region,
+                verify=self.verify,
+                config=self.botocore_config,
+            )
+        return hooks[region]
 
     def persist_link(self, link: Any, context: Context, **ids: str) -> None:
         """Store what the console link of ``link`` needs."""

@@ -9,7 +9,6 @@ from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from operators import defaults
 from operators.base import AmibakeOperator
-from operators.hooks.ec2 import BuildEc2Hook
 from operators.rules import definition, lifecycle, naming
 from operators.rules.definition import Distribution, RegionCopy
 from operators.rules.naming import Role
@@ -123,7 +122,6 @@ class DistributeAmi(AmibakeOperator):
         self.deferrable = deferrable
         self.waiter_delay = waiter_delay
         self.waiter_max_attempts = waiter_max_attempts
-        self._hooks: dict[str, BuildEc2Hook] = {}
 
     def user_given_ids(self) -> dict[str, str]:
         """None: ``ami_id`` is this run's own AMI, so a ``NotFound`` of it is eventual consistency."""
@@ -201,22 +199,11 @@ class DistributeAmi(AmibakeOperator):
         self.log.info("AMI %s: copies %s, shared with %s", ami_id, result["copies"], shared or "nobody")
         return result
 
-    def _regional(self, region: str) -> BuildEc2Hook:
-        """The EC2 hook of this task's connection in ``region`` (one per region)."""
-        if region not in self._hooks:
-            self._hooks[region] = BuildEc2Hook(
-                aws_conn_id=self.aws_conn_id,
-                region_name=region,
-                verify=self.verify,
-                config=self.botocore_config,
-            )
-        return self._hooks[region]
-
     def _ensure_copy(
         self, context: Context, source: dict[str, Any], home: str, target: RegionCopy, *, resumed: bool
     ) -> dict[str, Any]:
         """The copy of ``source`` in ``target``'s region: the one found by tag, else a new one."""
-        hook = self._regional(target.region)
+        hook = self.hook_in(target.region)
         found = hook.find_copies(source["ImageId"])
         live = [img for img in found if img.get("State") not in SETTLED or img.get("State") == "available"]
         if live:
@@ -238,7 +225,7 @@ class DistributeAmi(AmibakeOperator):
 
     def _wait_for(self, context: Context, region: str, image_id: str, gave_up: dict[str, str]) -> Any:
         """Resume ``execute_copied`` once the copy ``image_id`` in ``region`` is available."""
-        hook = self._regional(region)
+        hook = self.hook_in(region)
         return self.defer_or_wait(
             context,
             done=lambda: hook.image_state(image_id) == "available",
@@ -246,10 +233,7 @@ class DistributeAmi(AmibakeOperator):
                 image_id=image_id,
                 waiter_delay=self.waiter_delay,
                 waiter_max_attempts=self.waiter_max_attempts,
-                aws_conn_id=self.aws_conn_id,
-                region_name=region,
-                verify=self.verify,
-                botocore_config=self.botocore_config,
+                **self.trigger_kwargs(region),
             ),
             method_name="execute_copied",
             wait=lambda: hook.wait(
@@ -280,7 +264,7 @@ class DistributeAmi(AmibakeOperator):
                     target.kms_key_id,
                 )
         images = [(home, self.hook, source["ImageId"])]
-        images += [(region, self._regional(region), copy["ImageId"]) for region, copy in copies.items()]
+        images += [(region, self.hook_in(region), copy["ImageId"]) for region, copy in copies.items()]
         for region, hook, image_id in images:
             try:
                 missing = missing_permissions(hook.launch_permissions(image_id), wanted.launch_permissions())

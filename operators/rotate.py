@@ -102,12 +102,7 @@ class RotateAmis(AmibakeOperator):
         new = next(i for i in home_images if i.get("ImageId") == new_ami_id)
         home, copies, failures = self.hook.conn_region_name or "", {}, {}
         for region in regions:
-            hook = BuildEc2Hook(
-                aws_conn_id=self.aws_conn_id,
-                region_name=region,
-                verify=self.verify,
-                config=self.botocore_config,
-            )
+            hook = self.hook_in(region)
             try:
                 copy_plan = lifecycle.plan_copy_rotation(
                     plan,

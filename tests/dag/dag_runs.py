@@ -10,8 +10,8 @@ from operators.rules.naming import Role
 DAG_ID = "amibake_debian12"
 
 
-def xcom_of(dag_run: Any, task_id: str) -> Any:
-    """The return value a task pushed (read from the metadata DB)."""
+def xcom_of(dag_run: Any, task_id: str, key: str = "return_value") -> Any:
+    """The XCom ``key`` a task pushed (its return value by default), read from the metadata DB."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -22,7 +22,7 @@ def xcom_of(dag_run: Any, task_id: str) -> Any:
                 XComModel.dag_id == dag_run.dag_id,
                 XComModel.run_id == dag_run.run_id,
                 XComModel.task_id == task_id,
-                XComModel.key == "return_value",
+                XComModel.key == key,
             )
         ).one()
         return XComModel.deserialize_value(row)

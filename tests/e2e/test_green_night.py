@@ -603,23 +603,6 @@ def rebuilt(night: Night, unchanged: Rerun, request: pytest.FixtureRequest) -> R
     return Rerun(run, log, ec2.requests[before:], time.monotonic() - started)
 
 
-def _xcom_key(dag_run: Any, task_id: str, key: str) -> Any:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        row = session.scalars(
-            select(XComModel).where(
-                XComModel.dag_id == dag_run.dag_id,
-                XComModel.run_id == dag_run.run_id,
-                XComModel.task_id == task_id,
-                XComModel.key == key,
-            )
-        ).one()
-        return XComModel.deserialize_value(row)
-
-
 def test_a_new_package_version_rebuilds_and_says_what_changed(green: Night, rebuilt: Rerun) -> None:
     """The next night's fingerprint differs in the private repository only, so it builds; the new
     AMI is verified and its manifest names amibake-hello as updated from 1.0 to 1.1, against the
@@ -634,7 +617,7 @@ def test_a_new_package_version_rebuilds_and_says_what_changed(green: Night, rebu
     summary = xcom_of(rebuilt.run, "publish_manifest")
     assert (summary["ami_id"], summary["previous_ami"]) == (second, first)
     assert summary["changed"] == {"added": 0, "removed": 0, "updated": 1}, summary
-    changes = _xcom_key(rebuilt.run, "publish_manifest", "changes")
+    changes = xcom_of(rebuilt.run, "publish_manifest", key="changes")
     assert f"what changed in {second} since {first}: 1 updated, 0 added, 0 removed" in changes
     assert re.search(rf"updated\s+{green.repo.package}\.all\s+1\.0 -> 1\.1", changes), changes
     assert changes.splitlines()[0] in rebuilt.log  # the block is in the task log too

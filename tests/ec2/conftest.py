@@ -21,9 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operators"))
 # a real box with the canvas mounted by build-image, as FrozenSnapshot meets it
 from test_snapshot import mounted_canvas  # noqa: E402, F401
 
-#: The CentOS project's account: its public CentOS 7 AMIs are all deprecated by now.
-CENTOS_OWNER = "125523088429"
-
 
 @pytest.fixture
 def hook(ec2: Any) -> Any:

@@ -9,6 +9,9 @@ import pytest
 
 from operators.rules import naming
 
+#: The CentOS project's account: its public CentOS 7 AMIs are all deprecated by now.
+CENTOS_OWNER = "125523088429"
+
 
 def error_of(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """The AWS error a call answers with (fails the test if it succeeds)."""

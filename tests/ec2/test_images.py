@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk import DAG
-from conftest import CENTOS_OWNER
-from ec2_helpers import build_tags, completed_snapshot, error_of
+from ec2_helpers import CENTOS_OWNER, build_tags, completed_snapshot, error_of
 from operator_harness import make_context, run_operator
 
 from operators import defaults

@@ -15,6 +15,7 @@ import pytest
 from airflow.sdk import DAG
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
+from dag_runs import xcom_of
 from operator_harness import make_context, run_operator
 
 from operators import defaults
@@ -178,24 +179,6 @@ def test_without_a_bucket_nothing_is_written_and_a_missing_list_is_said_plainly(
     assert tags[naming.TAG_DEFINITION_SHA256] == "none"  # the recipe alone, no definition
 
 
-def _xcom(dag_run: Any, task_id: str, key: str = "return_value") -> Any:
-    """One XCom of a task of a run, read from the metadata DB."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        row = session.scalars(
-            select(XComModel).where(
-                XComModel.dag_id == dag_run.dag_id,
-                XComModel.run_id == dag_run.run_id,
-                XComModel.task_id == task_id,
-                XComModel.key == key,
-            )
-        ).one()
-        return XComModel.deserialize_value(row)
-
-
 #: A DAG as a file, loaded by a real DagBag and synced to the metadata DB as the DAG processor would
 #: (dag.test runs only serialized DAGs): the build task hands on the night's list (from STATE), the
 #: real RegisterHVMAmi registers that night's snapshot, PublishManifest publishes it.
@@ -258,15 +241,15 @@ def test_without_a_bucket_the_previous_list_comes_from_its_runs_xcom(
         )
         run = dag.test(run_after=when)
         assert run.state == "success"
-        return run, _xcom(run, "register_hvm_ami")
+        return run, xcom_of(run, "register_hvm_ami")
 
     (last_night, first), (tonight, second) = night(OLD, T0), night(NEW, T0 + timedelta(days=1))
     assert _tags(ec2, first["ami_id"])[naming.TAG_RUN_ID] == last_night.run_id
-    summary = _xcom(tonight, "publish_manifest")
+    summary = xcom_of(tonight, "publish_manifest")
     assert summary["previous_ami"] == first["ami_id"] and summary["ami_id"] == second["ami_id"]
     assert summary["changed"] == {"added": 1, "removed": 1, "updated": 1}
     assert summary["s3_key"] == ""
-    text = _xcom(tonight, "publish_manifest", key="changes")
+    text = xcom_of(tonight, "publish_manifest", key="changes")
     assert text.splitlines()[1] == "  updated  libc6.amd64     2.36-9+deb12u13 -> 2.36-9+deb12u14"
     assert f"the XCom of {BUILD_TASK_ID} in {dag_id} run {last_night.run_id}" in text
 
