@@ -14,7 +14,9 @@ DOC = f"""
 Every hour, finds every EC2 resource tagged `amibake:build-id` whose build is over and that is
 older than **max_age_hours** (default {DEFAULT_MAX_AGE_HOURS}), and removes it, in this order:
 build boxes (terminate and wait), canvas volumes (detach from our box, delete), security
-groups, AMIs left half-registered (pending too long, or failed), snapshots no AMI uses.
+groups, AMIs left half-registered (pending too long, or failed), snapshots no AMI uses. It
+sweeps the connection's region, then every region an image definition copies its AMI to
+(`distribution.regions`): a copy is judged by the run that made it and its own age.
 
 - Never touches anything without the amibake tags, nor an `available` AMI (that is the
   nightly DAG's rotation, which keeps the newest ones), nor a snapshot any AMI still uses.

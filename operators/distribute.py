@@ -24,22 +24,31 @@ NOTHING = {"copies": {}, "shared_with": []}
 SETTLED = ("available", "failed", "error", "invalid", "deregistered", "disabled")
 
 
-def copy_tags(source: dict[str, Any], source_region: str) -> list[dict[str, str]]:
+def copy_tags(
+    source: dict[str, Any], source_region: str, *, dag_id: str, run_id: str, created_at: str | None = None
+) -> list[dict[str, str]]:
     """The tags of a copy: the source's ``Name`` and ``amibake:*`` tags (the ones amibake finds and
     rotates by; the IAM policy lets CopyImage set no others), not its ``amibake:snapshot-id`` (a
-    snapshot of the source's region), plus the source AMI and its region."""
+    snapshot of the source's region), plus the source AMI and its region.
+
+    The DAG run and creation time are the copying run's, not the source's: the sweeper of the
+    copy's region judges a copy by them, so a copy made tonight of a month-old AMI is tonight's and
+    is left alone while the run that made it is still running."""
     tags = {
         key: value
         for key, value in naming.tags_to_dict(source.get("Tags")).items()
         if (key == "Name" or key.startswith("amibake:")) and key != naming.TAG_SNAPSHOT_ID
     }
+    tags[naming.TAG_DAG_ID] = dag_id
+    tags[naming.TAG_RUN_ID] = run_id
+    tags[naming.TAG_CREATED_AT] = created_at or naming.utc_now_iso()
     tags[naming.TAG_SOURCE_AMI] = source["ImageId"]
     tags[naming.TAG_SOURCE_REGION] = source_region
     return [{"Key": k, "Value": v} for k, v in tags.items()]
 
 
 def copy_image_args(
-    *, source: dict[str, Any], source_region: str, copy: RegionCopy, token: str
+    *, source: dict[str, Any], source_region: str, copy: RegionCopy, token: str, dag_id: str, run_id: str
 ) -> dict[str, Any]:
     """The exact CopyImage parameters of one copy (sent to the target region's endpoint).
 
@@ -48,7 +57,7 @@ def copy_image_args(
     every user tag and none to the snapshots. ``Encrypted`` + ``KmsKeyId`` only with a key: without
     one, an encrypted source stays encrypted with the region's default key, as AWS does.
     """
-    tags = copy_tags(source, source_region)
+    tags = copy_tags(source, source_region, dag_id=dag_id, run_id=run_id)
     snapshot_tags = [
         {"Key": t["Key"], "Value": Role.SNAPSHOT.value} if t["Key"] == naming.TAG_ROLE else t for t in tags
     ]
@@ -217,7 +226,14 @@ class DistributeAmi(AmibakeOperator):
                              failed["ImageId"], failed.get("State"))  # fmt: skip
             hook.deregister_image(failed["ImageId"])
         token = f"amibake-copy-{source['ImageId']}-{target.region}-{context['ti'].try_number}"
-        args = copy_image_args(source=source, source_region=home, copy=target, token=token)
+        args = copy_image_args(
+            source=source,
+            source_region=home,
+            copy=target,
+            token=token,
+            dag_id=context["dag"].dag_id,
+            run_id=context["run_id"],
+        )
         image_id = hook.copy_image(args)
         self.log.info("%s: copying %s to %s%s", target.region, source["ImageId"], image_id,
                       f" (encrypted with {target.kms_key_id})" if target.kms_key_id else "")  # fmt: skip

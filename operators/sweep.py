@@ -8,6 +8,8 @@ the Task SDK (``ti.get_dr_count``, answered by the API server) whether the DAG r
 resource's ``amibake:dag-id`` / ``amibake:run-id`` tags is queued or running. A build whose run
 cannot be identified (tags missing) counts as finished and is protected by the age threshold alone.
 A leaked box that is still up does not make its build "running": terminating it is the point.
+A copy of an AMI in another region names the run that made it (and its own creation time), so it
+is judged by that run and its own age, not by its source's.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from operators import metrics
+from operators import defaults, metrics
 from operators.base import AmibakeOperator
-from operators.rules import lifecycle
+from operators.rules import definition, lifecycle
 from operators.rules.validation import ParamError, as_bool, validate_number
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+    from operators.hooks.ec2 import BuildEc2Hook
 
 #: DAG run states in which a build may still create or use resources.
 ACTIVE_RUN_STATES = ("queued", "running")
@@ -35,10 +39,12 @@ class SweepOrphans(AmibakeOperator):
     """Remove every amibake resource whose build is over and which is older than ``max_age_hours``.
 
     Order: instances (terminate, wait), volumes (detach from our box if still attached, delete),
-    security groups, half-registered AMIs, unused snapshots. Each removal is logged with its
-    reason; with ``dry_run`` nothing is changed and the same list is logged as "would remove".
-    Returns the list (``lifecycle.Action.as_dict`` items) to XCom. One failed removal does not stop
-    the others; the task fails at the end, listing what could not be removed.
+    security groups, half-registered AMIs, unused snapshots. It sweeps the connection's region, then
+    every region an image definition's ``distribution`` copies to (a copy pending past the age or
+    failed, and its snapshots). Each removal is logged with its region and reason; with ``dry_run``
+    nothing is changed and the same list is logged as "would remove". Returns the list
+    (``lifecycle.Action.as_dict`` items with their ``region``) to XCom. One failed removal does not
+    stop the others; the task fails at the end, listing what could not be removed.
     """
 
     template_fields: Sequence[str] = (*AmibakeOperator.template_fields, "dry_run", "max_age_hours")
@@ -56,49 +62,72 @@ class SweepOrphans(AmibakeOperator):
         self.max_age_hours = max_age_hours
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        """Describe, decide, then remove (or only log, in a dry run)."""
+        """Describe, decide, then remove (or only log, in a dry run), region by region."""
         if self.dry_run is None:
             raise ParamError("dry_run", "must be true or false, got None")
         dry_run = as_bool({"dry_run": self.dry_run}, "dry_run", False)
         max_age = timedelta(hours=validate_number("max_age_hours", self.max_age_hours, *MAX_AGE_HOURS_RANGE))
-        inventory = self.hook.inventory()
-        active = self._active_builds(context, lifecycle.run_refs(inventory))
-        plan = lifecycle.plan_sweep(inventory, active_builds=active, now=datetime.now(UTC), max_age=max_age)
-        for kept in plan.keep:
-            self.log.info("keeping %s %s: %s", kept.kind, kept.resource_id, kept.reason)
-        verb = "would remove" if dry_run else "removing"
-        for action in plan.remove:
-            self.log.info(
-                "%s %s %s (%s, build %s): %s",
-                verb,
-                action.kind,
-                action.resource_id,
-                action.action,
-                action.build_id,
-                action.reason,
-            )
-        if not plan.remove:
-            self.log.info("nothing to sweep")
+        swept: list[dict[str, Any]] = []
+        done: list[lifecycle.Action] = []
+        failures: list[str] = []
+        for region, hook in self._regions():
+            plan = self._plan(context, hook, region, max_age, dry_run)
+            swept += [{**a.as_dict(), "region": region} for a in plan]
+            if not dry_run:
+                removed, failed = self._remove(hook, plan)
+                done += removed
+                failures += [f"{f} ({region})" for f in failed]
         if dry_run:
-            return [a.as_dict() for a in plan.remove]
-        done, failures = self._remove(plan.remove)
+            return swept
         metrics.swept({kind: sum(1 for a in done if a.kind == kind) for kind in lifecycle.KIND_ORDER})
         if failures:
             raise RuntimeError("sweep incomplete, could not remove: " + "; ".join(failures))
-        return [a.as_dict() for a in plan.remove]
+        return swept
 
-    def _active_builds(self, context: Context, refs: dict[str, tuple[str, str]]) -> set[str]:
-        """Builds whose DAG run is queued or running, asked through the Task SDK (one call per build)."""
+    def _regions(self) -> list[tuple[str, BuildEc2Hook]]:
+        """The connection's region, then every region an image definition copies its AMI to (copies
+        left half-made there are swept too). A definition that cannot be read is named in the log:
+        the regions only it copies to are not swept until it is fixed."""
+        home = self.hook.conn_region_name or ""
+        regions, broken = definition.distribution_regions(defaults.images_dir())
+        for error in broken:
+            self.log.warning("not sweeping the regions only this definition copies to: %s", error)
+        return [(home, self.hook)] + [(r, self.hook_in(r)) for r in regions if r != home]
+
+    def _plan(
+        self, context: Context, hook: BuildEc2Hook, region: str, max_age: timedelta, dry_run: bool
+    ) -> list[lifecycle.Action]:
+        """Describe one region and decide; log what stays, and what goes (or would, in a dry run)."""
+        inventory = hook.inventory()
+        active = self._active_builds(context, lifecycle.run_refs(inventory))
+        plan = lifecycle.plan_sweep(inventory, active_builds=active, now=datetime.now(UTC), max_age=max_age)
+        for kept in plan.keep:
+            self.log.info("%s: keeping %s %s: %s", region, kept.kind, kept.resource_id, kept.reason)
+        verb = "would remove" if dry_run else "removing"
+        for action in plan.remove:
+            self.log.info("%s: %s %s %s (%s, build %s): %s", region, verb, action.kind, action.resource_id,
+                          action.action, action.build_id, action.reason)  # fmt: skip
+        if not plan.remove:
+            self.log.info("%s: nothing to sweep", region)
+        return plan.remove
+
+    def _active_builds(self, context: Context, refs: dict[str, set[tuple[str, str]]]) -> set[str]:
+        """Builds with a DAG run that is queued or running, asked through the Task SDK (one call per run)."""
         if not refs:
             return set()
         ti = context["ti"]
         return {
             build
-            for build, (dag_id, run_id) in refs.items()
-            if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ACTIVE_RUN_STATES)) > 0
+            for build, runs in refs.items()
+            if any(
+                ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ACTIVE_RUN_STATES)) > 0
+                for dag_id, run_id in sorted(runs)
+            )
         }
 
-    def _remove(self, actions: list[lifecycle.Action]) -> tuple[list[lifecycle.Action], list[str]]:
+    def _remove(
+        self, hook: BuildEc2Hook, actions: list[lifecycle.Action]
+    ) -> tuple[list[lifecycle.Action], list[str]]:
         """Carry out the plan in its order; return what was done and what failed (the hook treats
         "already gone" as done)."""
         done: list[lifecycle.Action] = []
@@ -120,18 +149,18 @@ class SweepOrphans(AmibakeOperator):
         boxes = by_kind["instance"]
         terminated = not boxes or attempt(
             lifecycle.Action("instance", ",".join(a.resource_id for a in boxes), "terminate and wait", ""),
-            lambda: self.hook.terminate_instances([a.resource_id for a in boxes]),
+            lambda: hook.terminate_instances([a.resource_id for a in boxes]),
         )
         if terminated:
             for action in by_kind["volume"]:
-                attempt(action, lambda a=action: self.hook.delete_volume(a.resource_id))
+                attempt(action, lambda a=action: hook.delete_volume(a.resource_id))
             for action in by_kind["security-group"]:
-                attempt(action, lambda a=action: self.hook.delete_security_group(a.resource_id))
+                attempt(action, lambda a=action: hook.delete_security_group(a.resource_id))
         else:
             # their volumes and security groups cannot go while the boxes are up: next sweep
             self.log.error("build boxes not all terminated: leaving volumes and security groups for now")
         for action in by_kind["image"]:
-            attempt(action, lambda a=action: self.hook.deregister_image(a.resource_id))
+            attempt(action, lambda a=action: hook.deregister_image(a.resource_id))
         for action in by_kind["snapshot"]:
-            attempt(action, lambda a=action: self.hook.delete_snapshot(a.resource_id))
+            attempt(action, lambda a=action: hook.delete_snapshot(a.resource_id))
         return done, failures

@@ -218,6 +218,19 @@ def discover(images_dir: Path) -> list[Path]:
     return sorted(p for p in images_dir.glob("*.yaml") if p.is_file() and not p.name.startswith("."))
 
 
+def distribution_regions(images_dir: Path) -> tuple[list[str], list[DefinitionError]]:
+    """Every region a definition of ``images_dir`` copies its AMI to (the sweeper sweeps there too),
+    in name order, and the errors of the definitions that could not be read."""
+    regions: set[str] = set()
+    broken: list[DefinitionError] = []
+    for path in discover(images_dir):
+        try:
+            regions.update(r.region for r in load(path).distribution.regions)
+        except DefinitionError as exc:
+            broken.append(exc)
+    return sorted(regions), broken
+
+
 def load_named(images_dir: Path, name: str) -> ImageDefinition:
     """The definition ``images_dir/<name>.yaml`` (the name checked first: it becomes a path)."""
     if not isinstance(name, str) or not CONTRACT.image_name_re.fullmatch(name):

@@ -173,15 +173,17 @@ def snapshots_used_by(image: Mapping[str, Any]) -> set[str]:
     return used
 
 
-def run_refs(inventory: Inventory) -> dict[str, tuple[str, str]]:
-    """Build id -> (dag id, run id) from the tags, so the caller can ask Airflow which runs are active."""
-    refs: dict[str, tuple[str, str]] = {}
+def run_refs(inventory: Inventory) -> dict[str, set[tuple[str, str]]]:
+    """Build id -> every (dag id, run id) its resources name, so the caller can ask Airflow which
+    runs are active. A build's own resources name its run; a copy of its AMI in another region names
+    the run that made the copy (``operators.distribute.copy_tags``): the build is active while any is."""
+    refs: dict[str, set[tuple[str, str]]] = {}
     for resource in _all_resources(inventory):
         tags = tags_of(resource)
         build = tags.get(naming.TAG_BUILD_ID)
         dag_id, run_id = tags.get(naming.TAG_DAG_ID), tags.get(naming.TAG_RUN_ID)
         if build and dag_id and run_id:
-            refs.setdefault(build, (dag_id, run_id))
+            refs.setdefault(build, set()).add((dag_id, run_id))
     return refs
 
 

@@ -260,10 +260,17 @@ def test_sweep_rejects_naive_now_and_negative_age() -> None:
 
 
 def test_run_refs_maps_builds_to_their_dag_runs() -> None:
-    inv = Inventory(instances=[instance("i-1", "b1"), instance("i-x", None)], snapshots=[snapshot("s", "b2")])
+    copy = image("ami-c", "b2", "pending")  # a copy of b2's AMI, made by a later run
+    copy["Tags"] = [t for t in copy["Tags"] if t["Key"] != naming.TAG_RUN_ID]
+    copy["Tags"].append({"Key": naming.TAG_RUN_ID, "Value": "run-copy"})
+    inv = Inventory(
+        instances=[instance("i-1", "b1"), instance("i-x", None)],
+        snapshots=[snapshot("s", "b2")],
+        images=[copy],
+    )
     assert lifecycle.run_refs(inv) == {
-        "b1": ("amibake_debian12", "run-b1"),
-        "b2": ("amibake_debian12", "run-b2"),
+        "b1": {("amibake_debian12", "run-b1")},
+        "b2": {("amibake_debian12", "run-b2"), ("amibake_debian12", "run-copy")},
     }
 
 

@@ -29,10 +29,17 @@ class RecordingTI:
     max_tries: int = 0
     map_index: int = -1
     pushed: dict[str, Any] = field(default_factory=dict)
+    #: (dag id, run id) of the DAG runs the Task SDK would call queued or running (the sweeper asks)
+    active_runs: set[tuple[str, str]] = field(default_factory=set)
 
     def xcom_push(self, key: str, value: Any) -> None:
         """Record an XCom push (the operators push console-link data)."""
         self.pushed[key] = value
+
+    def get_dr_count(self, *, dag_id: str, run_ids: list[str], states: list[str]) -> int:
+        """How many of ``run_ids`` are in ``states``: the runs of ``active_runs`` are running."""
+        assert set(states) == {"queued", "running"}, states
+        return sum((dag_id, run_id) in self.active_runs for run_id in run_ids)
 
 
 @dataclass
@@ -71,8 +78,15 @@ def rebuild(trigger: Any) -> Any:
     return getattr(importlib.import_module(module), name)(**kwargs)
 
 
+#: Seconds between a rebuilt trigger's polls at most. The product's delays are AWS's (15 s and more);
+#: the local EC2 API models AWS's eventual consistency in under a second, so a first poll that lands
+#: in that window would otherwise cost a whole product delay per test. Attempts are not changed.
+POLL_S = 1
+
+
 def run_operator(op: BaseOperator, context: dict[str, Any]) -> RunRecord:
-    """execute → (defer → trigger → resume)* → result."""
+    """execute → (defer → trigger → resume)* → result. A waiter trigger polls at most every
+    ``POLL_S`` seconds."""
     record = RunRecord()
     call = lambda: op.execute(context)  # noqa: E731 - replaced by each resume below
     while True:
@@ -81,6 +95,8 @@ def run_operator(op: BaseOperator, context: dict[str, Any]) -> RunRecord:
             return record
         except TaskDeferred as deferred:
             trigger = rebuild(deferred.trigger)
+            if getattr(trigger, "waiter_delay", 0) > POLL_S:
+                trigger.waiter_delay = POLL_S
             record.deferrals.append(type(trigger).__name__)
             event = asyncio.run(_first_event(trigger))
             record.events.append(event)

@@ -26,7 +26,7 @@ import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowFailException
 from botocore.exceptions import ClientError
-from operator_harness import RecordingTI, make_context, run_operator
+from operator_harness import make_context, run_operator
 
 from operators.ami import RegisterHVMAmi
 from operators.build_box import LaunchBuildBox, TerminateBuildBox
@@ -581,15 +581,6 @@ def test_a_resource_that_is_gone_gets_the_backends_not_found(api: tuple) -> None
 
 
 # -- the product's requests on a green night, its teardowns, the sweeper, rotation -------------------
-@dataclass
-class SweeperTI(RecordingTI):
-    """The Task SDK's "is that DAG run still active?" answered "no" (the sweeper's DAG test asks the
-    real API server: tests/lifecycle/test_sweeper.py)."""
-
-    def get_dr_count(self, **_: Any) -> int:
-        return 0
-
-
 def test_a_green_night_teardowns_rotation_and_sweep_pass_the_policy(
     ec2: Any, box_login: Any, subnet: dict, tmp_path: Path
 ) -> None:
@@ -669,9 +660,7 @@ def test_a_green_night_teardowns_rotation_and_sweep_pass_the_policy(
     _make_old(ec2, [])
     with DAG("amibake_sweeper", schedule=None):
         sweep = SweepOrphans(task_id="sweep_orphans", max_age_hours=1)
-    context = make_context(sweep.dag, "sweep")
-    context["ti"] = SweeperTI()
-    swept = sweep.execute(context)
+    swept = sweep.execute(make_context(sweep.dag, "sweep"))  # no run is active
     assert {a["kind"] for a in swept} >= {"instance", "volume", "security-group"}
 
     sent = {r["action"] for r in ec2.requests}
