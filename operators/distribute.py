@@ -25,7 +25,7 @@ SETTLED = ("available", "failed", "error", "invalid", "deregistered", "disabled"
 
 
 def copy_tags(
-    source: dict[str, Any], source_region: str, *, dag_id: str, run_id: str, created_at: str | None = None
+    source: dict[str, Any], source_region: str, *, dag_id: str, run_id: str
 ) -> list[dict[str, str]]:
     """The tags of a copy: the source's ``Name`` and ``amibake:*`` tags (the ones amibake finds and
     rotates by; the IAM policy lets CopyImage set no others), not its ``amibake:snapshot-id`` (a
@@ -41,7 +41,7 @@ def copy_tags(
     }
     tags[naming.TAG_DAG_ID] = dag_id
     tags[naming.TAG_RUN_ID] = run_id
-    tags[naming.TAG_CREATED_AT] = created_at or naming.utc_now_iso()
+    tags[naming.TAG_CREATED_AT] = naming.utc_now_iso()
     tags[naming.TAG_SOURCE_AMI] = source["ImageId"]
     tags[naming.TAG_SOURCE_REGION] = source_region
     return [{"Key": k, "Value": v} for k, v in tags.items()]

@@ -14,6 +14,7 @@ is judged by that run and its own age, not by its source's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -70,8 +71,16 @@ class SweepOrphans(AmibakeOperator):
         swept: list[dict[str, Any]] = []
         done: list[lifecycle.Action] = []
         failures: list[str] = []
+        ti = context.get("ti")
+
+        @functools.cache
+        def running(dag_id: str, run_id: str) -> bool:
+            """Whether a DAG run is queued or running (the Task SDK asks the API server; once per run,
+            however many regions hold its resources)."""
+            return ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ACTIVE_RUN_STATES)) > 0
+
         for region, hook in self._regions():
-            plan = self._plan(context, hook, region, max_age, dry_run)
+            plan = self._plan(hook, region, max_age, dry_run, running)
             swept += [{**a.as_dict(), "region": region} for a in plan]
             if not dry_run:
                 removed, failed = self._remove(hook, plan)
@@ -95,11 +104,18 @@ class SweepOrphans(AmibakeOperator):
         return [(home, self.hook)] + [(r, self.hook_in(r)) for r in regions if r != home]
 
     def _plan(
-        self, context: Context, hook: BuildEc2Hook, region: str, max_age: timedelta, dry_run: bool
+        self,
+        hook: BuildEc2Hook,
+        region: str,
+        max_age: timedelta,
+        dry_run: bool,
+        running: Callable[[str, str], bool],
     ) -> list[lifecycle.Action]:
-        """Describe one region and decide; log what stays, and what goes (or would, in a dry run)."""
+        """Describe one region and decide; log what stays, and what goes (or would, in a dry run).
+        A build is active while any DAG run its resources name is ``running``."""
         inventory = hook.inventory()
-        active = self._active_builds(context, lifecycle.run_refs(inventory))
+        refs = lifecycle.run_refs(inventory)
+        active = {build for build, runs in refs.items() if any(running(*run) for run in sorted(runs))}
         plan = lifecycle.plan_sweep(inventory, active_builds=active, now=datetime.now(UTC), max_age=max_age)
         for kept in plan.keep:
             self.log.info("%s: keeping %s %s: %s", region, kept.kind, kept.resource_id, kept.reason)
@@ -110,20 +126,6 @@ class SweepOrphans(AmibakeOperator):
         if not plan.remove:
             self.log.info("%s: nothing to sweep", region)
         return plan.remove
-
-    def _active_builds(self, context: Context, refs: dict[str, set[tuple[str, str]]]) -> set[str]:
-        """Builds with a DAG run that is queued or running, asked through the Task SDK (one call per run)."""
-        if not refs:
-            return set()
-        ti = context["ti"]
-        return {
-            build
-            for build, runs in refs.items()
-            if any(
-                ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ACTIVE_RUN_STATES)) > 0
-                for dag_id, run_id in sorted(runs)
-            )
-        }
 
     def _remove(
         self, hook: BuildEc2Hook, actions: list[lifecycle.Action]
