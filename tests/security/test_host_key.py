@@ -84,10 +84,13 @@ def _tunnel(target: Callable[[], tuple[str, int]]) -> Iterator[dict[str, Any]]:
     stop = threading.Event()
 
     def pipe(src: socket.socket, dst: socket.socket) -> None:
-        with src, dst:
+        """One direction; the sockets are closed by ``forward`` once both directions ended."""
+        try:
             while data := src.recv(65536):
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
+        except OSError:  # a side reset the connection: this direction is over as well
+            pass
 
     def forward(client: socket.socket) -> None:
         try:
@@ -96,8 +99,15 @@ def _tunnel(target: Callable[[], tuple[str, int]]) -> Iterator[dict[str, Any]]:
             client.close()
             return
         upstream.settimeout(None)
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+        with client, upstream:
+            pipes = [
+                threading.Thread(target=pipe, args=(a, b), daemon=True)
+                for a, b in ((client, upstream), (upstream, client))
+            ]
+            for each in pipes:
+                each.start()
+            for each in pipes:
+                each.join()
 
     def serve() -> None:
         while not stop.is_set():
