@@ -34,14 +34,20 @@ _OWN_HOME: str | None = None
 if os.environ.get("AIRFLOW_HOME", os.environ.get(_OWN_HOME_ENV)) == os.environ.get(_OWN_HOME_ENV):
     _OWN_HOME = tempfile.mkdtemp(prefix="amibake-test-airflow-")
     os.environ["AIRFLOW_HOME"] = os.environ[_OWN_HOME_ENV] = _OWN_HOME
-# Each xdist worker (./run-tests runs two) keeps its own offline package cache: the builds bind it over
-# the image's apt archive, and apt refuses to run while another apt holds that dir's lock.
+# Each xdist worker (./run-tests runs two per core) keeps its own offline package cache: the builds
+# bind it over the image's apt archive, and apt refuses to run while another apt holds that dir's lock.
 if os.environ.get("PYTEST_XDIST_WORKER") and PACKAGE_CACHE_ENV not in os.environ:
     os.environ[PACKAGE_CACHE_ENV] = str(package_cache() / os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort): xdist hands tests out in this order, so the whole builds
+    start at once on every worker instead of one of them ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
