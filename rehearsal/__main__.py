@@ -497,6 +497,8 @@ class Options:
     state_dir: Path = REHEARSAL_DIR
     #: extra run conf (DAG Params) on top of boot_check / the base AMI
     conf: dict[str, Any] = field(default_factory=dict)
+    #: extra ``[amibake]`` settings of its Airflow, on top of the rehearsal's own
+    settings: dict[str, str] = field(default_factory=dict)
     #: run the local EC2 API in this process (so a benchmark can shape moto's state) instead of its own
     ec2_in_process: bool = False
     #: where the "box" keeps downloaded packages between rehearsals (None: download everything)
@@ -600,7 +602,7 @@ def rehearsal_services(
         ebs = LoopEbs(ec2.moto_url, ec2.region, state_dir / "ebs", snapshots_dir=snapshots_dir)
         stack.enter_context(ebs)
         stack.callback(lambda: kill_box_processes(ebs.history + [build_id(opts.dag_id, r) for r in run_ids]))
-        settings = {**rehearsal_settings(date.today()), "subnet_id": default_subnet(ec2)}
+        settings = {**rehearsal_settings(date.today()), "subnet_id": default_subnet(ec2), **opts.settings}
         env = amibake_env(
             aws_extra={"endpoint_url": ec2.endpoint_url, "region_name": ec2.region},
             ssh_connection=login.connection(),

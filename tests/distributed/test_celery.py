@@ -31,7 +31,7 @@ DAG_ID = rh.DAG_ID
 #: defer at all (the deferral race, apache/airflow#66374), and the local EC2 API's instances and AMIs
 #: are; its snapshots stay pending for SNAPSHOT_PENDING_S (set below), so the snapshot wait defers.
 DEFERRING_TASKS = ("frozen_snapshot",)
-SNAPSHOT_PENDING_S = 45
+SNAPSHOT_PENDING_S = 15  # well past the first look (right after the thaw), short of a second poll
 RUN_TIMEOUT_S = 1800
 
 
