@@ -54,17 +54,19 @@ freeze_canvas() {
     echo $! >"$(guard_pidfile)"
 }
 
-# Thaw what freeze_canvas froze and stop the guard; THAWED lists the mount points. Idempotent.
+# Thaw what freeze_canvas froze, then stop the guard; THAWED lists the mount points. Idempotent.
+# The guard goes last: if this is killed half-way (a clean-up after a lost session), it still thaws.
 THAWED=()
 thaw_canvas() {
     local state
     state=$(frozen_state)
     THAWED=()
+    if [[ -e $state ]]; then
+        mapfile -t THAWED <"$state"
+        thaw_list ${THAWED[@]+"${THAWED[@]}"}
+        rm -f "$state"
+    fi
     stop_guard
-    [[ -e $state ]] || return 0
-    mapfile -t THAWED <"$state"
-    thaw_list ${THAWED[@]+"${THAWED[@]}"}
-    rm -f "$state"
 }
 
 cmd_freeze() {
