@@ -39,6 +39,7 @@ class Contract:
     nvme_byid_prefix: str
     mirror_url_re: re.Pattern[str]
     mirror_url_max: int
+    debian_security_suffix: str
     recipes: tuple[str, ...]
     recipe_default: str
     box_work_dir: str

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from operators.rules import lifecycle, naming
+from operators.rules.contract import CONTRACT
 
 #: Metadata files of each recipe's repositories, relative to its mirror (what yum and apt read first).
 RECIPE_METADATA: Mapping[str, tuple[tuple[str, str], ...]] = {
@@ -101,7 +102,8 @@ def recipe_metadata(recipe: str, mirror: str) -> list[Source]:
     base = mirror.rstrip("/")
     sources = [Source(f"repo:{name}", f"{base}/{path}") for name, path in RECIPE_METADATA[recipe]]
     if recipe == "debian12":
-        sources.append(Source(f"repo:{DEBIAN_SECURITY[0]}", f"{base}-security/{DEBIAN_SECURITY[1]}"))
+        security = base + CONTRACT.debian_security_suffix
+        sources.append(Source(f"repo:{DEBIAN_SECURITY[0]}", f"{security}/{DEBIAN_SECURITY[1]}"))
     return sources
 
 

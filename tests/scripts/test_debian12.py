@@ -188,6 +188,8 @@ def test_image_contents(built) -> None:
     assert list((root / "boot/grub/i386-pc").glob("core.img"))
     sources = (root / "etc/apt/sources.list.d/debian.sources").read_text()
     assert "Suites: bookworm bookworm-updates" in sources
+    mirror = sources.split("URIs: ")[1].split()[0]  # the security archive is the mirror's (contract.env)
+    assert f"URIs: {mirror}-security\nSuites: bookworm-security\n" in sources
     cloud = yaml.safe_load((root / "etc/cloud/cloud.cfg.d/90-amibake.cfg").read_text())
     ec2_only = {"datasource_list": ["Ec2"], "datasource": {"Ec2": {"strict_id": True}}}
     assert cloud == {**ec2_only, "locale": "C.UTF-8"}

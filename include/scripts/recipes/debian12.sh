@@ -92,20 +92,16 @@ recipe_list_packages() {
         }'
 }
 
-# The image's apt sources: the build mirror for the suite and its updates, plus the security
-# archive the box itself uses (if any), so `apt-get upgrade` on an instance gets fixes.
+# The image's apt sources: the build mirror for the suite and its updates, and the mirror's security
+# archive (contract.env DEBIAN_SECURITY_SUFFIX: the one the fingerprint reads), so the build and
+# `apt-get upgrade` on an instance get the fixes.
 write_apt_sources() {
-    local mirror=$1 security
-    security=$(apt_uri_for_suite "$DEBIAN_SUITE-security" "${APT_SOURCES[@]}")
+    local mirror=${1%/}
     rm -f "$ROOT/etc/apt/sources.list"
-    {
-        printf 'Types: deb\nURIs: %s\nSuites: %s %s-updates\nComponents: main\nSigned-By: %s\n' \
-            "$mirror" "$DEBIAN_SUITE" "$DEBIAN_SUITE" "$DEBIAN_KEYRING"
-        if [[ -n $security ]]; then
-            printf '\nTypes: deb\nURIs: %s\nSuites: %s-security\nComponents: main\nSigned-By: %s\n' \
-                "${security%/}" "$DEBIAN_SUITE" "$DEBIAN_KEYRING"
-        fi
-    } >"$ROOT/etc/apt/sources.list.d/debian.sources"
+    printf 'Types: deb\nURIs: %s\nSuites: %s %s-updates\nComponents: main\nSigned-By: %s\n\n' \
+        "$mirror" "$DEBIAN_SUITE" "$DEBIAN_SUITE" "$DEBIAN_KEYRING" >"$ROOT/etc/apt/sources.list.d/debian.sources"
+    printf 'Types: deb\nURIs: %s\nSuites: %s-security\nComponents: main\nSigned-By: %s\n' \
+        "$mirror$DEBIAN_SECURITY_SUFFIX" "$DEBIAN_SUITE" "$DEBIAN_KEYRING" >>"$ROOT/etc/apt/sources.list.d/debian.sources"
 }
 
 # Bind the optional package cache (tests and benchmarks only) over the image's apt archive.
