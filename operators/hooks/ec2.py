@@ -9,7 +9,9 @@ Only resources carrying the ``amibake:build-id`` tag are ever deleted here.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +19,7 @@ from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
 from operators import defaults
 from operators.rules import naming
+from operators.rules.errors import error_code, http_status
 from operators.rules.lifecycle import Inventory
 from operators.rules.naming import Role
 
@@ -47,14 +50,17 @@ def maybe_acted(exc: Exception) -> bool:
 
     if isinstance(exc, (ConnectionClosedError, ReadTimeoutError)):
         return True
-    status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return status >= 500 and error_code(exc) not in THROTTLING_CODES
+    return http_status(exc) >= 500 and error_code(exc) not in THROTTLING_CODES
 
 
-def error_code(exc: Exception) -> str:
-    """The AWS error code of a botocore ``ClientError`` ('' for anything else)."""
-    response = getattr(exc, "response", None) or {}
-    return response.get("Error", {}).get("Code", "")
+@contextlib.contextmanager
+def ignoring(*codes: str) -> Iterator[None]:
+    """Swallow a ``ClientError`` whose AWS error code is one of ``codes`` (e.g. "already gone")."""
+    try:
+        yield
+    except Exception as exc:
+        if error_code(exc) not in codes:
+            raise
 
 
 class BuildEc2Hook(EC2Hook):
@@ -159,12 +165,15 @@ class BuildEc2Hook(EC2Hook):
                 Owners=["self"], Filters=naming.build_filters(build, Role.AMI)
             )["Images"]
         }
-        if name:
-            for img in self.conn.describe_images(
-                Owners=["self"], Filters=[{"Name": "name", "Values": [name]}]
-            )["Images"]:
-                images.setdefault(img["ImageId"], img)
+        for img in self.images_named(name) if name else []:
+            images.setdefault(img["ImageId"], img)
         return [img for img in images.values() if img.get("State") not in ("deregistered", "failed")]
+
+    def images_named(self, name: str) -> list[dict]:
+        """This account's AMIs called ``name`` (AMI names are unique per account and region)."""
+        return self.conn.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])[
+            "Images"
+        ]
 
     def resolve_base_ami(self, image_id: str = "", owner: str = "", name: str = "") -> dict:
         """The base AMI: by id, or the newest available one of ``owner`` whose name matches ``name``."""
@@ -250,7 +259,7 @@ class BuildEc2Hook(EC2Hook):
                 )["SecurityGroups"][0]["GroupId"]
             group = self.conn.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
         if ssh_cidr and not _admits_ssh_from(group, ssh_cidr):
-            try:
+            with ignoring("InvalidPermission.Duplicate"):
                 self.conn.authorize_security_group_ingress(
                     GroupId=group["GroupId"],
                     IpPermissions=[
@@ -262,9 +271,6 @@ class BuildEc2Hook(EC2Hook):
                         }
                     ],
                 )
-            except Exception as exc:
-                if error_code(exc) != "InvalidPermission.Duplicate":
-                    raise
         return group["GroupId"]
 
     def ensure_instance(self, build: str, *, run_args: dict[str, Any], attempt: int) -> tuple[dict, bool]:
@@ -364,9 +370,7 @@ class BuildEc2Hook(EC2Hook):
         except Exception as exc:
             if error_code(exc) != "InvalidAMIName.Duplicate":
                 raise
-            images = self.conn.describe_images(
-                Owners=["self"], Filters=[{"Name": "name", "Values": [args["Name"]]}]
-            )["Images"]
+            images = self.images_named(args["Name"])
             if not images:
                 raise
             self.log.info("AMI %s was registered by a call whose answer was lost", images[0]["ImageId"])
@@ -488,37 +492,25 @@ class BuildEc2Hook(EC2Hook):
         """Detach a volume from whatever holds it now (naming the instance, as the API documents),
         wait until it is available, delete it. Gone already (a box's root volume goes with its box)
         is no error, and neither is an attachment that ended meanwhile."""
-        try:
+        with ignoring("InvalidVolume.NotFound"):
             (volume,) = self.conn.describe_volumes(VolumeIds=[volume_id])["Volumes"]
             for att in volume.get("Attachments") or []:
                 if att.get("State") in ("attaching", "attached"):
-                    try:
+                    with ignoring("InvalidAttachment.NotFound", "IncorrectState"):
                         self.conn.detach_volume(VolumeId=volume_id, InstanceId=att["InstanceId"], Force=True)
-                    except Exception as exc:
-                        if error_code(exc) not in ("InvalidAttachment.NotFound", "IncorrectState"):
-                            raise
             if volume["State"] != "available":
                 self.wait("volume_available", defaults.WAIT_VOLUME_AVAILABLE, VolumeIds=[volume_id])
             self.conn.delete_volume(VolumeId=volume_id)
-        except Exception as exc:
-            if error_code(exc) != "InvalidVolume.NotFound":
-                raise
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete one snapshot."""
-        try:
+        with ignoring("InvalidSnapshot.NotFound"):
             self.conn.delete_snapshot(SnapshotId=snapshot_id)
-        except Exception as exc:
-            if error_code(exc) != "InvalidSnapshot.NotFound":
-                raise
 
     def deregister_image(self, image_id: str) -> None:
         """Deregister one AMI (its snapshots stay: the caller decides about them)."""
-        try:
+        with ignoring("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
             self.conn.deregister_image(ImageId=image_id)
-        except Exception as exc:
-            if error_code(exc) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
-                raise
 
     def deprecate_image(self, image_id: str, at: datetime) -> None:
         """Set an AMI's deprecation time."""
@@ -600,12 +592,9 @@ class BuildEc2Hook(EC2Hook):
         except Exception as exc:
             if error_code(exc) != "InvalidAMIName.Duplicate":
                 raise
-            named = self.conn.describe_images(
-                Owners=["self"], Filters=[{"Name": "name", "Values": [args["Name"]]}]
-            )["Images"]
             ours = [
                 img
-                for img in named
+                for img in self.images_named(args["Name"])
                 if naming.tags_to_dict(img.get("Tags")).get(naming.TAG_SOURCE_AMI) == args["SourceImageId"]
             ]
             if not ours:

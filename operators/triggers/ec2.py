@@ -1,11 +1,14 @@
 """Deferrable waits of amibake, run by the triggerer so no worker slot is held while AWS works.
 
 The three AWS waits subclass the provider's ``AwsBaseWaiterTrigger`` with :class:`BuildEc2Hook`
-(client API, which the async waiters need) and botocore's EC2 waiters. Their limits are explicit
-and generous (see :mod:`operators.defaults`): a snapshot or an AMI may take 30+ minutes.
+(client API, which the async waiters need) and botocore's EC2 waiters. Each names its resource and
+waiter in class attributes; the operator passes the limits (see :mod:`operators.defaults`: a
+snapshot or an AMI may take 30+ minutes).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from airflow.providers.amazon.aws.triggers.base import AwsBaseWaiterTrigger
 
@@ -21,103 +24,73 @@ SNAPSHOT_ACCEPTORS = [
 
 
 class _Ec2WaiterTrigger(AwsBaseWaiterTrigger):
-    """Common constructor of the EC2 waiter triggers."""
+    """Wait for one EC2 resource, given as ``<id_field>=<id>`` (its serialized field and the key of
+    the event it returns)."""
 
     aws_hook_class = BuildEc2Hook
+    id_field: ClassVar[str]
+    #: how the messages name the resource, and what "done" is ("instance", "reach running")
+    noun: ClassVar[str]
+    goal: ClassVar[str]
+    waiter_name: ClassVar[str]
+    #: the waiter's request parameter that takes the id ("InstanceIds")
+    ids_param: ClassVar[str]
+    status_queries: ClassVar[list[str]]
+    acceptors: ClassVar[list[dict[str, str]] | None] = None
+
+    def __init__(
+        self,
+        *,
+        waiter_delay: int,
+        waiter_max_attempts: int,
+        aws_conn_id: str | None = defaults.AWS_CONN_ID,
+        region_name: str | None = None,
+        verify: bool | str | None = None,
+        botocore_config: dict | None = None,
+        **resource: str,
+    ) -> None:
+        if set(resource) != {self.id_field}:
+            raise TypeError(f"{type(self).__name__} takes {self.id_field}=, not {sorted(resource)}")
+        resource_id = resource[self.id_field]
+        super().__init__(
+            serialized_fields=resource,
+            waiter_name=self.waiter_name,
+            waiter_args={self.ids_param: [resource_id]},
+            failure_message=f"{self.noun} {resource_id} did not {self.goal}",
+            status_message=f"{self.noun} {resource_id} state",
+            status_queries=self.status_queries,
+            return_key=self.id_field,
+            return_value=resource_id,
+            waiter_delay=waiter_delay,
+            waiter_max_attempts=waiter_max_attempts,
+            waiter_config_overrides={"acceptors": self.acceptors} if self.acceptors else None,
+            aws_conn_id=aws_conn_id,
+            region_name=region_name,
+            verify=verify,
+            botocore_config=botocore_config,
+        )
 
 
 class InstanceRunningTrigger(_Ec2WaiterTrigger):
     """Wait until an instance is ``running``."""
 
-    def __init__(
-        self,
-        *,
-        instance_id: str,
-        waiter_delay: int = defaults.WAIT_INSTANCE_RUNNING[0],
-        waiter_max_attempts: int = defaults.WAIT_INSTANCE_RUNNING[1],
-        aws_conn_id: str | None = defaults.AWS_CONN_ID,
-        region_name: str | None = None,
-        verify: bool | str | None = None,
-        botocore_config: dict | None = None,
-    ) -> None:
-        super().__init__(
-            serialized_fields={"instance_id": instance_id},
-            waiter_name="instance_running",
-            waiter_args={"InstanceIds": [instance_id]},
-            failure_message=f"instance {instance_id} did not reach running",
-            status_message=f"instance {instance_id} state",
-            status_queries=["Reservations[].Instances[].State.Name"],
-            return_key="instance_id",
-            return_value=instance_id,
-            waiter_delay=waiter_delay,
-            waiter_max_attempts=waiter_max_attempts,
-            aws_conn_id=aws_conn_id,
-            region_name=region_name,
-            verify=verify,
-            botocore_config=botocore_config,
-        )
+    id_field, noun, goal = "instance_id", "instance", "reach running"
+    waiter_name, ids_param = "instance_running", "InstanceIds"
+    status_queries = ["Reservations[].Instances[].State.Name"]
 
 
 class SnapshotCompletedTrigger(_Ec2WaiterTrigger):
     """Wait until a snapshot is ``completed``; fail at once when it is ``error``."""
 
-    def __init__(
-        self,
-        *,
-        snapshot_id: str,
-        waiter_delay: int = defaults.WAIT_SNAPSHOT_COMPLETED[0],
-        waiter_max_attempts: int = defaults.WAIT_SNAPSHOT_COMPLETED[1],
-        aws_conn_id: str | None = defaults.AWS_CONN_ID,
-        region_name: str | None = None,
-        verify: bool | str | None = None,
-        botocore_config: dict | None = None,
-    ) -> None:
-        super().__init__(
-            serialized_fields={"snapshot_id": snapshot_id},
-            waiter_name="snapshot_completed",
-            waiter_args={"SnapshotIds": [snapshot_id]},
-            failure_message=f"snapshot {snapshot_id} did not complete",
-            status_message=f"snapshot {snapshot_id} state",
-            status_queries=["Snapshots[].State", "Snapshots[].Progress"],
-            return_key="snapshot_id",
-            return_value=snapshot_id,
-            waiter_delay=waiter_delay,
-            waiter_max_attempts=waiter_max_attempts,
-            waiter_config_overrides={"acceptors": SNAPSHOT_ACCEPTORS},
-            aws_conn_id=aws_conn_id,
-            region_name=region_name,
-            verify=verify,
-            botocore_config=botocore_config,
-        )
+    id_field, noun, goal = "snapshot_id", "snapshot", "complete"
+    waiter_name, ids_param = "snapshot_completed", "SnapshotIds"
+    status_queries = ["Snapshots[].State", "Snapshots[].Progress"]
+    acceptors = SNAPSHOT_ACCEPTORS
 
 
 class ImageAvailableTrigger(_Ec2WaiterTrigger):
     """Wait until an AMI is ``available`` (botocore's waiter fails at once on ``failed``)."""
 
-    def __init__(
-        self,
-        *,
-        image_id: str,
-        waiter_delay: int = defaults.WAIT_IMAGE_AVAILABLE[0],
-        waiter_max_attempts: int = defaults.WAIT_IMAGE_AVAILABLE[1],
-        aws_conn_id: str | None = defaults.AWS_CONN_ID,
-        region_name: str | None = None,
-        verify: bool | str | None = None,
-        botocore_config: dict | None = None,
-    ) -> None:
-        super().__init__(
-            serialized_fields={"image_id": image_id},
-            waiter_name="image_available",
-            waiter_args={"ImageIds": [image_id]},
-            failure_message=f"image {image_id} did not become available",
-            status_message=f"image {image_id} state",
-            status_queries=["Images[].State"],
-            return_key="image_id",
-            return_value=image_id,
-            waiter_delay=waiter_delay,
-            waiter_max_attempts=waiter_max_attempts,
-            aws_conn_id=aws_conn_id,
-            region_name=region_name,
-            verify=verify,
-            botocore_config=botocore_config,
-        )
+    id_field, noun, goal = "image_id", "image", "become available"
+    waiter_name, ids_param = "image_available", "ImageIds"
+    status_queries = ["Images[].State"]
