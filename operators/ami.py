@@ -12,6 +12,7 @@ from operators import defaults, metrics
 from operators.base import AmibakeOperator
 from operators.links.ec2 import AmiLink
 from operators.rules import naming, records, validation
+from operators.rules.lifecycle import snapshots_used_by
 from operators.rules.naming import Role, tag_specification
 from operators.triggers.ec2 import ImageAvailableTrigger
 
@@ -46,12 +47,6 @@ def register_image_args(
         "ImdsSupport": defaults.IMDS_SUPPORT,
         "TagSpecifications": [tag_specification("image", tags)],
     }
-
-
-def _snapshots_of(image: dict[str, Any]) -> set[str]:
-    """Snapshot ids an AMI points at: its block device mappings and amibake's snapshot tag."""
-    mapped = {m.get("Ebs", {}).get("SnapshotId", "") for m in image.get("BlockDeviceMappings", [])}
-    return (mapped | {naming.tags_to_dict(image.get("Tags")).get(naming.TAG_SNAPSHOT_ID, "")}) - {""}
 
 
 class RegisterHVMAmi(AmibakeOperator):
@@ -128,7 +123,7 @@ class RegisterHVMAmi(AmibakeOperator):
             ]
         if existing:
             image_id = existing[0]["ImageId"]
-            if snapshot_id not in _snapshots_of(existing[0]):
+            if snapshot_id not in snapshots_used_by(existing[0]):
                 raise AirflowException(
                     f"AMI {image_id} named {name!r} was registered from another snapshot than {snapshot_id}; "
                     "deregister it (or let the sweeper) before registering this build again"
@@ -159,13 +154,13 @@ class RegisterHVMAmi(AmibakeOperator):
             event={"image_id": image_id},
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, str]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> records.Ami:
         """The AMI is available: emit the asset event and return its id (or fail with the reason)."""
         image_id = event.get("image_id", "")
         if event.get("status") != "success":
             raise AirflowException(f"AMI {image_id} did not become available: {event.get('message')}")
         image = self.hook.describe_image(image_id)
-        result = {
+        result: records.Ami = {
             "ami_id": image_id,
             "ami_name": image["Name"],
             "snapshot_id": naming.tags_to_dict(image.get("Tags")).get(naming.TAG_SNAPSHOT_ID, ""),

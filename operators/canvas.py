@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 from operators import defaults
 from operators.base import AmibakeOperator
 from operators.links.ec2 import VolumeLink
-from operators.rules import records, validation
-from operators.rules.naming import Role, tag_specification
+from operators.rules import launch, records, validation
+from operators.rules.naming import Role
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -67,27 +67,19 @@ class AttachCanvas(AmibakeOperator):
                 "device_name", f"must be /dev/sdf../dev/sdp, got {self.device_name!r}"
             )
         encrypted = validation.as_bool({"encrypted": self.encrypted}, "encrypted", True)
-        kms_key_id = self.kms_key_id or defaults.setting("kms_key_id")
-        if kms_key_id:
-            validation.match_field(
-                "kms_key_id", kms_key_id, validation.KMS_KEY_RE, "a KMS key id, alias or ARN"
-            )
-            if not encrypted:
-                raise validation.ParamError("kms_key_id", "given but encrypted is false")
+        kms_key_id = validation.kms_key(self.kms_key_id or defaults.setting("kms_key_id"), encrypted)
         box: records.Box = records.check("box", self.box)
         instance_id, zone = box["instance_id"], box["availability_zone"]
 
         hook = self.hook
         build = self.build_of(context)
-        create_args: dict[str, Any] = {
-            "AvailabilityZone": zone,
-            "Size": size,
-            "VolumeType": defaults.CANVAS_VOLUME_TYPE,
-            "Encrypted": encrypted,
-            "TagSpecifications": [tag_specification("volume", self.tags(context, Role.CANVAS))],
-        }
-        if kms_key_id:
-            create_args["KmsKeyId"] = kms_key_id
+        create_args = launch.create_volume_args(
+            zone=zone,
+            size_gib=size,
+            encrypted=encrypted,
+            kms_key_id=kms_key_id,
+            tags=self.tags(context, Role.CANVAS),
+        )
         with self.cleanup_on_final_failure(
             context, "attaching the canvas", lambda: hook.delete_volumes(build)
         ):

@@ -13,7 +13,7 @@ from airflow.sdk.bases.xcom import BaseXCom
 
 from operators import defaults, metrics
 from operators.base import AmibakeOperator, settings
-from operators.rules import definition, validation
+from operators.rules import definition, records, validation
 from operators.rules import fingerprint as rules
 from operators.rules.preflight import default_mirror_of
 
@@ -87,7 +87,7 @@ class FingerprintInputs(AmibakeOperator, SkipMixin):
         self.build = build
         self.runs_anyway = tuple(runs_anyway)
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> records.Inputs:
         """Read the inputs, compare with the newest verified AMI, skip the night when nothing changed."""
         if not isinstance(self.build, dict):
             raise validation.ParamError(
@@ -111,7 +111,7 @@ class FingerprintInputs(AmibakeOperator, SkipMixin):
         for name, why in sorted(found.unreadable.items()):
             self.log.warning("input %s unreadable: %s", name, why)
         self.log.info("fingerprint %s: %s", found.digest, decision.reason)
-        result = {
+        result: records.Inputs = {
             "build": decision.build,
             "reason": decision.reason,
             "fingerprint": found.digest,

@@ -16,6 +16,7 @@ night's creates, with the night's own arguments; an endpoint that ignores DryRun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -163,7 +164,7 @@ def _dry_runs(
     build: str,
     ssh_conn_id: str,
 ) -> list[rules.Check]:
-    """The night's creates, with its arguments, as DryRun requests (see ``rules.DRY_RUN_ACTIONS``).
+    """The night's creates, with its arguments, as DryRun requests (see :mod:`operators.rules.preflight`).
 
     The arguments repeat what ``LaunchBuildBox`` and ``AttachCanvas`` send, minus the ids that only
     exist during the night (the security group: the dry run launches into the VPC's default one);
@@ -205,15 +206,13 @@ def _dry_runs(
     run_args.update(MinCount=1, MaxCount=1)
     checks.append(_dry_run_check("RunInstances", *hook.dry_run("run_instances", **run_args), found))
 
-    volume_args: dict[str, Any] = {
-        "AvailabilityZone": subnet["AvailabilityZone"],
-        "Size": params.canvas_size_gib,
-        "VolumeType": defaults.CANVAS_VOLUME_TYPE,
-        "Encrypted": params.encrypted,
-        "TagSpecifications": [tag_specification("volume", tags(Role.CANVAS))],
-    }
-    if params.kms_key_id:
-        volume_args["KmsKeyId"] = params.kms_key_id
+    volume_args = launch.create_volume_args(
+        zone=subnet["AvailabilityZone"],
+        size_gib=params.canvas_size_gib,
+        encrypted=params.encrypted,
+        kms_key_id=params.kms_key_id,
+        tags=tags(Role.CANVAS),
+    )
     checks.append(_dry_run_check("CreateVolume", *hook.dry_run("create_volume", **volume_args), found))
     return checks
 
@@ -242,7 +241,8 @@ def _mirror(params: validation.BuildParams) -> rules.Check:
 class Preflight(AmibakeOperator):
     """Check everything the night needs before anything is created (see the module docstring).
 
-    XCom: the checks (``rules.Check.as_dict``); fails (no retry) listing every failed check.
+    XCom: the checks (``dataclasses.asdict`` of each ``rules.Check``); fails (no retry) listing every
+    failed check.
 
     :param build: ``validate_params``'s output (the validated Params and settings).
     """
@@ -272,7 +272,7 @@ class Preflight(AmibakeOperator):
         for check in checks:
             (self.log.info if check.ok and not check.warning else self.log.warning)("%s", check.line())
         rules.raise_on_failure(checks)
-        return [c.as_dict() for c in checks]
+        return [dataclasses.asdict(c) for c in checks]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,7 +139,7 @@ class FrozenSnapshot(AmibakeOperator):
                     )
         return snapshot_id
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, str]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> records.Snapshot:
         """The snapshot completed, or the wait ended without it.
 
         Only a snapshot AWS reports in ``error`` is deleted (so the retry takes a new one). A wait

@@ -18,6 +18,7 @@ import base64
 import json
 from typing import Any
 
+from operators import defaults
 from operators.rules.naming import tag_specification
 
 #: IMDSv2 only, and not reachable from containers on the box
@@ -106,6 +107,22 @@ ADDRESS_FIELDS = {
     "private_ip": "PrivateIpAddress",
     "connection": "PrivateIpAddress",
 }
+
+
+def create_volume_args(
+    *, zone: str, size_gib: int, encrypted: bool, kms_key_id: str, tags: list[dict[str, str]]
+) -> dict[str, Any]:
+    """The CreateVolume parameters of a build's canvas (gp3, tagged at creation)."""
+    args: dict[str, Any] = {
+        "AvailabilityZone": zone,
+        "Size": size_gib,
+        "VolumeType": defaults.CANVAS_VOLUME_TYPE,
+        "Encrypted": encrypted,
+        "TagSpecifications": [tag_specification("volume", tags)],
+    }
+    if kms_key_id:
+        args["KmsKeyId"] = kms_key_id
+    return args
 
 
 def instance_address(instance: dict[str, Any], ssh_address: str) -> str:

@@ -5,8 +5,11 @@
 each into a :class:`Check` naming the setting to change and how. :func:`raise_on_failure` then fails
 with every problem at once, so one preflight run shows a new user every fix.
 
-Which of the night's mutating EC2 calls are dry-run (:data:`DRY_RUN_ACTIONS`) and which cannot be
-(:data:`NOT_DRY_RUNNABLE`, with the reason) is stated here once; the README repeats the list.
+Of the night's mutating EC2 calls, preflight dry-runs the creates that need nothing the night makes
+(CreateSecurityGroup, RunInstances, CreateVolume). The others cannot prove anything before the night:
+AuthorizeSecurityGroupIngress, AttachVolume, CreateSnapshot and RegisterImage need the group, box,
+canvas or snapshot the night makes; the deletes act on resources tagged ``amibake:build-id``, which
+the policy allows by that tag, so a made-up id answers NotFound before any permission is evaluated.
 """
 
 from __future__ import annotations
@@ -19,22 +22,6 @@ from typing import Any
 from operators import defaults
 from operators.rules import fingerprint
 
-#: The night's mutating calls that preflight sends with ``DryRun=True``.
-DRY_RUN_ACTIONS = ("CreateSecurityGroup", "RunInstances", "CreateVolume")
-#: The night's other mutating calls, and why a dry run of them proves nothing before the night.
-NOT_DRY_RUNNABLE: dict[str, str] = {
-    "AuthorizeSecurityGroupIngress": "needs the build's security group, made by the night itself",
-    "AttachVolume": "needs the build box and the canvas, made by the night itself",
-    "CreateSnapshot": "needs the canvas volume, made by the night itself",
-    "RegisterImage": "needs the snapshot, made by the night itself",
-    "CreateTags": "amibake tags at creation (TagSpecifications, dry-run above); this re-tags its own AMI",
-    "TerminateInstances, DetachVolume, DeleteVolume, DeleteSecurityGroup, DeleteSnapshot, "
-    "DeregisterImage, EnableImageDeprecation": (
-        "act on resources tagged amibake:build-id; the policy allows them by that tag "
-        "(aws:ResourceTag), which only an existing resource has, so a made-up id answers NotFound "
-        "before any permission is evaluated"
-    ),
-}
 #: How the recipe script names its default mirror (``CENTOS_DEFAULT_MIRROR=https://...``).
 _DEFAULT_MIRROR_RE = re.compile(r"^[A-Z0-9_]*DEFAULT_MIRROR=(\S+)$", re.M)
 KMS_USABLE_STATE = "Enabled"
@@ -61,17 +48,6 @@ class Check:
         if self.fix and (self.warning or not self.ok):
             text += f" Fix: {self.fix}"
         return text
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able form (XCom)."""
-        return {
-            "name": self.name,
-            "ok": self.ok,
-            "warning": self.warning,
-            "detail": self.detail,
-            "setting": self.setting,
-            "fix": self.fix,
-        }
 
 
 class PreflightFailed(ValueError):

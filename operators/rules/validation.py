@@ -112,6 +112,16 @@ def _str(params: Mapping[str, Any], field: str, default: str = "") -> str:
     return value
 
 
+def kms_key(kms_key_id: str, encrypted: bool) -> str:
+    """``kms_key_id`` ('' for the account's default key), checked: a key id, alias or ARN, and only
+    with encryption on."""
+    if kms_key_id:
+        match_field("kms_key_id", kms_key_id, KMS_KEY_RE, "a KMS key id, alias or ARN")
+        if not encrypted:
+            raise ParamError("kms_key_id", "given but encrypted is false")
+    return kms_key_id
+
+
 def as_bool(params: Mapping[str, Any], field: str, default: bool) -> bool:
     """A boolean field (true/false strings from a form are accepted)."""
     value = params.get(field, default)
@@ -286,11 +296,7 @@ def validate_build(params: Mapping[str, Any], settings: Mapping[str, str], image
         "a secondary EBS device name /dev/sdf../dev/sdp",
     )
     encrypted = as_bool(params, "encrypted", as_bool(settings, "encrypted", True))
-    kms_key_id = _str(params, "kms_key_id") or settings.get("kms_key_id", "")
-    if kms_key_id:
-        match_field("kms_key_id", kms_key_id, KMS_KEY_RE, "a KMS key id, alias or ARN")
-        if not encrypted:
-            raise ParamError("kms_key_id", "given but encrypted is false")
+    kms_key_id = kms_key(_str(params, "kms_key_id") or settings.get("kms_key_id", ""), encrypted)
 
     instance_profile = _str(params, "instance_profile") or settings.get("instance_profile", "")
     if instance_profile:
