@@ -77,7 +77,6 @@ def asset_uri(image: str) -> str:
 PACKAGE_SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "include" / "scripts"
 #: Image definitions; overridable with ``[amibake] images_dir``.
 PACKAGE_IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
-REMOTE_BASE_DIR = CONTRACT.box_work_dir
 BUILD_ENTRY_POINT = "build-image"
 #: The box thaws a frozen canvas by itself after this many seconds if nobody calls ``thaw``.
 FREEZE_TIMEOUT_S = CONTRACT.freeze_timeout_s

@@ -97,7 +97,7 @@ PRIVATE_FILES = {
     "/etc/sudoers": "etc/sudoers",
 }
 PRIVATE_DIRS = {"/home": "home", "/var/tmp": "var-tmp"}
-#: Where build-image writes its phase logs on a box (``operators.defaults.REMOTE_BASE_DIR``).
+#: Where build-image writes its phase logs on a box (the contract's ``box_work_dir``).
 BUILD_DIR_ON_BOX = "/var/tmp/amibake"
 _ADDRESS_TAGS = {"privateIpAddress", "ipAddress", "publicIp"}
 START_ATTEMPTS = 5

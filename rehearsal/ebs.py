@@ -30,19 +30,15 @@ from operators.rules.contract import CONTRACT
 
 log = logging.getLogger(__name__)
 
-#: The Nitro by-id link rule udev applies and the build script looks for (include/scripts/contract.env).
+#: Where udev puts the Nitro by-id links the build script looks for (include/scripts/contract.env).
 BY_ID_DIR = Path(CONTRACT.nvme_byid_dir)
-NVME_LINK_PREFIX = CONTRACT.nvme_byid_prefix
-VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8,32}$")
 SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{8,32}$")
 GIB = 1024**3
 
 
 def link_path(volume_id: str) -> Path:
     """The ``/dev/disk/by-id`` link a Nitro instance would show for this volume."""
-    if not VOLUME_ID_RE.match(volume_id):
-        raise ValueError(f"volume_id {volume_id!r} is not an EBS volume id (vol-<hex>)")
-    return BY_ID_DIR / (NVME_LINK_PREFIX + volume_id.replace("-", ""))
+    return Path(CONTRACT.nvme_byid_link(volume_id))
 
 
 def snapshot_image(snapshots_dir: Path, snapshot_id: str) -> Path:
@@ -303,7 +299,7 @@ class LoopEbs:
         for volume_id in [v for v in self._backings if v not in attached]:
             self._release(volume_id)
         for volume_id, (size_gib, snapshot_id) in attached.items():
-            if volume_id not in self._backings and VOLUME_ID_RE.match(volume_id):
+            if volume_id not in self._backings and CONTRACT.volume_id_re.fullmatch(volume_id):
                 self._back(volume_id, size_gib, snapshot_id)
 
     def _loop(self) -> None:
@@ -417,7 +413,7 @@ class EbsSnapshots:
     def _keep(self, snapshot_id: str, volume_id: str) -> None:
         """Copy the volume's backing file to the snapshot's file (renamed at the end: no partial copy
         is ever seen as content)."""
-        if not SNAPSHOT_ID_RE.match(snapshot_id) or not VOLUME_ID_RE.match(volume_id):
+        if not SNAPSHOT_ID_RE.match(snapshot_id) or not CONTRACT.volume_id_re.fullmatch(volume_id):
             return
         source = volume_backing_file(volume_id)
         if source is None:

@@ -32,8 +32,6 @@ from operators.rules.contract import CONTRACT
 FIELDS = ("name", "epoch", "version", "release", "arch")
 #: purl type and namespace of each recipe's packages (package-url spec: ``rpm`` / ``deb`` types).
 PURL_OF_RECIPE = {"centos7": ("rpm", "centos"), "debian12": ("deb", "debian")}
-#: The SBOM's CycloneDX spec version.
-SBOM_SPEC = "1.6"
 #: The longest line contract.env's field patterns allow (128 + 10 + 128 + 128 + 32 and 5 separators).
 MAX_LINE_BYTES = 431
 #: Only a path in the box's work dir, of safe characters, may be named by the packages event.

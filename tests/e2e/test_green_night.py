@@ -38,6 +38,7 @@ from dag_runs import left_in_moto, xcom_of
 
 from operators import defaults
 from operators.rules import definition, naming
+from operators.rules.contract import CONTRACT
 from operators.rules.naming import Role
 from operators.rules.remote import remote_dir
 from rehearsal import images
@@ -122,7 +123,7 @@ def _box_logs(boxes: Any, ec2: Any, build: str) -> str:
     for inspection): the build's work dir and each canvas's."""
     dirs = [box.path(remote_dir(build)) for box in boxes.boxes]
     for volume_id in [c["VolumeId"] for c in ec2.calls("AttachVolume")]:
-        dirs += [box.path(f"{defaults.REMOTE_BASE_DIR}/{volume_id}") for box in boxes.boxes]
+        dirs += [box.path(f"{CONTRACT.box_work_dir}/{volume_id}") for box in boxes.boxes]
     return "".join(p.read_text(errors="replace") for d in dirs for p in d.glob("logs/*.log"))
 
 
@@ -620,8 +621,8 @@ def test_a_new_package_version_rebuilds_and_says_what_changed(green: Night, rebu
     second = xcom_of(rebuilt.run, "register_hvm_ami")["ami_id"]
     summary = xcom_of(rebuilt.run, "publish_manifest")
     assert (summary["ami_id"], summary["previous_ami"]) == (second, first)
-    assert summary["changed"] == {"added": 0, "removed": 0, "updated": 1}, summary
     changes = xcom_of(rebuilt.run, "publish_manifest", key="changes")
+    assert summary["changed"] == {"added": 0, "removed": 0, "updated": 1}, changes
     assert f"what changed in {second} since {first}: 1 updated, 0 added, 0 removed" in changes
     assert re.search(rf"updated\s+{green.repo.package}\.all\s+1\.0 -> 1\.1", changes), changes
     assert changes.splitlines()[0] in rebuilt.log  # the block is in the task log too

@@ -21,6 +21,7 @@ from operators import defaults
 from operators.build_box import LaunchBuildBox, TerminateBuildBox
 from operators.canvas import AttachCanvas, DeleteCanvas
 from operators.rules import naming
+from operators.rules.contract import CONTRACT
 from operators.rules.naming import Role
 from operators.rules.remote import remote_scripts_dir
 
@@ -109,7 +110,7 @@ class Rig:
     @property
     def work(self) -> str:
         """build-image's work dir on the box for the canvas (a path on the box)."""
-        return f"{defaults.REMOTE_BASE_DIR}/{self.volume_id}"
+        return f"{CONTRACT.box_work_dir}/{self.volume_id}"
 
     @property
     def root(self) -> str:

@@ -23,6 +23,7 @@ from operators import defaults
 from operators.build_box import LaunchBuildBox
 from operators.canvas import AttachCanvas
 from operators.rules import naming
+from operators.rules.contract import CONTRACT
 from operators.rules.remote import remote_scripts_dir
 from operators.snapshot import FrozenSnapshot
 from rehearsal.ec2_local import tag_specs
@@ -62,7 +63,7 @@ def mounted_canvas(
         base += ["--volume-id", volume_id, "--size-gib", str(SIZE)]
         try:
             on_box.run([*base, "resolve", "partition", "mkfs", "mount"], check=True)
-            root = f"{defaults.REMOTE_BASE_DIR}/{volume_id}/root"
+            root = f"{CONTRACT.box_work_dir}/{volume_id}/root"
             assert on_box.run(["mountpoint", "-q", root]).returncode == 0
             ec2.clear_requests()
             yield {"dag": dag, "box": box, "canvas": canvas, "root": root, "build": build, "on_box": on_box}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from operators import defaults
+from operators.rules.contract import CONTRACT
 from rehearsal import processes
 from rehearsal.__main__ import STATE_FILE, _box_processes, _rehearsal_processes
 from rehearsal.sshd import WORK_DIR_PREFIX
@@ -150,7 +150,7 @@ def test_a_killed_rehearsal_is_cleaned_up_by_the_next_which_builds_and_registers
     backed = re.search(r"volumes backed by loop devices: (.*)", out)
     assert backed, out[-3000:]
     volumes = killed_volumes + re.findall(r"vol-[0-9a-f]{8,17}", backed.group(1))
-    box_dirs = [f"{defaults.REMOTE_BASE_DIR}/{v}" for v in volumes]
+    box_dirs = [f"{CONTRACT.box_work_dir}/{v}" for v in volumes]
     assert processes.members(killed_sessions) == []  # the killed run's services and all they forked
     assert _rehearsal_processes(state) == []
     assert processes.holding([state]) == {}  # nothing holds its logs
@@ -193,4 +193,4 @@ def test_ctrl_c_mid_build_stops_everything_and_exits_130(tmp_path):
     assert list(state.glob(f"{WORK_DIR_PREFIX}*")) == []
     assert list((state / "ebs").glob("*.img")) == []
     assert volumes and _box_processes(volumes) == []
-    assert [v for v in volumes if (Path(defaults.REMOTE_BASE_DIR) / v).exists()] == []
+    assert [v for v in volumes if (Path(CONTRACT.box_work_dir) / v).exists()] == []
