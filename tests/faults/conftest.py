@@ -138,8 +138,18 @@ class Rig:
         return self.root in self.on_box.mounts()
 
     def writable(self) -> None:
-        """A frozen xfs blocks writers: a write that returns proves the canvas is thawed."""
-        self.on_box.run(["touch", f"{self.root}/amibake-thawed"], check=True, timeout=120)
+        """A frozen xfs blocks writers: a write that returns proves the canvas is thawed. If none does
+        within 120 s, the failure shows what the box's freeze guard did (its log, state, process)."""
+        try:
+            self.on_box.run(["touch", f"{self.root}/amibake-thawed"], check=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            run = self.on_box_path(f"{self.work}/run")
+            log = self.on_box_path(f"{self.work}/logs/freeze-guard.log")
+            guards = self.on_box.run(["pgrep", "-af", "freeze-guard"]).stdout
+            raise AssertionError(
+                f"the canvas stayed frozen; run dir {sorted(p.name for p in run.glob('*'))}, "
+                f"guard log {log.read_text() if log.exists() else '(none)'!r}, guards running {guards!r}"
+            ) from None
 
     def teardowns(self) -> None:
         """The nightly's teardown tasks, as they run after any outcome."""
