@@ -167,6 +167,12 @@ def parse_user_data(encoded: str) -> CloudConfig:
     )
 
 
+#: The address shown for an instance with neither box nor guest (its box failed to start): a loopback
+#: address no box takes (they are 127.16.0.0 and up), so SSH to it is refused at once. moto's own
+#: addresses are random public ones; a client sent there reached a real host on the internet.
+NO_BOX_ADDRESS = "127.1.0.1"
+
+
 def free_box_address() -> str:
     """A loopback address whose port 22 nobody holds (random, so parallel test workers rarely meet)."""
     while True:
@@ -432,8 +438,8 @@ class Boxes:
                 session_env=self.session_env,
             )
         )
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)  # before `sshd -t`, which needs it too
         check_config(cfg)
-        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         binds = [*PRIVATE_FILES.items(), *PRIVATE_DIRS.items()]
         script = "\n".join(
             [
@@ -474,13 +480,15 @@ class Boxes:
                 shutil.copytree(logs, self.keep_logs / f"box-{logs.parent.name}", dirs_exist_ok=True)
         shutil.rmtree(box.dir, ignore_errors=True)
 
-    def _address(self, instance_id: str) -> str | None:
-        """Where a running instance's SSH is reached: its box's or its guest's address (None: neither)."""
+    def _address(self, instance_id: str) -> str:
+        """Where an instance's SSH is reached: its box's (alive or not, as a hung instance keeps its
+        address) or its guest's; else :data:`NO_BOX_ADDRESS`, never the internet address moto made up."""
         with self._lock:
             box = self._boxes.get(instance_id)
-        if box is not None and box.alive:
+        if box is not None:
             return box.address
-        return self.guests.address(instance_id) if self.guests is not None else None
+        guest = self.guests.address(instance_id) if self.guests is not None else None
+        return guest or NO_BOX_ADDRESS
 
     def _show_addresses(self, body: bytes) -> bytes:
         """Rewrite each boxed (or guest) instance's private and public IP in an EC2 answer to the
@@ -489,8 +497,6 @@ class Boxes:
         changed = False
         for item in _instance_items(root):
             address = self._address(_child_text(item, "instanceId"))
-            if address is None:
-                continue
             for elem in item.iter():
                 if _local(elem.tag) in _ADDRESS_TAGS:
                     elem.text = address

@@ -23,7 +23,8 @@ from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
-#: sshd refuses to start as root without its privilege-separation directory.
+#: sshd refuses to start as root (and ``sshd -t`` to check a config) without its privilege-separation
+#: directory, which only the distribution's service start makes: a fresh machine without init has none.
 PRIVSEP_DIR = Path("/run/sshd")
 #: Name prefix of each box's work dir (keys, config, identity files, home): a killed rehearsal's
 #: next run finds and removes them by it.

@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ import paramiko
 import pytest
 
 from operators.rules.launch import new_host_key, user_data
-from rehearsal.boxes import BOX_UID, Boxes, Login, default_user, parse_user_data
+from rehearsal.boxes import BOX_UID, NO_BOX_ADDRESS, Boxes, Login, default_user, parse_user_data
 from rehearsal.ec2_local import LocalEc2
 from rehearsal.sshd import PACKAGE_CACHE_ENV
 
@@ -152,6 +153,23 @@ def test_terminate_ends_every_process_and_mount_of_the_box_at_once(api: tuple[Lo
     assert took < 5, f"TerminateInstances took {took:.1f} s to end the box"
     with pytest.raises((OSError, paramiko.SSHException)):
         _connect(box.address, host_key, "admin", pkey).close()
+
+
+def test_an_instance_without_a_box_is_never_shown_at_the_internet_address_moto_made_up(
+    api: tuple[LocalEc2, Boxes],
+) -> None:
+    """An instance whose box did not start (here: launched in moto behind the local API's back) is
+    shown at a loopback address nothing answers on: a client once waited 15 min on a real host's
+    port 22 at moto's made-up public address."""
+    ec2, _ = api
+    image = ec2.register_base_image("debian-12-amd64-rehearsal")
+    (made,) = ec2.moto_client().run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"]
+    assert made["PublicIpAddress"] != NO_BOX_ADDRESS  # what moto itself answers
+    described = ec2.boto3_client(recorded=True).describe_instances(InstanceIds=[made["InstanceId"]])
+    shown = described["Reservations"][0]["Instances"][0]
+    assert shown["PublicIpAddress"] == shown["PrivateIpAddress"] == NO_BOX_ADDRESS
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((NO_BOX_ADDRESS, 22), timeout=5).close()
 
 
 def test_boxes_die_with_the_process_that_started_them(tmp_path: Path) -> None:
