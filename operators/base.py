@@ -78,8 +78,14 @@ class AmibakeOperator(AwsBaseOperator[BuildEc2Hook]):
         self.ssh_conn_id = ssh_conn_id or defaults.setting("ssh_conn_id")
 
     def trigger_kwargs(self, region: str | None = None) -> dict[str, Any]:
-        """Connection arguments every AWS trigger of this task needs (in ``region``, default its own)."""
-        return {"aws_conn_id": self.aws_conn_id, "region_name": region or self.hook.conn_region_name}
+        """Connection arguments every AWS trigger of this task needs (in ``region``, default its own),
+        so the triggerer's client verifies TLS and retries as the task's does."""
+        return {
+            "aws_conn_id": self.aws_conn_id,
+            "region_name": region or self.hook.conn_region_name,
+            "verify": self.verify,
+            "botocore_config": self.botocore_config,
+        }
 
     def hook_in(self, region: str) -> BuildEc2Hook:
         """This task's EC2 hook in another ``region``: same connection, TLS and botocore settings

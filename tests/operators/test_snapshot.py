@@ -72,7 +72,7 @@ def mounted_canvas(
             on_box.run([*base, "umount"])
 
 
-def _snapshot_op(setup: dict[str, Any]) -> FrozenSnapshot:
+def _snapshot_op(setup: dict[str, Any], **kwargs: Any) -> FrozenSnapshot:
     with setup["dag"]:
         return FrozenSnapshot(
             task_id=f"frozen_snapshot_{len(setup['dag'].tasks)}",
@@ -81,6 +81,7 @@ def _snapshot_op(setup: dict[str, Any]) -> FrozenSnapshot:
             canvas=setup["canvas"],
             freeze_timeout=60,
             waiter_delay=1,  # the local EC2 API keeps a new snapshot unknown, then pending, for a moment
+            **kwargs,
         )
 
 
@@ -122,11 +123,14 @@ def test_snapshot_in_error_is_deleted_and_retaken(ec2: Any, mounted_canvas: dict
     from moto.ec2.models import ec2_backends
 
     snapshots = ec2_backends[DEFAULT_ACCOUNT_ID][ec2.region].snapshots
-    op = _snapshot_op(mounted_canvas)
+    retries = {"retries": {"mode": "standard", "total_max_attempts": 7}}
+    op = _snapshot_op(mounted_canvas, botocore_config=retries)
     context = make_context(mounted_canvas["dag"], RUN_ID)
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(context)
-    first = deferred.value.trigger.serialize()[1]["snapshot_id"]
+    kwargs = deferred.value.trigger.serialize()[1]
+    first = kwargs["snapshot_id"]
+    assert kwargs["botocore_config"] == retries  # the triggerer's client retries as the task's does
     snapshots[first].status = "error"  # moto completes snapshots at once; EBS can fail them
     import asyncio
 
