@@ -149,7 +149,7 @@ def test_start_cleans_what_a_killed_run_left_behind(endpoint, tmp_path):
     """An image, its loop device, a mount of it and its link left by a killed run are removed at start."""
     state = tmp_path / "ebs"
     state.mkdir()
-    vol = "vol-" + os.urandom(8).hex()[:17]
+    vol = "vol-" + os.urandom(9).hex()[:17]  # as AWS makes them: 17 hex digits
     image = state / f"{vol}.img"
     with open(image, "wb") as fh:
         fh.truncate(512 * 1024**2)

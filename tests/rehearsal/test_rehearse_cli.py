@@ -106,7 +106,7 @@ def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
 
 def test_box_processes_of_a_build_are_found_with_their_children_and_ended():
     """A "build" (its command line names the volume) and the child it forked are both ended."""
-    vol = "vol-" + os.urandom(8).hex()[:17]
+    vol = "vol-" + os.urandom(9).hex()[:17]  # as AWS makes them: 17 hex digits
     script = f"sleep 300 & wait  # --volume-id {vol}"
     build = _spawn(["bash", "-c", script])
     try:
