@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from loopdisk import BUILD_IMAGE
 
+from operators.rules import fingerprint
+from operators.rules.contract import CONTRACT
+
 SCRIPTS = BUILD_IMAGE.parent
 GOOD = ["--recipe", "debian12", "--volume-id", "vol-0123456789abcdef0", "--size-gib", "3"]
 
@@ -118,6 +121,24 @@ def test_debian_mirror_from_apt_sources(tmp_path: Path) -> None:
     assert sec == "http://sec.example/debian-security"
     none = bash_lib(f"MIRROR=; APT_SOURCES=({one_line}); DEBIAN_SUITE=trixie; debian_mirror", libs=recipe)
     assert none.returncode != 0 and "no --mirror" in none.stderr
+
+
+def test_the_image_takes_security_fixes_from_the_archive_the_fingerprint_reads(tmp_path: Path) -> None:
+    """The image's apt sources name the build mirror and its security archive by contract.env's
+    DEBIAN_SECURITY_SUFFIX, the archive operators/rules/fingerprint.py reads: a security push there is
+    a change (before, the image took the box's own security source, which the fingerprint never saw)."""
+    (tmp_path / "etc/apt/sources.list.d").mkdir(parents=True)
+    mirror = "http://mirror.example/debian"
+    code = f"ROOT={tmp_path}; DEBIAN_SUITE=bookworm; DEBIAN_KEYRING=/k.gpg; write_apt_sources {mirror}/"
+    assert bash_lib(code, libs=("recipes/debian12.sh",)).returncode == 0
+    stanzas = [dict(line.split(": ", 1) for line in s.splitlines()) for s in
+               (tmp_path / "etc/apt/sources.list.d/debian.sources").read_text().split("\n\n")]
+    assert [(s["URIs"], s["Suites"]) for s in stanzas] == [
+        (mirror, "bookworm bookworm-updates"),
+        (f"{mirror}{CONTRACT.debian_security_suffix}", "bookworm-security"),
+    ]
+    read = {s.name: s.url for s in fingerprint.recipe_metadata("debian12", mirror)}
+    assert read["repo:bookworm-security"] == f"{stanzas[1]['URIs']}/dists/bookworm-security/InRelease"
 
 
 def test_debian_mirror_default_is_this_box() -> None:

@@ -98,10 +98,12 @@ recipe_list_packages() {
 write_apt_sources() {
     local mirror=${1%/}
     rm -f "$ROOT/etc/apt/sources.list"
-    printf 'Types: deb\nURIs: %s\nSuites: %s %s-updates\nComponents: main\nSigned-By: %s\n\n' \
-        "$mirror" "$DEBIAN_SUITE" "$DEBIAN_SUITE" "$DEBIAN_KEYRING" >"$ROOT/etc/apt/sources.list.d/debian.sources"
-    printf 'Types: deb\nURIs: %s\nSuites: %s-security\nComponents: main\nSigned-By: %s\n' \
-        "$mirror$DEBIAN_SECURITY_SUFFIX" "$DEBIAN_SUITE" "$DEBIAN_KEYRING" >>"$ROOT/etc/apt/sources.list.d/debian.sources"
+    {
+        printf 'Types: deb\nURIs: %s\nSuites: %s %s-updates\nComponents: main\nSigned-By: %s\n\n' \
+            "$mirror" "$DEBIAN_SUITE" "$DEBIAN_SUITE" "$DEBIAN_KEYRING"
+        printf 'Types: deb\nURIs: %s\nSuites: %s-security\nComponents: main\nSigned-By: %s\n' \
+            "$mirror$DEBIAN_SECURITY_SUFFIX" "$DEBIAN_SUITE" "$DEBIAN_KEYRING"
+    } >"$ROOT/etc/apt/sources.list.d/debian.sources"
 }
 
 # Bind the optional package cache (tests and benchmarks only) over the image's apt archive.
