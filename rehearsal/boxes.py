@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from operators.rules.contract import CONTRACT
 from rehearsal.sshd import (
     PRIVSEP_DIR,
     SSHD,
@@ -97,8 +98,6 @@ PRIVATE_FILES = {
     "/etc/sudoers": "etc/sudoers",
 }
 PRIVATE_DIRS = {"/home": "home", "/var/tmp": "var-tmp"}
-#: Where build-image writes its phase logs on a box (the contract's ``box_work_dir``).
-BUILD_DIR_ON_BOX = "/var/tmp/amibake"
 _ADDRESS_TAGS = {"privateIpAddress", "ipAddress", "publicIp"}
 START_ATTEMPTS = 5
 STOP_TIMEOUT_S = 30.0
@@ -474,7 +473,7 @@ class Boxes:
 
     def _remove_files(self, box: Box) -> None:
         """Remove a terminated box's dir, keeping its build logs if asked to."""
-        logs_root = box.path(BUILD_DIR_ON_BOX)
+        logs_root = box.path(CONTRACT.box_work_dir)  # where build-image writes its phase logs
         if self.keep_logs is not None and logs_root.is_dir():
             for logs in logs_root.glob("*/logs"):
                 shutil.copytree(logs, self.keep_logs / f"box-{logs.parent.name}", dirs_exist_ok=True)

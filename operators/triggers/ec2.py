@@ -29,8 +29,7 @@ class _Ec2WaiterTrigger(AwsBaseWaiterTrigger):
 
     aws_hook_class = BuildEc2Hook
     id_field: ClassVar[str]
-    #: how the messages name the resource, and what "done" is ("instance", "reach running")
-    noun: ClassVar[str]
+    #: what "done" is, in the messages ("reach running")
     goal: ClassVar[str]
     waiter_name: ClassVar[str]
     #: the waiter's request parameter that takes the id ("InstanceIds")
@@ -51,13 +50,13 @@ class _Ec2WaiterTrigger(AwsBaseWaiterTrigger):
     ) -> None:
         if set(resource) != {self.id_field}:
             raise TypeError(f"{type(self).__name__} takes {self.id_field}=, not {sorted(resource)}")
-        resource_id = resource[self.id_field]
+        resource_id, noun = resource[self.id_field], self.id_field.removesuffix("_id")
         super().__init__(
             serialized_fields=resource,
             waiter_name=self.waiter_name,
             waiter_args={self.ids_param: [resource_id]},
-            failure_message=f"{self.noun} {resource_id} did not {self.goal}",
-            status_message=f"{self.noun} {resource_id} state",
+            failure_message=f"{noun} {resource_id} did not {self.goal}",
+            status_message=f"{noun} {resource_id} state",
             status_queries=self.status_queries,
             return_key=self.id_field,
             return_value=resource_id,
@@ -74,7 +73,7 @@ class _Ec2WaiterTrigger(AwsBaseWaiterTrigger):
 class InstanceRunningTrigger(_Ec2WaiterTrigger):
     """Wait until an instance is ``running``."""
 
-    id_field, noun, goal = "instance_id", "instance", "reach running"
+    id_field, goal = "instance_id", "reach running"
     waiter_name, ids_param = "instance_running", "InstanceIds"
     status_queries = ["Reservations[].Instances[].State.Name"]
 
@@ -82,7 +81,7 @@ class InstanceRunningTrigger(_Ec2WaiterTrigger):
 class SnapshotCompletedTrigger(_Ec2WaiterTrigger):
     """Wait until a snapshot is ``completed``; fail at once when it is ``error``."""
 
-    id_field, noun, goal = "snapshot_id", "snapshot", "complete"
+    id_field, goal = "snapshot_id", "complete"
     waiter_name, ids_param = "snapshot_completed", "SnapshotIds"
     status_queries = ["Snapshots[].State", "Snapshots[].Progress"]
     acceptors = SNAPSHOT_ACCEPTORS
@@ -91,6 +90,6 @@ class SnapshotCompletedTrigger(_Ec2WaiterTrigger):
 class ImageAvailableTrigger(_Ec2WaiterTrigger):
     """Wait until an AMI is ``available`` (botocore's waiter fails at once on ``failed``)."""
 
-    id_field, noun, goal = "image_id", "image", "become available"
+    id_field, goal = "image_id", "become available"
     waiter_name, ids_param = "image_available", "ImageIds"
     status_queries = ["Images[].State"]
