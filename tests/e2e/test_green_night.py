@@ -358,6 +358,59 @@ def test_the_box_is_fenced_and_the_disks_encrypted(green: Night) -> None:
     assert snapshot["Encrypted"] is True  # a snapshot of an encrypted volume is encrypted
 
 
+# --- the boot check on the box (the image's first boot, before its snapshot) ---------------------
+
+#: What instance-check reports on a good Debian image, then the definition's smoke checks.
+BOOT_CHECK_ITEMS = [
+    "cloud-init", "root-grew", "systemd-units", "hostname", "host-keys", "imdsv2-only", "time-daemon",
+    "kernel-cmdline", "selinux-enforcing", "selinux-labels", *[f"check {name}" for name in images.CHECKS],
+]  # fmt: skip
+NOT_APPLICABLE = {"selinux-enforcing", "selinux-labels"}
+BOOT_STAGES = ["firmware", "kernel", "cloud-init", "ssh", "checks"]
+
+
+def test_the_boot_check_on_the_box_passed_every_item(green: Night) -> None:
+    """Before the snapshot the box booted the canvas as EC2 boots it (the root on NVMe with the volume
+    id as serial, an EC2 platform, IMDSv2 only, a bigger disk): every instance-check item and each of
+    the definition's smoke checks passed, the task log has a line per item and per boot stage, and
+    the phase log has the console and the metadata requests; nothing of the check is left.
+
+    The suite's one boot check of a good image: tests/scripts/test_debian12.py boots broken copies of
+    an image of the same recipe and definition and relies on this pass."""
+    (attach,) = green.stack.ec2.calls("AttachVolume")
+    volume_id = attach["VolumeId"]
+    work = f"{CONTRACT.box_work_dir}/{volume_id}"
+    (path,) = {p for box in green.stack.boxes.boxes if (p := box.path(f"{work}/logs/bootcheck.log")).exists()}
+    log = path.read_text(errors="replace")
+    found = re.findall(r"amibake-check: ([^:\n]+): (PASS|FAIL|not applicable): ([^\n]*)", log)
+    got = {item: (status, detail) for item, status, detail in found}
+    assert list(got) == BOOT_CHECK_ITEMS
+    for item, (status, detail) in got.items():
+        assert status == ("not applicable" if item in NOT_APPLICABLE else "PASS"), (item, status, detail)
+        assert f"boot check: {item}: {status}: " in green.log, item  # the task log, one line each
+    assert "EL7 only" in got["selinux-labels"][1]
+    assert "DataSourceEc2" in got["cloud-init"][1]
+    assert got["time-daemon"][1] == "chronyd runs"
+    assert got["hostname"][1].startswith("hostname 'ip-169-254-0-15' from the metadata")
+    stages = re.findall(r"boot check: stage ([\w-]+) took ", green.log)
+    assert sorted(stages) == sorted(BOOT_STAGES) and stages[-1] == "checks", stages
+    assert re.search(r"root=UUID=[0-9a-f-]{36}", log) and "bootcheck: passed" in log
+    # the guest saw an NVMe root disk with the volume id as serial, and an EC2 platform
+    assert f"serial={volume_id.replace('-', '')}" in log and "nvme0n1" in log
+    assert "Datasource DataSourceEc2Local" in log
+    # IMDSv2: every metadata request but the token PUTs (and instance-check's own probe) had a token
+    requests = log.split("----- metadata requests -----")[1].split("-----")[0].splitlines()
+    untokened = [r for r in requests if r.strip() and "token=no" in r and "PUT /latest/api/token" not in r]
+    assert len(untokened) == 1 and " 401 " in untokened[0], untokened
+    assert "FAILED" not in log and "invalid locale" not in log, [
+        line for line in log.splitlines() if "FAILED" in line or "invalid locale" in line
+    ]
+    # nothing of the check is left on the box: qemu, overlay, throwaway key
+    for box in green.stack.boxes.boxes:
+        assert not box.path(f"{work}/run/bootcheck").exists()
+        assert not box.path(f"{work}/run/qemu.pid").exists()
+
+
 # --- the smoke instance (a second boot of the registered AMI) ------------------------------------
 
 

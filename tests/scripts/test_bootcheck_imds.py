@@ -2,7 +2,7 @@
 
 It runs exactly as qemu's guestfwd runs it, one process per connection with the HTTP connection on
 stdin/stdout, so these tests pipe raw HTTP through it (no qemu, no root). The guest side of the
-same service is proven by the Debian boot in test_debian12.py.
+same service is proven by the boot check of the green night (tests/e2e/test_green_night.py).
 """
 
 from __future__ import annotations
