@@ -132,6 +132,10 @@ def airflow_env(home: Path, api_port: int, password_file: Path, dags_folder: Pat
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
         "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        # Parse the DAG file every 2 min, not every 30 s: each parse forks and imports the operators
+        # (about 1.5 CPU-s), which made the dag-processor the idle rehearsal's busiest process. An
+        # edited definition shows up within 2 min; a changed DAG file at once (its mtime is read).
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "120",
         # no EC2 instance metadata lookups for credentials on this machine
         "AWS_EC2_METADATA_DISABLED": "true",
     }

@@ -50,6 +50,12 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of the children it has reaped (user + system), 0 when it is gone."""
+    fields = _stat(pid)
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
 def record(pid: int) -> Session:
     """The record of a session whose leader ``pid`` was just started (``start_new_session``)."""
     started = start_time(pid)

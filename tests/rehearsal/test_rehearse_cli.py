@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,21 @@ def test_holding_finds_a_process_by_its_open_log_and_the_leak_check_names_it(tmp
     finally:
         service.kill()
         service.wait()
+
+
+def test_cpu_seconds_counts_a_process_and_the_children_it_reaped():
+    """A process that spends 0.6 CPU-s, then reaps a child that spent 0.6 CPU-s: both count; a process
+    that is gone counts 0."""
+    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    child = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {spin!r}])"
+    script = f"{spin}\n{child}\ntime.sleep(300)"
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while processes.cpu_seconds(proc.pid) < 1.2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes.cpu_seconds(proc.pid) >= 1.2
+    finally:
+        proc.kill()
+        proc.wait()
+    assert processes.cpu_seconds(proc.pid) == 0.0
