@@ -40,7 +40,7 @@ from operators import defaults
 from operators.rules import definition, naming
 from operators.rules.contract import CONTRACT
 from operators.rules.naming import Role
-from operators.rules.remote import remote_dir
+from operators.rules.remote import parse_check_lines, remote_dir
 from rehearsal import images
 from rehearsal.leaks import ec2_request_text
 
@@ -382,8 +382,7 @@ def test_the_boot_check_on_the_box_passed_every_item(green: Night) -> None:
     work = f"{CONTRACT.box_work_dir}/{volume_id}"
     (path,) = {p for box in green.stack.boxes.boxes if (p := box.path(f"{work}/logs/bootcheck.log")).exists()}
     log = path.read_text(errors="replace")
-    found = re.findall(r"amibake-check: ([^:\n]+): (PASS|FAIL|not applicable): ([^\n]*)", log)
-    got = {item: (status, detail) for item, status, detail in found}
+    got, _ = parse_check_lines(log.splitlines())  # instance-check's lines, as the smoke task reads them
     assert list(got) == BOOT_CHECK_ITEMS
     for item, (status, detail) in got.items():
         assert status == ("not applicable" if item in NOT_APPLICABLE else "PASS"), (item, status, detail)
