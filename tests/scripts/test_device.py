@@ -77,9 +77,14 @@ def test_xen_name(make_volume) -> None:
 
 
 def test_absent_volume_fails_after_bounded_wait(make_volume) -> None:
-    """A volume that never appears fails the phase with a message naming the volume id."""
+    """A volume that never appears fails the phase with a message naming the volume id.
+
+    Its attachment name is one no other test makes a node for: test_xen_name, in another worker at
+    the same time, gives its own volume /dev/xvdp (or o, n), which /dev/sdp would resolve to."""
     vol = make_volume(link=False)
-    res = run_build(vol, "--device-name", "/dev/sdp", "resolve", env={"AMIBAKE_DEVICE_WAIT": "2"})
+    unused = [f"sd{letter}" for letter in "fghijklm" if not os.path.lexists(f"/dev/xvd{letter}")]
+    name = free_node("sd", unused)
+    res = run_build(vol, "--device-name", name, "resolve", env={"AMIBAKE_DEVICE_WAIT": "2"})
     assert res.rc != 0
     assert res.phases("phase-fail") == ["resolve"]
     assert res.result == {"event": "result", "status": "fail", "phase": "resolve", "rc": res.rc}
