@@ -45,9 +45,10 @@ os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first (a stable sort): xdist hands tests out in this order, so the whole builds
-    start at once on every worker instead of one of them ending the run alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first, then the long ones (a stable sort): xdist hands tests out in this order,
+    so the whole builds, and in the edit loop the longest tests, start at once on every worker
+    instead of one of them ending the run alone."""
+    items.sort(key=lambda item: tuple(item.get_closest_marker(m) is None for m in ("slow", "long")))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

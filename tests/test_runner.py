@@ -73,3 +73,22 @@ def test_loadgroup_runs_a_group_in_one_worker_with_one_setup(tmp_path: Path) -> 
     assert {line.split()[1] for line in lines} == {lines[0].split()[1]}, (
         f"the group ran in two workers: {lines}"
     )
+
+
+class _Item:
+    """What the ordering hook reads of a collected test: its markers."""
+
+    def __init__(self, name: str, *markers: str) -> None:
+        self.name, self.markers = name, markers
+
+    def get_closest_marker(self, name: str) -> str | None:
+        return name if name in self.markers else None
+
+
+def test_slow_then_long_tests_are_handed_out_first_in_collection_order() -> None:
+    from conftest import pytest_collection_modifyitems
+
+    items = [_Item("a"), _Item("b", "long"), _Item("c", "slow"), _Item("d"), _Item("e", "long", "root"),
+             _Item("f", "slow", "long")]
+    pytest_collection_modifyitems(items)  # type: ignore[arg-type]
+    assert [i.name for i in items] == ["f", "c", "b", "e", "a", "d"]

@@ -34,6 +34,7 @@ def _free_closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.long
 def test_bad_value_fails_before_anything_is_created(
     nightly: Any, ec2: Any, box_login: Any, subnet: dict
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from distribution_helpers import EU, copies_of, distribute, make_verified_ami
 
 from operators.rotate import RotateAmis
@@ -70,6 +71,7 @@ def test_copies_follow_their_sources_and_nothing_else() -> None:
     assert sorted(a.resource_id for a in copy_plan.delete_snapshots) == ["snap-gone", "snap-old"]
 
 
+@pytest.mark.long
 def test_rotation_retires_the_copies_with_their_source(ec2: Any) -> None:
     """Three nightly AMIs copied to eu-west-1; keep 1 + grace 1: the oldest is deregistered and its
     copy too (with the copy's snapshot), the middle one deprecated and its copy too, at the same

@@ -55,6 +55,7 @@ CREATES = (
 )
 
 
+@pytest.mark.long
 def test_throttling_and_5xx_on_every_call_are_retried_without_a_duplicate(rig: Any) -> None:
     for action in PIPELINE_ACTIONS:  # the first call of each action throttled, the second a 5xx
         rig.ec2.add_fault(action, "RequestLimitExceeded", 503, times=1)

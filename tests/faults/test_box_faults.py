@@ -84,6 +84,7 @@ def _nothing_running_or_mounted(rig: Any) -> None:
     assert left(rig.ec2.boto3_client(), rig.build) == nothing_left()
 
 
+@pytest.mark.long
 def test_worker_killed_mid_build_then_retried(rig: Any) -> None:
     rig.launch_and_attach()
     kwargs = _build_op_kwargs(rig)
@@ -160,6 +161,7 @@ def test_box_terminated_from_outside_mid_build(rig: Any) -> None:
     _nothing_running_or_mounted(rig)
 
 
+@pytest.mark.long
 def test_worker_killed_while_frozen_then_retried(rig: Any) -> None:
     rig.launch_and_attach()
     rig.mount()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from airflow.sdk import DAG
 from fault_helpers import age, images, left, nothing_left, run_sweeper, touched
 from operator_harness import make_context, run_operator
@@ -23,6 +24,7 @@ from operators.rules import naming
 RUN_ID = "scheduled__2026-11-25T02:00:00+00:00"
 
 
+@pytest.mark.long
 def test_a_dead_builds_leftovers_are_swept_and_the_previous_ami_stays(
     ec2: Any, box_login: Any, subnet: dict, previous_good: dict[str, str], airflow_db: None, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from airflow.sdk import DAG, BaseOperator
 from fault_helpers import kill_when, left, nothing_left, start_worker, wait_until
 from operator_harness import make_context, run_operator
@@ -52,6 +53,7 @@ def _kill_then_retry(
     return run_operator(op, make_context(dag, RUN_ID, try_number=2, max_tries=3)).result
 
 
+@pytest.mark.long
 def test_each_aws_task_killed_mid_request_is_retried_without_a_duplicate(
     ec2: Any, box_login: Any, subnet: dict, airflow_db: None, tmp_path: Path
 ) -> None:

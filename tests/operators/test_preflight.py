@@ -425,6 +425,7 @@ def test_the_form_declares_exactly_the_trigger_params(nightly: Any) -> None:
     assert "fingerprint_inputs" in nightly.get_task("launch_build_box").upstream_task_ids
 
 
+@pytest.mark.long
 def test_a_night_with_a_bad_subnet_stops_at_preflight_on_its_first_try(
     nightly: Any, ec2: Any, box_login: Any, subnet: dict
 ) -> None:

@@ -128,6 +128,7 @@ def _tunnel(target: Callable[[], tuple[str, int]]) -> Iterator[dict[str, Any]]:
         thread.join(timeout=10)
 
 
+@pytest.mark.long
 def test_connection_mode_reaches_the_nightly_box_through_a_tunnel_and_pins_its_key(
     ec2: Any, boxes: Any, box_login: Any, subnet: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

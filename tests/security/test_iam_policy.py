@@ -581,6 +581,7 @@ def test_a_resource_that_is_gone_gets_the_backends_not_found(api: tuple) -> None
 
 
 # -- the product's requests on a green night, its teardowns, the sweeper, rotation -------------------
+@pytest.mark.long
 def test_a_green_night_teardowns_rotation_and_sweep_pass_the_policy(
     ec2: Any, box_login: Any, subnet: dict, tmp_path: Path
 ) -> None:
