@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 GROUPED = """
 import os
 import pytest
@@ -85,10 +87,13 @@ class _Item:
         return name if name in self.markers else None
 
 
-def test_slow_then_long_tests_are_handed_out_first_in_collection_order() -> None:
-    from conftest import pytest_collection_modifyitems
-
+def test_slow_then_long_tests_are_handed_out_first_in_collection_order(pytestconfig: pytest.Config) -> None:
+    (root_conftest,) = [
+        plugin
+        for plugin in pytestconfig.pluginmanager.get_plugins()
+        if getattr(plugin, "__file__", None) == str(Path(__file__).with_name("conftest.py"))
+    ]
     items = [_Item("a"), _Item("b", "long"), _Item("c", "slow"), _Item("d"), _Item("e", "long", "root"),
              _Item("f", "slow", "long")]
-    pytest_collection_modifyitems(items)  # type: ignore[arg-type]
+    root_conftest.pytest_collection_modifyitems(items)
     assert [i.name for i in items] == ["f", "c", "b", "e", "a", "d"]
