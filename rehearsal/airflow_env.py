@@ -2,9 +2,9 @@
 
 The settings (connections, ``[amibake]`` section) live here once; the rehearsal, the benchmarks and
 the deployment tests (which compare ``docker-compose.yaml`` with them) all read them from here.
-``LocalAirflow`` runs ``airflow db migrate`` and then api-server, scheduler, dag-processor and
-triggerer as separate processes (what ``airflow standalone`` runs) on SQLite with LocalExecutor,
-each in its own session with its log in ``<home>/logs/<name>.log``.
+``LocalAirflow`` migrates its database (``migrate_db``), then starts api-server, scheduler,
+dag-processor and triggerer as separate processes (what ``airflow standalone`` runs) on SQLite with
+LocalExecutor, each in its own session with its log in ``<home>/logs/<name>.log``.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from datetime import date, timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,9 @@ DAGS_FOLDER = REPO / "dags"
 ADMIN_USER = "admin"
 #: Set in the environment of every process a rehearsal starts, so a later run finds strays.
 MARKER_ENV = "AMIBAKE_REHEARSAL"
+#: Empty metadata databases as ``airflow db migrate`` leaves them, one per Airflow version (gitignored).
+DB_TEMPLATES = REPO / ".cache" / "airflow-db"
+_SQLITE = "sqlite:///"
 #: Airflow processes in start order; the api-server serves the execution API the tasks talk to.
 PROCESSES: dict[str, list[str]] = {
     "api-server": ["api-server", "--host", "127.0.0.1", "--workers", "1"],
@@ -141,6 +147,44 @@ def airflow_env(home: Path, api_port: int, password_file: Path, dags_folder: Pat
     }
 
 
+def airflow_cli(*args: str) -> list[str]:
+    """Command line of the venv's ``airflow`` CLI."""
+    return [str(Path(sys.executable).with_name("airflow")), *args]
+
+
+def migrate_db(env: Mapping[str, str]) -> None:
+    """Bring the metadata database that ``env`` names to Airflow's schema; raises ``AirflowError``.
+
+    A new SQLite database starts as a copy of the one ``airflow db migrate`` made the first time for
+    this Airflow version: the same file, without the 6 CPU-s each migration costs (the test suite
+    starts about fifteen Airflows). Any other database, one that exists, or one Airflow finds by its
+    own default, is migrated.
+    """
+    url = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    db = Path(url.removeprefix(_SQLITE)) if url.startswith(_SQLITE) else None
+    new = db if db is not None and not db.exists() else None
+    template = DB_TEMPLATES / f"airflow-{version('apache-airflow-core')}.db"
+    if new and template.exists():
+        _copy_db(template, new)
+        return
+    cmd = airflow_cli("db", "migrate")
+    migrate = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if migrate.returncode != 0:
+        raise AirflowError(f"airflow db migrate failed:\n{(migrate.stdout + migrate.stderr)[-3000:]}")
+    if new:  # another process may be writing the template too: each renames a whole copy into place
+        DB_TEMPLATES.mkdir(parents=True, exist_ok=True)
+        partial = template.with_name(f".{template.name}.{os.getpid()}")
+        _copy_db(new, partial)
+        partial.replace(template)
+
+
+def _copy_db(source: Path, target: Path) -> None:
+    """A consistent copy of SQLite database ``source`` as ``target``, through SQLite's backup API (so
+    a write-ahead log not yet folded into the file is copied too)."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     """Last lines of a log file, for error messages."""
     try:
@@ -184,26 +228,18 @@ class LocalAirflow:
         """Where each process's own log goes."""
         return self.home / "logs"
 
-    def _airflow(self, *args: str) -> list[str]:
-        """Command line of the venv's ``airflow`` CLI."""
-        return [str(Path(sys.executable).with_name("airflow")), *args]
-
     def start(self, ready_timeout: float = 180.0) -> None:
         """Migrate the database, start the processes and log in; raises with a log tail on failure."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.password_file.write_text(json.dumps({ADMIN_USER: self.password}) + "\n")
         self.password_file.chmod(0o600)
-        migrate = subprocess.run(
-            self._airflow("db", "migrate"), env=self.env, capture_output=True, text=True, check=False
-        )
-        if migrate.returncode != 0:
-            raise AirflowError(f"airflow db migrate failed:\n{(migrate.stdout + migrate.stderr)[-3000:]}")
+        migrate_db(self.env)
         for name, args in PROCESSES.items():
             extra = ["--port", str(self.api_port)] if name == "api-server" else []
             with open(self.log_dir / f"{name}.log", "ab") as log:
                 self.procs[name] = self._spawned(
                     subprocess.Popen(
-                        self._airflow(*args, *extra),
+                        airflow_cli(*args, *extra),
                         env=self.env,
                         stdin=subprocess.DEVNULL,
                         stdout=log,

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rehearsal.airflow_env import AirflowError, LocalAirflow, free_port
+from rehearsal.airflow_env import AirflowError, LocalAirflow, airflow_cli, free_port
 
 #: PostgreSQL refuses to run as root; as root we run it as Debian's ``postgres`` user.
 PG_USER = "postgres"
@@ -119,7 +119,7 @@ class CeleryAirflow(LocalAirflow):
         with open(self.log_dir / "worker.log", "ab") as log:
             self.procs["worker"] = self._spawned(
                 subprocess.Popen(
-                    self._airflow(*WORKER_ARGS),
+                    airflow_cli(*WORKER_ARGS),
                     env=self.env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +32,7 @@ _OWN_HOME: str | None = None
 if os.environ.get("AIRFLOW_HOME", os.environ.get(_OWN_HOME_ENV)) == os.environ.get(_OWN_HOME_ENV):
     _OWN_HOME = tempfile.mkdtemp(prefix="amibake-test-airflow-")
     os.environ["AIRFLOW_HOME"] = os.environ[_OWN_HOME_ENV] = _OWN_HOME
+    os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_OWN_HOME}/airflow.db"
 # Each xdist worker (./run-tests runs two per core) keeps its own offline package cache: the builds
 # bind it over the image's apt archive, and apt refuses to run while another apt holds that dir's lock.
 if os.environ.get("PYTEST_XDIST_WORKER") and PACKAGE_CACHE_ENV not in os.environ:
@@ -59,13 +58,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
-    """The metadata DB migrated once per session (``airflow db migrate``)."""
-    subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-        check=True,
-        capture_output=True,
-        env=os.environ.copy(),
-    )
+    """The metadata DB migrated once per session, as the rehearsal's Airflow is (``migrate_db``)."""
+    from rehearsal.airflow_env import migrate_db
+
+    migrate_db(os.environ)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from operators import defaults
-from rehearsal import processes
+from rehearsal import airflow_env, processes
 from rehearsal.__main__ import _marked_processes, follow, trigger, wait_for_dag, xcom_values
 from rehearsal.airflow_env import (
     MARKER_ENV,
@@ -128,3 +128,47 @@ def test_dormant_schedule_never_fires_during_a_rehearsal():
         last_automated_data_interval=None, restriction=TimeRestriction(None, None, catchup=False)
     )
     assert info.run_after > datetime.now(UTC) + timedelta(days=150)
+
+
+@pytest.mark.long
+def test_a_new_sqlite_database_is_the_migrated_template_and_an_existing_one_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first new database is migrated for real and becomes the template; the next is its copy,
+    at the head of Airflow's migrations; a database that exists is never replaced by the template."""
+    import sqlite3
+    from contextlib import closing
+
+    from airflow.utils.db import _get_alembic_config
+    from alembic.script import ScriptDirectory
+
+    monkeypatch.setattr(airflow_env, "DB_TEMPLATES", tmp_path / "templates")
+
+    def env(name: str) -> dict[str, str]:
+        return {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / name}"}
+
+    def revision(db: Path) -> str:
+        with closing(sqlite3.connect(db)) as conn:
+            return conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+    airflow_env.migrate_db(env("first.db"))
+    (template,) = (tmp_path / "templates").iterdir()
+    head = ScriptDirectory.from_config(_get_alembic_config()).get_current_head()
+    assert revision(tmp_path / "first.db") == revision(template) == head
+
+    def mark(db: Path, key: str) -> None:
+        with closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("INSERT INTO variable (key, val, is_encrypted) VALUES (?, 'yes', 0)", (key,))
+
+    def marks(db: Path) -> set[str]:
+        with closing(sqlite3.connect(db)) as conn:
+            return {row[0] for row in conn.execute("SELECT key FROM variable")}
+
+    mark(template, "from-the-template")  # a migration would not make this row: a copy has it
+    airflow_env.migrate_db(env("second.db"))
+    assert marks(tmp_path / "second.db") == {"from-the-template"}
+    assert revision(tmp_path / "second.db") == head
+
+    mark(tmp_path / "first.db", "kept")  # a database in use keeps what it holds: migrated, not replaced
+    airflow_env.migrate_db(env("first.db"))
+    assert marks(tmp_path / "first.db") == {"kept"}
