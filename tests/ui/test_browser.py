@@ -1,18 +1,29 @@
-"""The Airflow UI in a real browser (issue 6): headless Chromium from the Debian packages, driven by
-Selenium through Debian's chromedriver, against the rehearsal's Airflow (``./rehearse``'s services:
-moto behind the recording proxy with a real box per instance, loop devices as the canvas).
+"""The Airflow UI in a real browser (issue 6), on the distributed deployment of docker-compose.yaml.
+
+Headless Chromium from the Debian packages, driven by Selenium through Debian's chromedriver, against
+the CeleryExecutor topology (``rehearsal.distributed.CeleryAirflow``: PostgreSQL + Redis started by
+the test, api-server, scheduler, dag-processor, triggerer and a Celery worker as separate processes)
+with the rehearsal's real services around it (``./rehearse``'s: moto behind the recording proxy with a
+real box per instance, loop devices as the canvas).
 
 As a person would: log in, open the DAG, read its docs, trigger it through the form with
 non-default Params, watch the run page until the run ends, open the build task's log and find
 the phase lines, and follow each AWS task's console links. Screenshots of the grid and the log
 go to ``artifacts/`` (gitignored; the README's copies live in docs/screenshots/).
+
+While the person's run builds, a second run is triggered through the REST API, as the schedule would.
+The DAG has ``max_active_runs=1``, so it must wait queued (not fail) and then build on its own box,
+canvas and tags; every task of both runs runs on the Celery worker and the snapshot waits in the
+triggerer. (One module for both: each whole build and Airflow deployment is made once.)
 """
 
 from __future__ import annotations
 
 import re
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +41,34 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 import rehearsal.__main__ as rh
+from operators.rules import naming
 from rehearsal.airflow_env import ADMIN_USER, MARKER_ENV
 from rehearsal.browser import chromium
+from rehearsal.distributed import CeleryAirflow
+from rehearsal.ec2_local import tag_specs
 
-#: one worker runs the module, so its rehearsal (a module fixture) is started once
-pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("ui-rehearsal")]
+#: one worker runs the module, so its deployment (a module fixture) is started once; two whole
+#: builds one after the other
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.root,
+    pytest.mark.xdist_group("ui-rehearsal"),
+    pytest.mark.timeout(3600),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 DAG_ID = rh.DAG_ID
 BUILD_TASK = "remote_chroot_build"
 PREFIX = "ui-rehearsal"
+#: AMI name prefix of the run the API triggers while the person's run builds
+SECOND_PREFIX = "ui-second"
 RUN_TIMEOUT_S = 1500
+#: Tasks that wait in the triggerer here. A task whose resource is ready at its first look does not
+#: defer at all (the deferral race, apache/airflow#66374), and the local EC2 API's instances and AMIs
+#: are; its snapshots stay pending for SNAPSHOT_PENDING_S (set below), so the snapshot wait defers.
+DEFERRING_TASKS = ("frozen_snapshot",)
+SNAPSHOT_PENDING_S = 15  # well past the first look (right after the thaw), short of a second poll
 FINAL_TASK_STATES = {"success", "failed", "upstream_failed", "skipped", "removed"}
 PHASE_START = re.compile(r"phase (\w+) started")
 PHASE_END = re.compile(r"phase (\w+) finished in ([0-9.]+) s")
@@ -75,8 +102,14 @@ CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "c
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    """The standalone rehearsal's services (Airflow on SQLite + LocalExecutor), shared by this module."""
+    """The rehearsal's services with its Airflow swapped for the Celery deployment, shared by this module.
+
+    ``rehearsal_services`` builds the connections and settings and starts moto with its boxes and
+    LoopEbs exactly as ``./rehearse`` does; only the Airflow class differs. Everything is stopped on
+    exit, and nothing is left for a next rehearsal to clean up.
+    """
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rh, "LocalAirflow", CeleryAirflow)
         patch.setenv(MARKER_ENV, "")  # the harness sets it; restored afterwards
         # The run page re-fetches every 15 s instead of Airflow's 3 s (an [api] setting of any
         # deployment): a person sees the same states; the browser re-renders and the API server
@@ -87,10 +120,14 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
         # two TCG boots to what the UI shows. They are off by the settings that set the form's defaults.
         options = rh.Options(state_dir=state_dir, settings={"boot_check": "false", "smoke_check": "false"})
         with rh.rehearsal_services(options) as services:
-            airflow = services[0]
+            airflow, ec2 = services[:2]
+            assert isinstance(airflow, CeleryAirflow)
+            ec2.control.configure_rule("SnapshotProgress", duration=SNAPSHOT_PENDING_S)
             rh.wait_for_dag(airflow, DAG_ID)
             airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
             yield services
+    assert rh.leftovers(state_dir) == []
+    assert not (state_dir / rh.STATE_FILE).exists()  # nothing left, so nothing for a next run to clean
 
 
 @pytest.fixture
@@ -264,17 +301,36 @@ def test_the_dag_page_names_an_owner(rehearsal: tuple, browser: WebDriver) -> No
     assert owner.text == "amibake"
 
 
-def test_a_person_triggers_and_watches_the_build_in_the_ui(rehearsal: tuple, browser: WebDriver) -> None:
-    airflow, _ec2, _ebs, base_ami, record_run, _repo = rehearsal
+def test_a_person_triggers_and_watches_the_build_in_the_ui_while_a_second_run_waits(
+    rehearsal: tuple, browser: WebDriver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    airflow, ec2, ebs, base_ami, record_run, _repo = rehearsal
+    runs: dict[str, str] = {}  # AMI name prefix -> run id
+
+    def triggered(run_id: str) -> None:
+        """The person's run exists: record it, and trigger the second run now, while it builds."""
+        record_run(run_id)  # so the harness removes what the build left on the "box"
+        runs[PREFIX] = run_id
+        conf = {"base_ami": base_ami, "ami_name_prefix": SECOND_PREFIX, "boot_check": False,
+                "smoke_check": False}
+        runs[SECOND_PREFIX] = rh.trigger(airflow, DAG_ID, conf)
+        record_run(runs[SECOND_PREFIX])
+
     ARTIFACTS.mkdir(exist_ok=True)
+    started = time.monotonic()
     try:
-        _drive(browser, airflow, base_ami, record_run)
+        _drive(browser, airflow, base_ami, triggered)
     except BaseException:
         browser.save_screenshot(str(ARTIFACTS / "ui-failure.png"))
         raise
+    browser.get("about:blank")  # nothing left to watch: no more page refreshes
+    with capsys.disabled():
+        print(f"\nCelery deployment: the person's run (no boot) took {time.monotonic() - started:.0f} s "
+              "wall time, watched in the browser")
+    _second_run_waited_then_built_apart(airflow, ec2, ebs, runs)
 
 
-def _drive(driver: WebDriver, airflow: Any, base_ami: str, record_run: Callable[[str], object]) -> None:
+def _drive(driver: WebDriver, airflow: Any, base_ami: str, on_triggered: Callable[[str], object]) -> None:
     login(driver, airflow.url, airflow.password)
 
     # The DAG's page explains itself: its tags, and its docs one click away.
@@ -304,7 +360,7 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, record_run: Callable[
     set_field(driver, "mirror_url", debian_mirror())
     assert empty_text_fields(form) == ["subnet_id"]
     run_id = submit(driver)
-    record_run(run_id)  # so the harness removes what the build left on the "box"
+    on_triggered(run_id)
     run = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")
     conf = run["conf"]
     assert (conf["ami_name_prefix"], conf["base_ami"]) == (PREFIX, base_ami)
@@ -370,3 +426,98 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, record_run: Callable[
                 == set(want)
             )
         )
+
+
+def _explain(airflow: Any, run_id: str) -> str:
+    """States and failed tasks' log tails, for an assertion message."""
+    lines = []
+    for ti in rh.task_instances(airflow, DAG_ID, run_id):
+        lines.append(f"{ti['task_id']}: {ti['state']}")
+        if ti["state"] == "failed":
+            lines.append(rh.log_tail(airflow, DAG_ID, run_id, ti))
+    return "\n".join(lines)
+
+
+def _second_run_waited_then_built_apart(airflow: Any, ec2: Any, ebs: Any, runs: dict[str, str]) -> None:
+    """The second run was queued while the first built and started only after it ended; both ran
+    every task on the Celery worker, deferred the snapshot wait to the triggerer, and built on their
+    own box, canvas and tags (judged from the requests the DAG sent)."""
+    first, second = runs[PREFIX], runs[SECOND_PREFIX]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (run := _run(airflow, second))["state"] not in rh.TERMINAL_STATES:
+        airflow.check_alive()
+        assert time.monotonic() < deadline, f"the second run still {run['state']}"
+        time.sleep(2)
+    assert run["state"] == "success", _explain(airflow, second)
+    # max_active_runs=1: created while the first ran, started once it had ended
+    done = _run(airflow, first)
+    assert done["state"] == "success", _explain(airflow, first)
+    queued, first_ended, started = (
+        datetime.fromisoformat(t) for t in (run["queued_at"], done["end_date"], run["start_date"])
+    )
+    assert queued < first_ended <= started, (done, run)
+
+    # Every task instance ran on the Celery worker.
+    worker_log = (airflow.log_dir / "worker.log").read_text(errors="replace")
+    executed = [line for line in worker_log.splitlines() if "Executing workload in Celery" in line]
+    for run_id in (first, second):
+        tis = rh.task_instances(airflow, DAG_ID, run_id)
+        # smoke_check off: the smoke task skips itself (on the worker) and rotation never runs
+        skipped = {"smoke_instance", "rotate_amis"}
+        assert {ti["task_id"]: ti["state"] for ti in tis} == {
+            ti["task_id"]: "skipped" if ti["task_id"] in skipped else "success" for ti in tis
+        }
+        for ti in (ti for ti in tis if ti["task_id"] != "rotate_amis"):
+            assert any(
+                f"task_id='{ti['task_id']}'" in line and f"run_id='{run_id}'" in line for line in executed
+            ), f"{ti['task_id']} of {run_id} was not executed by the Celery worker"
+
+    # The deferred waits were handled by the triggerer: it wrote each trigger's own log beside
+    # the task's, and the task resumed on the worker (same try, second workload).
+    for run_id in (first, second):
+        for task_id in DEFERRING_TASKS:
+            task_dir = airflow.log_dir / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={task_id}"
+            assert list(task_dir.glob("attempt=*.log.trigger.*.log")), f"{task_id} of {run_id} never deferred"
+            workloads = [ln for ln in executed if f"task_id='{task_id}'" in ln and f"run_id='{run_id}'" in ln]
+            assert len(workloads) >= 2, f"{task_id} of {run_id} did not resume on the worker after deferring"
+
+    # Separate boxes, canvases and tags: judged from the requests the DAG sent.
+    builds = {prefix: naming.build_id(DAG_ID, run_id) for prefix, run_id in runs.items()}
+    assert len(set(builds.values())) == 2
+    launches = ec2.control.calls("RunInstances")
+    volumes = ec2.control.calls("CreateVolume")
+    snapshots = ec2.control.calls("CreateSnapshot")
+    images = ec2.control.calls("RegisterImage")
+    for calls, resource, role in (
+        (launches, "instance", naming.Role.BUILD_BOX),
+        (volumes, "volume", naming.Role.CANVAS),
+        (snapshots, "snapshot", naming.Role.SNAPSHOT),
+    ):
+        tagged = sorted(
+            (tag_specs(c)[resource][naming.TAG_BUILD_ID], tag_specs(c)[resource][naming.TAG_RUN_ID])
+            for c in calls
+        )
+        assert tagged == sorted((builds[p], r) for p, r in runs.items()), resource
+        assert {tag_specs(c)[resource][naming.TAG_ROLE] for c in calls} == {str(role)}
+    for prefix, build in builds.items():
+        named = [c["Name"] for c in images if c["Name"].startswith(f"{prefix}-")]
+        assert len(named) == 1 and named[0].endswith(build), images
+
+    # Each canvas was attached to its own build's box, and both were removed again.
+    moto = ec2.moto_client()
+    box_of: dict[str, str] = {}
+    for build in builds.values():
+        found = moto.describe_instances(Filters=naming.build_filters(build, naming.Role.BUILD_BOX))
+        (instance,) = [i for r in found["Reservations"] for i in r["Instances"]]
+        box_of[build] = instance["InstanceId"]
+    canvas_of = {tag_specs(c)["snapshot"][naming.TAG_BUILD_ID]: c["VolumeId"] for c in snapshots}
+    attached = {(c["VolumeId"], c["InstanceId"]) for c in ec2.control.calls("AttachVolume")}
+    assert attached == {(canvas_of[b], box_of[b]) for b in builds.values()}
+    assert len(set(box_of.values())) == len(set(canvas_of.values())) == 2
+    assert {c["InstanceId.1"] for c in ec2.control.calls("TerminateInstances")} >= set(box_of.values())
+    assert {c["VolumeId"] for c in ec2.control.calls("DeleteVolume")} >= set(canvas_of.values())
+    assert ebs.devices == {}
+
+
+def _run(airflow: Any, run_id: str) -> dict[str, Any]:
+    return airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")
