@@ -9,6 +9,7 @@ LocalExecutor, each in its own session with its log in ``<home>/logs/<name>.log`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from datetime import date, timedelta
-from importlib.metadata import version
+from importlib.metadata import distributions, version
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +157,14 @@ def migrate_db(env: Mapping[str, str]) -> None:
     """Bring the metadata database that ``env`` names to Airflow's schema; raises ``AirflowError``.
 
     A new SQLite database starts as a copy of the one ``airflow db migrate`` made the first time for
-    this Airflow version: the same file, without the 6 CPU-s each migration costs (the test suite
-    starts about fifteen Airflows). Any other database, one that exists, or one Airflow finds by its
-    own default, is migrated.
+    these Airflow and provider versions: the same tables and rows, without the 6 CPU-s each migration
+    costs (the test suite starts about fifteen Airflows). Any other database, one that exists, or one
+    Airflow finds by its own default, is migrated.
     """
     url = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
     db = Path(url.removeprefix(_SQLITE)) if url.startswith(_SQLITE) else None
     new = db if db is not None and not db.exists() else None
-    template = DB_TEMPLATES / f"airflow-{version('apache-airflow-core')}.db"
+    template = DB_TEMPLATES / f"airflow-{version('apache-airflow-core')}-{_airflow_dists_digest()}.db"
     if new and template.exists():
         _copy_db(template, new)
         return
@@ -176,6 +177,17 @@ def migrate_db(env: Mapping[str, str]) -> None:
         partial = template.with_name(f".{template.name}.{os.getpid()}")
         _copy_db(new, partial)
         partial.replace(template)
+
+
+def _airflow_dists_digest() -> str:
+    """A short digest of the installed Airflow distributions and versions (core and providers: a
+    provider may bring tables of its own)."""
+    names = sorted(
+        f"{d.metadata['Name']}=={d.version}"
+        for d in distributions()
+        if (d.metadata["Name"] or "").lower().startswith("apache-airflow")
+    )
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
 
 
 def _copy_db(source: Path, target: Path) -> None:
