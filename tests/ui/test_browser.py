@@ -325,8 +325,8 @@ def test_a_person_triggers_and_watches_the_build_in_the_ui_while_a_second_run_wa
         raise
     browser.get("about:blank")  # nothing left to watch: no more page refreshes
     with capsys.disabled():
-        print(f"\nCelery deployment: the person's run (no boot) took {time.monotonic() - started:.0f} s "
-              "wall time, watched in the browser")
+        print(f"\nCelery deployment: the person's session, from the DAG page to the run's console links "
+              f"(a build without boots), took {time.monotonic() - started:.0f} s wall time")
     _second_run_waited_then_built_apart(airflow, ec2, ebs, runs)
 
 
