@@ -361,8 +361,7 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, on_triggered: Callabl
     assert empty_text_fields(form) == ["subnet_id"]
     run_id = submit(driver)
     on_triggered(run_id)
-    run = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")
-    conf = run["conf"]
+    conf = _run(airflow, run_id)["conf"]
     assert (conf["ami_name_prefix"], conf["base_ami"]) == (PREFIX, base_ami)
     # the switches' defaults are the [amibake] boot_check / smoke_check settings (off here)
     assert (conf["boot_check"], conf["smoke_check"]) == (False, False), conf
@@ -443,11 +442,8 @@ def _second_run_waited_then_built_apart(airflow: Any, ec2: Any, ebs: Any, runs: 
     every task on the Celery worker, deferred the snapshot wait to the triggerer, and built on their
     own box, canvas and tags (judged from the requests the DAG sent)."""
     first, second = runs[PREFIX], runs[SECOND_PREFIX]
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while (run := _run(airflow, second))["state"] not in rh.TERMINAL_STATES:
-        airflow.check_alive()
-        assert time.monotonic() < deadline, f"the second run still {run['state']}"
-        time.sleep(2)
+    rh.follow(airflow, DAG_ID, second, RUN_TIMEOUT_S)
+    run = _run(airflow, second)
     assert run["state"] == "success", _explain(airflow, second)
     # max_active_runs=1: created while the first ran, started once it had ended
     done = _run(airflow, first)
