@@ -104,7 +104,7 @@ def test_centos7_plan_and_files(make_volume) -> None:
 
     grub = (root / "etc/default/grub").read_text()
     # 255: the highest nvme_core.io_timeout a kernel before 4.15 (CentOS 7's 3.10) accepts
-    assert ('GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 net.ifnames=0 '
+    assert ('GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 no_timer_check net.ifnames=0 '
             'nvme_core.io_timeout=255 crashkernel=auto"') in grub
     assert 'GRUB_TERMINAL="console serial"' in grub
     assert "GRUB_DEVICE" not in grub, "the build-time root=UUID override was left in the image"

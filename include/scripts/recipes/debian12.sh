@@ -213,13 +213,14 @@ phase_configure() {
     write_fstab
     echo localhost >"$ROOT/etc/hostname"
     printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
+    # no_timer_check: why, at the centos7 recipe's KERNEL_ARGS.
     cat >"$ROOT/etc/default/grub" <<'EOF'
 # written by amibake (debian12 recipe)
 GRUB_DEFAULT=0
 GRUB_TIMEOUT=1
 GRUB_DISTRIBUTOR=Debian
 GRUB_CMDLINE_LINUX_DEFAULT=""
-GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 net.ifnames=0 nvme_core.io_timeout=4294967295"
+GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 no_timer_check net.ifnames=0 nvme_core.io_timeout=4294967295"
 GRUB_TERMINAL="console serial"
 GRUB_SERIAL_COMMAND="serial --speed=115200"
 GRUB_DISABLE_OS_PROBER=true
