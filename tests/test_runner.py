@@ -2,13 +2,16 @@
 Debian image once. pytest 9.2 with pytest-xdist 3.8 silently stopped grouping
 (pytest-dev/pytest-xdist#1386): every test of a group then set up its own copy of the module's
 expensive fixture, in both workers. This runs a tiny suite the way ./run-tests does and checks that a
-group's tests share one worker and one fixture set-up."""
+group's tests share one worker and one fixture set-up. It also checks the root conftest's ordering of
+the slow tests and its repair of signals a session inherits ignored."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,13 +90,36 @@ class _Item:
         return name if name in self.markers else None
 
 
-def test_slow_then_long_tests_are_handed_out_first_in_collection_order(pytestconfig: pytest.Config) -> None:
+def _root_conftest(config: pytest.Config) -> Any:
+    """The root conftest module (``import conftest`` may find another one in a whole run)."""
     (root_conftest,) = [
         plugin
-        for plugin in pytestconfig.pluginmanager.get_plugins()
+        for plugin in config.pluginmanager.get_plugins()
         if getattr(plugin, "__file__", None) == str(Path(__file__).with_name("conftest.py"))
     ]
+    return root_conftest
+
+
+def test_slow_then_long_tests_are_handed_out_first_in_collection_order(pytestconfig: pytest.Config) -> None:
+    root_conftest = _root_conftest(pytestconfig)
     items = [_Item("a"), _Item("b", "long"), _Item("c", "slow"), _Item("d"), _Item("e", "long", "root"),
              _Item("f", "slow", "long")]
     root_conftest.pytest_collection_modifyitems(items)
     assert [i.name for i in items] == ["f", "c", "b", "e", "a", "d"]
+
+
+def test_a_session_started_with_int_and_hup_ignored_gives_its_children_both_back(
+    pytestconfig: pytest.Config,
+) -> None:
+    """Under ``nohup ... &`` SIGHUP and SIGINT arrive ignored, and a child bash cannot trap them."""
+    trap = ["bash", "-c", 'trap "exit 7" HUP INT; kill -"$0" $$; exit 0']
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        for sig in saved:
+            signal.signal(sig, signal.SIG_IGN)
+        assert subprocess.run([*trap, "HUP"], check=False).returncode == 0  # what the tests met
+        _root_conftest(pytestconfig).pytest_configure(pytestconfig)
+        assert [subprocess.run([*trap, name], check=False).returncode for name in ("HUP", "INT")] == [7, 7]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
