@@ -125,6 +125,20 @@ def release_device(loop_dev: str) -> None:
             _run("umount", "-l", target)
     if Path(loop_dev).exists():
         _run("losetup", "-d", loop_dev, check=False)
+        _wait_cleared(loop_dev)
+
+
+def _wait_cleared(loop_dev: str, timeout: float = 10.0) -> None:
+    """Wait until the kernel has let go of a detached loop device's backing file. ``losetup -d`` on
+    a device still open (the block device of a just-unmounted filesystem is released a moment
+    later) only marks it to clear at its last close, and until then ``losetup -a`` lists it."""
+    backing = Path("/sys/block", Path(loop_dev).name, "loop", "backing_file")
+    deadline = time.monotonic() + timeout
+    while backing.exists():
+        if time.monotonic() > deadline:
+            log.warning("%s still has its backing file %.0f s after losetup -d", loop_dev, timeout)
+            return
+        time.sleep(0.05)
 
 
 def loops_backed_by(path: Path) -> list[str]:
