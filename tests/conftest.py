@@ -10,6 +10,7 @@ exactly as a deployment would.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import botocore.session
 import pytest
 
 from rehearsal.sshd import PACKAGE_CACHE_ENV, package_cache
@@ -42,6 +44,11 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+# Every botocore session of a test process shares one data loader, which parses each service model
+# once. A new session otherwise parses the EC2 model again (0.3 CPU-s): Airflow's AWS hook makes one
+# per hook, and the tests run a few hundred hooks in each worker, where a task process makes one.
+# botocore treats loaded models as read-only, as it does for the clients of a single session.
+botocore.session.create_loader = functools.lru_cache(maxsize=None)(botocore.session.create_loader)
 
 
 def pytest_configure(config: pytest.Config) -> None:
