@@ -48,13 +48,18 @@ def snapshot_image(snapshots_dir: Path, snapshot_id: str) -> Path:
     return Path(snapshots_dir) / f"{snapshot_id}.img"
 
 
+def _sysfs_backing_file(loop_dev: str) -> Path:
+    """Where the kernel shows a loop device's backing file (present only while it has one)."""
+    return Path("/sys/block", Path(loop_dev).name, "loop", "backing_file")
+
+
 def volume_backing_file(volume_id: str) -> Path | None:
     """The file behind an attached volume, found through the machine (by-id link -> loop device ->
     its sysfs ``backing_file``), so it works whichever process backs the volume; None if unbacked."""
     link = link_path(volume_id)
     if not link.is_symlink():
         return None
-    backing = Path("/sys/block") / Path(os.path.realpath(link)).name / "loop" / "backing_file"
+    backing = _sysfs_backing_file(os.path.realpath(link))
     try:
         path = Path(backing.read_text().strip())
     except OSError:
@@ -132,7 +137,7 @@ def _wait_cleared(loop_dev: str, timeout: float = 10.0) -> None:
     """Wait until the kernel has let go of a detached loop device's backing file. ``losetup -d`` on
     a device still open (the block device of a just-unmounted filesystem is released a moment
     later) only marks it to clear at its last close, and until then ``losetup -a`` lists it."""
-    backing = Path("/sys/block", Path(loop_dev).name, "loop", "backing_file")
+    backing = _sysfs_backing_file(loop_dev)
     deadline = time.monotonic() + timeout
     while backing.exists():
         if time.monotonic() > deadline:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
 GROUPED = """
@@ -127,8 +128,6 @@ def test_a_session_started_with_int_and_hup_ignored_gives_its_children_both_back
 
 def test_the_sessions_of_a_test_process_parse_each_service_model_once() -> None:
     """The root conftest shares botocore's data loader, so a new session costs no new parse."""
-    import boto3
-
     first, second = (boto3.session.Session(region_name="us-east-1") for _ in range(2))
     assert first._loader is second._loader
     model = first._loader.load_service_model("ec2", "service-2")
