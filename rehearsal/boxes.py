@@ -15,7 +15,8 @@ starts a BOX for it, reached the way AWS reaches an instance:
   ``shadow`` and ``sudoers``, ``/home`` and ``/var/tmp`` are bind-mounted from the box's dir, so the
   host's user database is never touched and every box starts with an empty ``/var/tmp`` (where the
   product works). The rest of the filesystem (``/dev`` with the EBS emulator's devices, the tools,
-  ``/tmp``) is this machine's.
+  ``/tmp``) is this machine's, less the loop-backed filesystems mounted on it when the box started
+  (:data:`DROP_HOST_LOOP_MOUNTS`).
 
 ``TerminateInstances`` ends the box at once: SIGKILL to the namespace's init (sshd), which makes the
 kernel kill every process of the namespace (sessions, a build running through ``sudo``, its qemu),
@@ -98,6 +99,16 @@ PRIVATE_FILES = {
     "/etc/sudoers": "etc/sudoers",
 }
 PRIVATE_DIRS = {"/home": "home", "/var/tmp": "var-tmp"}
+#: First step of a box's init. The new mount namespace starts as a copy of this machine's mounts,
+#: other builds' and tests' loop-backed filesystems among them, and with private propagation the
+#: host's later unmount never reaches the copy: the filesystem would stay alive in the box, so its
+#: partition stays busy (``wipefs`` fails with EBUSY) and its loop device is not freed until the box
+#: ends. An EC2 instance sees no other instance's disks either. (/proc/self/mounts escapes a space as
+#: \040, which ``printf %b`` undoes; the deepest mounts go first.)
+DROP_HOST_LOOP_MOUNTS = r"""awk '$1 ~ /^\/dev\/loop/ { print $2 }' /proc/self/mounts | sort -r |
+    while read -r mp; do
+        umount -l "$(printf '%b' "$mp")" || echo "box-init: cannot unmount $mp" >&2
+    done"""
 _ADDRESS_TAGS = {"privateIpAddress", "ipAddress", "publicIp"}
 START_ATTEMPTS = 5
 STOP_TIMEOUT_S = 30.0
@@ -443,6 +454,7 @@ class Boxes:
         script = "\n".join(
             [
                 "set -e",
+                DROP_HOST_LOOP_MOUNTS,
                 *(f"mount --bind {shlex.quote(str(d / own))} {shlex.quote(p)}" for p, own in binds),
                 'exec "$@"',
             ]

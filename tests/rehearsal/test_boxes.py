@@ -27,6 +27,7 @@ import pytest
 
 from operators.rules.launch import new_host_key, user_data
 from rehearsal.boxes import BOX_UID, NO_BOX_ADDRESS, Boxes, Login, default_user, parse_user_data
+from rehearsal.ebs import attach_image, release_device
 from rehearsal.ec2_local import LocalEc2
 from rehearsal.sshd import PACKAGE_CACHE_ENV
 
@@ -153,6 +154,34 @@ def test_terminate_ends_every_process_and_mount_of_the_box_at_once(api: tuple[Lo
     assert took < 5, f"TerminateInstances took {took:.1f} s to end the box"
     with pytest.raises((OSError, paramiko.SSHException)):
         _connect(box.address, host_key, "admin", pkey).close()
+
+
+def test_a_box_never_keeps_a_filesystem_the_host_unmounts_busy(
+    api: tuple[LocalEc2, Boxes], tmp_path: Path
+) -> None:
+    """A box's namespace starts as a copy of this machine's mounts. A loop-backed filesystem mounted
+    then (another test's build, here at a path with a space) is not in the box, so once the host
+    unmounts it the device opens exclusively at once (CI: ``wipefs`` on such a partition failed with
+    EBUSY, and its loop device stayed bound after ``losetup -d``)."""
+    ec2, boxes = api
+    image = tmp_path / "other-build.img"
+    with open(image, "wb") as fh:
+        fh.truncate(64 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    mountpoint = tmp_path / "other build"
+    mountpoint.mkdir()
+    loop_dev = attach_image(image)
+    try:
+        subprocess.run(["mount", loop_dev, str(mountpoint)], check=True)
+        instance_id, _ = _launch(ec2, Login.new("admin"), "debian-12-amd64-rehearsal")
+        box = boxes.get(instance_id)
+        assert box.alive and "/var/tmp" in box.mounts()
+        assert not [m for m in box.mounts() if m.startswith(str(tmp_path))], box.mounts()
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        fd = os.open(loop_dev, os.O_RDONLY | os.O_EXCL)  # EBUSY while any namespace still mounts it
+        os.close(fd)
+    finally:
+        release_device(loop_dev)
 
 
 def test_an_instance_without_a_box_is_never_shown_at_the_internet_address_moto_made_up(
