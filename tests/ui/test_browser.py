@@ -41,7 +41,8 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 import rehearsal.__main__ as rh
-from operators.rules import naming
+from operators.rules import definition, naming
+from rehearsal import images
 from rehearsal.airflow_env import ADMIN_USER, MARKER_ENV
 from rehearsal.browser import chromium
 from rehearsal.distributed import CeleryAirflow
@@ -102,7 +103,8 @@ CORE_PHASES = ["tools", "resolve", "partition", "mkfs", "mount", "bootstrap", "c
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    """The rehearsal's services with its Airflow swapped for the Celery deployment, shared by this module.
+    """The rehearsal's services with its Airflow swapped for the Celery deployment, shared by this
+    module, and the URL of its frozen Debian mirror (the one its definition names).
 
     ``rehearsal_services`` builds the connections and settings and starts moto with its boxes and
     LoopEbs exactly as ``./rehearse`` does; only the Airflow class differs. Everything is stopped on
@@ -125,7 +127,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
             ec2.control.configure_rule("SnapshotProgress", duration=SNAPSHOT_PENDING_S)
             rh.wait_for_dag(airflow, DAG_ID)
             airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
-            yield services
+            yield (*services, definition.load_named(state_dir / "images", images.NAME).mirror)
     assert rh.leftovers(state_dir) == []
     assert not (state_dir / rh.STATE_FILE).exists()  # nothing left, so nothing for a next run to clean
 
@@ -236,16 +238,6 @@ def submit(driver: WebDriver) -> str:
     return urllib.parse.unquote(pattern.search(driver.current_url).group(1))
 
 
-def debian_mirror() -> str:
-    """The Debian mirror of this machine's apt sources (the rehearsal's build box is this machine)."""
-    for source in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        for stanza in source.read_text().split("\n\n"):
-            fields = dict(re.findall(r"^(\w+):\s*(.+)$", stanza, re.M))
-            if "bookworm" in fields.get("Suites", "").split():
-                return fields["URIs"].split()[0]
-    raise AssertionError("no Debian bookworm mirror in /etc/apt/sources.list.d")
-
-
 def run_state(driver: WebDriver) -> str:
     """The state badge of the run page's header ("" while it is rendering)."""
     try:
@@ -304,7 +296,7 @@ def test_the_dag_page_names_an_owner(rehearsal: tuple, browser: WebDriver) -> No
 def test_a_person_triggers_and_watches_the_build_in_the_ui_while_a_second_run_waits(
     rehearsal: tuple, browser: WebDriver, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    airflow, ec2, ebs, base_ami, record_run, _repo = rehearsal
+    airflow, ec2, ebs, base_ami, record_run, _repo, mirror = rehearsal
     runs: dict[str, str] = {}  # AMI name prefix -> run id
 
     def triggered(run_id: str) -> None:
@@ -319,7 +311,7 @@ def test_a_person_triggers_and_watches_the_build_in_the_ui_while_a_second_run_wa
     ARTIFACTS.mkdir(exist_ok=True)
     started = time.monotonic()
     try:
-        _drive(browser, airflow, base_ami, triggered)
+        _drive(browser, airflow, base_ami, mirror, triggered)
     except BaseException:
         browser.save_screenshot(str(ARTIFACTS / "ui-failure.png"))
         raise
@@ -330,7 +322,9 @@ def test_a_person_triggers_and_watches_the_build_in_the_ui_while_a_second_run_wa
     _second_run_waited_then_built_apart(airflow, ec2, ebs, runs)
 
 
-def _drive(driver: WebDriver, airflow: Any, base_ami: str, on_triggered: Callable[[str], object]) -> None:
+def _drive(
+    driver: WebDriver, airflow: Any, base_ami: str, mirror: str, on_triggered: Callable[[str], object]
+) -> None:
     login(driver, airflow.url, airflow.password)
 
     # The DAG's page explains itself: its tags, and its docs one click away.
@@ -352,17 +346,18 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, on_triggered: Callabl
     docs.find_element(By.CSS_SELECTOR, "button[aria-label=Close]").click()
 
     # Trigger through the form: a non-default AMI name prefix, the harness's base AMI (AWS would
-    # find one by name) and this machine's Debian mirror (the rehearsal's box is offline); the subnet
-    # is left empty, so [amibake] subnet_id is used.
+    # find one by name) and a Debian mirror typed in (the rehearsal's own, whose indexes stand still:
+    # the internet's archive would make the night depend on it); the subnet is left empty, so
+    # [amibake] subnet_id is used.
     form = open_trigger_form(driver, airflow.url)
     set_field(driver, "ami_name_prefix", PREFIX)
     set_field(driver, "base_ami", base_ami)
-    set_field(driver, "mirror_url", debian_mirror())
+    set_field(driver, "mirror_url", mirror)
     assert empty_text_fields(form) == ["subnet_id"]
     run_id = submit(driver)
     on_triggered(run_id)
     conf = _run(airflow, run_id)["conf"]
-    assert (conf["ami_name_prefix"], conf["base_ami"]) == (PREFIX, base_ami)
+    assert (conf["ami_name_prefix"], conf["base_ami"], conf["mirror_url"]) == (PREFIX, base_ami, mirror)
     # the switches' defaults are the [amibake] boot_check / smoke_check settings (off here)
     assert (conf["boot_check"], conf["smoke_check"]) == (False, False), conf
     assert "recipe" not in conf, "the definition says which recipe: the form does not offer it"
@@ -380,6 +375,7 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, on_triggered: Callabl
             and all(cell.text.strip().lower().replace(" ", "_") in FINAL_TASK_STATES for cell in cells)
         )
     )
+    assert state == "success", _explain(airflow, run_id)  # the log below would only lack the phases
     tis = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}/taskInstances")
     ti_states = {ti["task_id"]: ti["state"] for ti in tis["task_instances"]}
     assert len(ti_states) == TASK_COUNT and "rotate_amis" in ti_states, ti_states
@@ -405,7 +401,6 @@ def _drive(driver: WebDriver, airflow: Any, base_ami: str, on_triggered: Callabl
     driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", first)
     driver.save_screenshot(str(ARTIFACTS / "ui-build-log.png"))
 
-    assert state == "success", "\n".join(lines[-40:])
     started = [m.group(1) for line in lines if (m := PHASE_START.search(line))]
     ended = {m.group(1): float(m.group(2)) for line in lines if (m := PHASE_END.search(line))}
     assert started[: len(CORE_PHASES)] == CORE_PHASES, lines
