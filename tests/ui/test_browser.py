@@ -365,8 +365,8 @@ def _drive(
     assert conf.get("subnet_id") is None, conf
 
     # The run page shows the run begun; the person leaves it and comes back once the run has ended.
-    # (Headless Chromium re-rendering the page for the whole build was ~165 CPU-s, a tenth of what
-    # the suite's other tests needed of the 2 cores meanwhile.)
+    # (Headless Chromium re-rendering the page for the whole build cost about 170 of the whole
+    # suite's 2600 CPU-s; the README's figures.)
     run_page = driver.current_url
     _wait(driver).until(lambda d: run_state(d) in ("queued", "running", "success", "failed"))
     driver.get("about:blank")
