@@ -8,9 +8,9 @@ real box per instance, loop devices as the canvas).
 
 As a person would: log in, open the DAG, read its docs, trigger it through the form with
 non-default Params, see the run start on its page, come back to that page once the run has ended
-(the REST API says when), open the build task's log and find
-the phase lines, and follow each AWS task's console links. Screenshots of the grid and the log
-go to ``artifacts/`` (gitignored; the README's copies live in docs/screenshots/).
+(the REST API says when), open the build task's log and find the phase lines, and follow each AWS
+task's console links. Screenshots of the grid and the log go to ``artifacts/`` (gitignored; the
+README's copies live in docs/screenshots/).
 
 While the person's run builds, a second run is triggered through the REST API, as the schedule would.
 The DAG has ``max_active_runs=1``, so it must wait queued (not fail) and then build on its own box,
