@@ -61,11 +61,28 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
+#: The suite's longest chains, longest first: modules whose tests run one after the other in one
+#: worker (an xdist_group, or a module of whole rehearsals). Each is handed to a worker of its own at
+#: the start, so none of them starts late and ends the run alone (a longest-first schedule).
+LONGEST_FIRST = (
+    "tests/ui/test_browser.py",  # two whole builds one after the other (max_active_runs=1)
+    "tests/e2e/test_green_night.py",  # a build, two boots, then an unchanged and a rebuilt night
+    "tests/scripts/test_debian12.py",  # a build, then boots of broken copies
+    "tests/rehearsal/test_rehearse.py",  # a killed rehearsal, the whole next one, a Ctrl-C one
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first, then the long ones (a stable sort): xdist hands tests out in this order,
-    so the whole builds, and in the edit loop the longest tests, start at once on every worker
-    instead of one of them ending the run alone."""
-    items.sort(key=lambda item: tuple(item.get_closest_marker(m) is None for m in ("slow", "long")))
+    """The slow tests first, the longest chains (LONGEST_FIRST) leading them, then the long ones (a
+    stable sort): xdist hands tests out in this order, so the whole builds, and in the edit loop the
+    longest tests, start at once on every worker instead of one of them ending the run alone."""
+
+    def rank(item: pytest.Item) -> tuple[bool, int, bool]:
+        module = item.nodeid.split("::", 1)[0]
+        chain = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+        return item.get_closest_marker("slow") is None, chain, item.get_closest_marker("long") is None
+
+    items.sort(key=rank)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import boto3
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 GROUPED = """
 import os
 import pytest
@@ -82,10 +83,11 @@ def test_loadgroup_runs_a_group_in_one_worker_with_one_setup(tmp_path: Path) -> 
 
 
 class _Item:
-    """What the ordering hook reads of a collected test: its markers."""
+    """What the ordering hook reads of a collected test: its node id and markers."""
 
-    def __init__(self, name: str, *markers: str) -> None:
+    def __init__(self, name: str, *markers: str, module: str = "tests/test_x.py") -> None:
         self.name, self.markers = name, markers
+        self.nodeid = f"{module}::{name}"
 
     def get_closest_marker(self, name: str) -> str | None:
         return name if name in self.markers else None
@@ -107,6 +109,19 @@ def test_slow_then_long_tests_are_handed_out_first_in_collection_order(pytestcon
              _Item("f", "slow", "long")]
     root_conftest.pytest_collection_modifyitems(items)
     assert [i.name for i in items] == ["f", "c", "b", "e", "a", "d"]
+
+
+def test_the_longest_chains_lead_the_slow_tests_longest_first(pytestconfig: pytest.Config) -> None:
+    """Each chain of LONGEST_FIRST is a slow module that exists; they are handed out first, in that
+    order, each module's tests kept in their own order."""
+    root_conftest = _root_conftest(pytestconfig)
+    chains = root_conftest.LONGEST_FIRST
+    assert all((REPO / module).is_file() for module in chains), chains
+    items = [_Item("fast", "long"), _Item("slow", "slow"),
+             *(_Item(f"{i}{n}", "slow", module=module) for i, module in reversed(list(enumerate(chains)))
+               for n in "ab")]
+    root_conftest.pytest_collection_modifyitems(items)
+    assert [i.name for i in items] == [f"{i}{n}" for i in range(len(chains)) for n in "ab"] + ["slow", "fast"]
 
 
 def test_a_session_started_with_int_and_hup_ignored_gives_its_children_both_back(

@@ -50,7 +50,8 @@ from rehearsal.distributed import CeleryAirflow
 from rehearsal.ec2_local import tag_specs
 
 #: one worker runs the module, so its deployment (a module fixture) is started once; two whole
-#: builds one after the other
+#: builds one after the other, in the module's first test: xdist queues the worker's next work when two
+#: of its tests remain, so that work waits behind the two short tests below, not behind the builds
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.root,
@@ -266,32 +267,6 @@ def read_log(driver: WebDriver) -> list[str]:
         if driver.execute_script("return arguments[0].scrollTop", scroller) == before:
             break
     return [lines[k] for k in sorted(lines, key=lambda k: int(k.rsplit("-", 1)[1]))]
-
-
-def test_the_trigger_form_accepts_the_defaults(rehearsal: tuple, browser: WebDriver) -> None:
-    airflow = rehearsal[0]
-    login(browser, airflow.url, airflow.password)
-    form = open_trigger_form(browser, airflow.url)
-    # Each section, opened in turn, shows its own Params' fields and hides the other sections'.
-    for title, params in SECTIONS.items():
-        open_section(browser, title)
-        shown = {
-            box.get_attribute("name").removeprefix("element_")
-            for box in form.find_elements(By.CSS_SELECTOR, "input[name^=element_]")
-            if box.is_displayed() or box.find_element(By.XPATH, "..").is_displayed()
-        }
-        assert shown == set(params), (title, shown)
-    # The optional text Params are left empty (nullable, default None): Trigger stays enabled.
-    assert set(empty_text_fields(form)) == OPTIONAL_TEXT_PARAMS
-    _wait(browser, 10).until(submit_enabled, f"Trigger disabled; empty fields: {empty_text_fields(form)}")
-
-
-def test_the_dag_page_names_an_owner(rehearsal: tuple, browser: WebDriver) -> None:
-    airflow = rehearsal[0]
-    login(browser, airflow.url, airflow.password)
-    browser.get(f"{airflow.url}/dags/{DAG_ID}")
-    owner = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, "a[href*='owners=']")))
-    assert owner.text == "amibake"
 
 
 def test_a_person_triggers_and_watches_the_build_in_the_ui_while_a_second_run_waits(
@@ -518,3 +493,29 @@ def _second_run_waited_then_built_apart(airflow: Any, ec2: Any, ebs: Any, runs: 
 
 def _run(airflow: Any, run_id: str) -> dict[str, Any]:
     return airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{rh._q(run_id)}")
+
+
+def test_the_trigger_form_accepts_the_defaults(rehearsal: tuple, browser: WebDriver) -> None:
+    airflow = rehearsal[0]
+    login(browser, airflow.url, airflow.password)
+    form = open_trigger_form(browser, airflow.url)
+    # Each section, opened in turn, shows its own Params' fields and hides the other sections'.
+    for title, params in SECTIONS.items():
+        open_section(browser, title)
+        shown = {
+            box.get_attribute("name").removeprefix("element_")
+            for box in form.find_elements(By.CSS_SELECTOR, "input[name^=element_]")
+            if box.is_displayed() or box.find_element(By.XPATH, "..").is_displayed()
+        }
+        assert shown == set(params), (title, shown)
+    # The optional text Params are left empty (nullable, default None): Trigger stays enabled.
+    assert set(empty_text_fields(form)) == OPTIONAL_TEXT_PARAMS
+    _wait(browser, 10).until(submit_enabled, f"Trigger disabled; empty fields: {empty_text_fields(form)}")
+
+
+def test_the_dag_page_names_an_owner(rehearsal: tuple, browser: WebDriver) -> None:
+    airflow = rehearsal[0]
+    login(browser, airflow.url, airflow.password)
+    browser.get(f"{airflow.url}/dags/{DAG_ID}")
+    owner = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, "a[href*='owners=']")))
+    assert owner.text == "amibake"
