@@ -160,6 +160,10 @@ def test_image_contents(built) -> None:
     ec2_only = {"datasource_list": ["Ec2"], "datasource": {"Ec2": {"strict_id": True}}}
     assert cloud == {**ec2_only, "locale": "C.UTF-8"}
     assert images.KERNEL_ARG in cfg
+    # compressed the way initramfs.conf says (zstd installed), not mkinitramfs's gzip fallback
+    (initrd,) = (root / "boot").glob("initrd.img-*")
+    assert "COMPRESS=zstd" in (root / "etc/initramfs-tools/initramfs.conf").read_text()
+    assert initrd.read_bytes()[:4] == b"\x28\xb5\x2f\xfd", "the initramfs is not zstd-compressed"
 
 
 def test_the_definition_is_in_the_image_and_its_password_nowhere(built, bundle) -> None:
