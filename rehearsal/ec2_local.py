@@ -77,7 +77,6 @@ class _Rule:
     seconds: float = 0.0
     when: str = "before"  # "after": moto acted, then the answer is lost
     drop_connection: bool = False  # an "after" fault that closes the connection without an answer
-    dry_run: bool | None = None  # only DryRun calls (True), only real ones (False), or both (None)
     region: str | None = None  # only calls to this region's endpoint (None: any region)
 
 
@@ -304,16 +303,14 @@ class LocalEc2:
         message: str = "injected by amibake LocalEc2",
         when: str = "before",
         drop_connection: bool = False,
-        dry_run: bool | None = None,
         region: str | None = None,
     ) -> None:
         """Answer the next ``times`` calls of ``action`` with this AWS error (None = every call).
 
         ``when="before"``: instead of moto (nothing happens). ``when="after"``: moto acts first, then
         its answer is replaced by the error or, with ``drop_connection``, the connection is closed
-        without an answer (a response lost on the way back: botocore retries it). ``dry_run``: only
-        DryRun calls (True), only real ones (False), or both (None). ``region``: only calls to that
-        region (None: any).
+        without an answer (a response lost on the way back: botocore retries it). ``region``: only
+        calls to that region (None: any).
         """
         if when not in ("before", "after"):
             raise ValueError(f"when must be 'before' or 'after', got {when!r}")
@@ -329,17 +326,14 @@ class LocalEc2:
                     message,
                     when=when,
                     drop_connection=drop_connection,
-                    dry_run=dry_run,
                     region=region,
                 )
             )
 
-    def add_latency(
-        self, action: str, seconds: float, times: int | None = None, dry_run: bool | None = None
-    ) -> None:
+    def add_latency(self, action: str, seconds: float, times: int | None = None) -> None:
         """Delay the next ``times`` calls of ``action`` (None = every call) by ``seconds``."""
         with self._lock:
-            self._rules.append(_Rule(action, times, seconds=float(seconds), dry_run=dry_run))
+            self._rules.append(_Rule(action, times, seconds=float(seconds)))
 
     def clear_faults(self) -> None:
         """Drop every fault and delay."""
@@ -347,7 +341,7 @@ class LocalEc2:
             self._rules.clear()
 
     def _take_rules(
-        self, action: str, when: str = "before", dry_run: bool = False, region: str | None = None
+        self, action: str, when: str = "before", region: str | None = None
     ) -> tuple[_Rule | None, float]:
         """Consume the first matching fault of ``when`` ("before" also: the total delay).
 
@@ -357,8 +351,6 @@ class LocalEc2:
         with self._lock:
             for rule in list(self._rules):
                 if rule.action != action or (rule.error_code is not None and rule.when != when):
-                    continue
-                if rule.dry_run is not None and rule.dry_run != dry_run:
                     continue
                 if rule.region is not None and rule.region != (region or self.region):
                     continue
@@ -525,9 +517,8 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
             if not action:
                 self._send(*self._forward(body))
                 return
-            dry_run = params.get("DryRun", "").lower() == "true"
             region = region_of(self.headers.get("Authorization", ""), ec2.region)
-            fault, delay = ec2._take_rules(action, dry_run=dry_run, region=region)
+            fault, delay = ec2._take_rules(action, region=region)
             entry = ec2._record(action, params, _fault_label(fault), region)
             if delay:
                 time.sleep(delay)
@@ -539,7 +530,7 @@ def _make_handler(ec2: LocalEc2) -> type[BaseHTTPRequestHandler]:
                 )
             else:
                 status, data, headers = self._through_extensions(action, params, body, region)
-            lost = ec2._take_rules(action, "after", dry_run, region)[0] if 200 <= status < 300 else None
+            lost = ec2._take_rules(action, "after", region)[0] if 200 <= status < 300 else None
             if lost is not None:
                 with ec2._lock:
                     entry["fault"] = _fault_label(lost)

@@ -15,7 +15,9 @@ README's copies live in docs/screenshots/).
 While the person's run builds, a second run is triggered through the REST API, as the schedule would.
 The DAG has ``max_active_runs=1``, so it must wait queued (not fail) and then build on its own box,
 canvas and tags; every task of both runs runs on the Celery worker and the snapshot waits in the
-triggerer. (One module for both: each whole build and Airflow deployment is made once.)
+triggerer. (One module for both: each whole build and Airflow deployment is made once.) This is the
+suite's proof that a run triggered while another runs, a manual one during the nightly or the
+reverse, waits queued instead of failing: the scheduler applies the limit to every run alike.
 """
 
 from __future__ import annotations
