@@ -1,59 +1,20 @@
-"""LocalAirflow for real: its processes start, parse a DAG, run it through the REST API, and stop."""
+"""LocalAirflow's environment and its SQLite template; tests/dag/test_real_airflow.py runs it for real."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from operators import defaults
-from rehearsal import airflow_env, processes
-from rehearsal.__main__ import _marked_processes, follow, trigger, wait_for_dag, xcom_values
+from rehearsal import airflow_env
 from rehearsal.airflow_env import (
-    MARKER_ENV,
     REHEARSAL_SETTINGS,
-    LocalAirflow,
     amibake_env,
     conn_env_var,
     setting_env_var,
-)
-
-# A DAG with a deferrable wait: it can only finish if the triggerer really runs the trigger.
-PROBE_DAG = textwrap.dedent(
-    """
-    from datetime import timedelta
-
-    from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
-    from airflow.sdk import BaseOperator, dag, task
-
-
-    class Wait(BaseOperator):
-        def execute(self, context):
-            self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=8)), method_name="done")
-
-        def done(self, context, event=None):
-            return "resumed"
-
-
-    @dag(dag_id="rehearsal_probe", schedule=None)
-    def probe():
-        @task
-        def settings():
-            from airflow.sdk import BaseHook, conf
-
-            aws = BaseHook.get_connection("amibake_aws")
-            endpoint = aws.extra_dejson["endpoint_url"]
-            return {"ssh_address": conf.get("amibake", "ssh_address"), "endpoint": endpoint}
-
-        Wait(task_id="wait") >> settings()
-
-
-    probe()
-    """
 )
 
 
@@ -74,44 +35,6 @@ def test_unknown_setting_is_refused():
     """A typo in a setting name fails loudly instead of being silently ignored by Airflow."""
     with pytest.raises(KeyError, match="ssh_adress"):
         setting_env_var("ssh_adress")
-
-
-@pytest.mark.slow
-def test_local_airflow_runs_a_deferred_dag_through_the_rest_api(tmp_path: Path, monkeypatch, capsys):
-    """api-server + scheduler + dag-processor + triggerer on SQLite run a triggered DAG to success."""
-    dags = tmp_path / "dags"
-    dags.mkdir()
-    (dags / "probe.py").write_text(PROBE_DAG)
-    monkeypatch.setenv(MARKER_ENV, str(tmp_path))
-    env = amibake_env(
-        aws_extra={"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
-        ssh_connection={"conn_type": "ssh", "host": "127.0.0.1"},
-        settings=REHEARSAL_SETTINGS,
-    )
-    spawned: list[int] = []
-    airflow = LocalAirflow(tmp_path / "home", env, dags_folder=dags, on_spawn=spawned.append)
-    try:
-        airflow.start()
-        assert spawned == [proc.pid for proc in airflow.procs.values()]
-        # their sessions hold more than the marker shows: workers and log servers rewrite their
-        # process title over their environment
-        assert set(_marked_processes(tmp_path)) < set(processes.members(spawned))
-        wait_for_dag(airflow, "rehearsal_probe")
-        run_id = trigger(airflow, "rehearsal_probe", {})
-        assert follow(airflow, "rehearsal_probe", run_id, timeout=300) == "success"
-        values = xcom_values(airflow, "rehearsal_probe", run_id)
-        assert values == {
-            "wait": "resumed",  # resumed after the triggerer fired the trigger
-            "settings": {"ssh_address": REHEARSAL_SETTINGS["ssh_address"], "endpoint": "http://127.0.0.1:9"},
-        }
-        # follow() saw it deferred; only the triggerer process can have fired the trigger that resumed it
-        out = capsys.readouterr().out
-        assert re.search(r"wait +deferred", out), out
-    finally:
-        airflow.stop()
-    assert _marked_processes(tmp_path) == []
-    assert processes.members(spawned) == []
-    assert os.environ[MARKER_ENV] == str(tmp_path)
 
 
 def test_dormant_schedule_never_fires_during_a_rehearsal():
