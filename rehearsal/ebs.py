@@ -200,7 +200,8 @@ class LoopEbs:
     ``state_dir`` holds the sparse image files (``<volume-id>.img``); whatever a killed earlier run
     left there (loop devices, mounts, links) is cleaned up on entry. ``snapshots_dir``: where
     :class:`EbsSnapshots` keeps snapshot content; a volume created from such a snapshot starts as
-    a copy of it (otherwise every volume starts blank).
+    a copy of it (otherwise every volume starts blank). ``poll_interval``: one DescribeVolumes per
+    second by default, about 9 ms of CPU each here; an attachment on AWS takes seconds anyway.
     """
 
     def __init__(
@@ -208,7 +209,7 @@ class LoopEbs:
         endpoint_url: str,
         region: str,
         state_dir: str | os.PathLike[str],
-        poll_interval: float = 0.5,
+        poll_interval: float = 1.0,
         snapshots_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not endpoint_url.startswith(("http://", "https://")):
