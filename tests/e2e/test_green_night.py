@@ -217,6 +217,14 @@ def _tags_of(call: dict[str, str], prefix: str) -> dict[str, str]:
 # --- the DAG run, its XComs and the EC2 requests -------------------------------------------------
 
 
+def test_the_night_runs_ahead_of_the_rest_of_the_suite() -> None:
+    """The suite's longest chain (tests/conftest.py, LONGEST_FIRST): every thread of this worker, so
+    every box, build and guest the night starts, runs at a negative nice value while the module runs."""
+    threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    (nice,) = {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads}
+    assert nice < 0
+
+
 def test_the_run_and_every_task_succeed(green: Night) -> None:
     assert str(green.run.state) == "success", green.states
     assert set(green.states.values()) == {"success"}, green.states
