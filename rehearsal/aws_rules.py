@@ -280,7 +280,8 @@ class EventualConsistency(Rule):
         with self._lock:
             self._hidden.clear()
 
-    def _invisible(self) -> set[str]:
+    def hidden(self) -> set[str]:
+        """The ids still unknown to calls, whose ``delay`` has not passed yet."""
         now = time.monotonic()
         with self._lock:
             for rid in [r for r, until in self._hidden.items() if until <= now]:
@@ -288,7 +289,7 @@ class EventualConsistency(Rule):
             return set(self._hidden)
 
     def before(self, action: str, params: dict[str, str], moto: Any) -> Answer | None:
-        invisible = self._invisible()
+        invisible = self.hidden()
         if not invisible:
             return None
         for key, value in params.items():
@@ -313,7 +314,7 @@ class EventualConsistency(Rule):
                     self._hidden.setdefault(rid, until)
             return body
         if action in _LISTED:
-            invisible = self._invisible()
+            invisible = self.hidden()
             if invisible:
                 set_name = _LISTED[action]
                 body = _drop_items(

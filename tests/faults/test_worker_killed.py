@@ -43,11 +43,18 @@ def _kill_then_retry(
     action: str,
     done: Any,
 ) -> Any:
-    """Try 1 in a worker killed while ``action`` is in flight; wait until AWS ``done``; try 2 here."""
+    """Try 1 in a worker killed while ``action`` is in flight; wait until AWS ``done`` and EC2 shows
+    what it made; try 2 here.
+
+    ``done`` looks at moto itself. The local EC2 API hides a new instance, volume or snapshot for a
+    moment, as EC2 does (``EventualConsistency``); Airflow's retry comes ``retry_delay`` later (30 s,
+    dags/amibake_images.py), far past that, so try 2 starts only once nothing is hidden any more.
+    """
     ec2.add_latency(action, IN_FLIGHT_S, times=1)
     worker = start_worker(tmp_path, f"{cls.__module__}.{cls.__name__}", task_id, kwargs, dag_id, RUN_ID)
     kill_when(worker, lambda: ec2.calls(action), f"{action} sent by {task_id}")
-    wait_until(done, f"AWS finishing the {action} of the killed worker")
+    consistency = ec2.rule("EventualConsistency")
+    wait_until(lambda: done() and not consistency.hidden(), f"AWS finishing the {action} of try 1, seen")
     with DAG(dag_id, schedule=None) as dag:
         op = cls(task_id=task_id, **kwargs)
     return run_operator(op, make_context(dag, RUN_ID, try_number=2, max_tries=3)).result
