@@ -1,7 +1,7 @@
 """Under a real Airflow: ``rehearsal.airflow_env.LocalAirflow`` (api-server, scheduler, dag-processor,
 triggerer, LocalExecutor on SQLite), started once for the module and stopped at its end with nothing
-of it left running. One deployment serves the three tests, since each start costs half a minute of
-CPU here; each test reads only its own DAGs.
+of it left running. One deployment serves the three tests, since each start costs about 20 CPU-s
+here; each test reads only its own DAGs.
 
 - ``rehearsal_probe`` (written here) defers to the triggerer and then reads the connections and
   settings LocalAirflow gives every process: the harness does what the rehearsal relies on.
