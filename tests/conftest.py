@@ -94,8 +94,9 @@ LONGEST_CHAIN_NICE = -5
 @pytest.fixture(scope="module", autouse=True)
 def _longest_chain_ahead(request: pytest.FixtureRequest) -> Iterator[None]:
     """While the module of LONGEST_FIRST[0] runs, every thread of this worker, and so every process
-    they start (its boxes, builds and qemu guests), runs at LONGEST_CHAIN_NICE; then back at 0. On
-    Linux the nice value is per thread and a new thread or process inherits its creator's."""
+    they start (its boxes, builds and qemu guests), runs at LONGEST_CHAIN_NICE, then at its usual
+    value again. On Linux the nice value is per thread, and a new thread or process inherits its
+    creator's."""
     if request.node.nodeid.split("::", 1)[0] != LONGEST_FIRST[0] or os.geteuid() != 0:
         yield
         return
