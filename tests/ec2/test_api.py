@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,11 @@ def test_dry_run_under_a_policy_that_denies_is_unauthorized(tmp_path: Path) -> N
 
 # -- 9. RequestLimitExceeded -----------------------------------------------------------------------
 def test_a_burst_over_the_token_bucket_is_throttled_and_the_hook_retries(ec2: Any, hook: Any) -> None:
-    ec2.configure_rule("RequestThrottling", category="non-mutating", capacity=3, refill=4)
-    for _ in range(8):
-        assert hook.find_security_groups("burst") == []
+    ec2.configure_rule("RequestThrottling", category="non-mutating", capacity=3, refill=2)
+    hook.conn  # noqa: B018 - one client for the burst's threads (botocore clients are thread-safe)
+    # a burst: eight requests at once, so the bucket runs dry however slow the machine
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: hook.find_security_groups("burst"), range(8))) == [[]] * 8
     throttled = [a for a in answers(ec2, "DescribeSecurityGroups") if a != (200, None)]
     assert throttled and set(throttled) == {(503, "RequestLimitExceeded")}
     assert answers(ec2, "DescribeSecurityGroups")[-1] == (200, None)
@@ -107,8 +110,9 @@ def test_attach_canvas_under_throttling_creates_one_volume(ec2: Any, moto: Any, 
     ec2.register_base_image("amibake-test-base")
     zone = subnet["AvailabilityZone"]
     instance_id = _instance(moto, zone)
-    ec2.configure_rule("RequestThrottling", category="mutating", capacity=1, refill=1.5)
-    ec2.configure_rule("RequestThrottling", category="non-mutating", capacity=1, refill=1.5)
+    # the first call of each kind throttled (a token bucket's refill would race a busy machine)
+    for action in ("CreateVolume", "DescribeVolumes", "AttachVolume"):
+        ec2.add_fault(action, "RequestLimitExceeded", 503)
     dag, op = _attach("amibake_t_ec2_canvas_throttled", _box(instance_id, zone, "b"))
     result = run_operator(op, make_context(dag, RUN_ID)).result
     assert any(r.get("error") == "RequestLimitExceeded" for r in ec2.requests)
