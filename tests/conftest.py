@@ -10,14 +10,12 @@ exactly as a deployment would.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -131,25 +129,10 @@ def cpu_weight(factor: int, cgroups: Path = CPU_CGROUPS) -> Iterator[Path | None
         (group / "cgroup.procs").write_text(str(os.getpid()))
         yield group
     finally:
-        _remove_cgroup(group, parent)
-
-
-def _remove_cgroup(group: Path, parent: Path) -> None:
-    """Move what runs in GROUP (this process, and anything the chain left running, such as the
-    session's boxes) to PARENT, and remove GROUP. Again while it is busy (EBUSY): a process may fork
-    while the others move, or still be exiting."""
-    for _ in range(50):
-        for pid in (group / "cgroup.procs").read_text().split():
+        for pid in (group / "cgroup.procs").read_text().split():  # this process, and any straggler
             with suppress(ProcessLookupError):
                 (parent / "cgroup.procs").write_text(pid)
-        try:
-            group.rmdir()
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-            time.sleep(0.1)
-    group.rmdir()  # raises, naming the group
+        group.rmdir()
 
 
 def _own_cgroup(controller: str) -> str:
