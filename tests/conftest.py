@@ -85,63 +85,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
-#: The CPU weight of each chain of LONGEST_FIRST while it runs, in default cgroups (or sessions): the
-#: chains get their share first and the short tests, spread over every worker, fill the cores around
-#: them, instead of a chain ending the run alone.
-CHAIN_WEIGHTS = (8, 4, 4, 4)
-#: Where the chains' cgroups go: cgroup v1's cpu controller (this project's machines and CI).
-CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
+#: The nice value of the longest chain while it runs (LONGEST_FIRST[0]): about three times the CPU share
+#: of a process at 0 when the cores are busy, so the rest of the suite fills the cores around it
+#: instead of the chain ending the run alone. Negative values need root, which that chain needs anyway.
+LONGEST_CHAIN_NICE = -5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def chain_cgroup(request: pytest.FixtureRequest) -> Iterator[Path | None]:
-    """While a chain of LONGEST_FIRST runs, its worker runs with its CHAIN_WEIGHTS (as root: the
-    chains need root anyway). Yields the chain's cgroup (None for other modules, or without one)."""
-    module = request.node.nodeid.split("::", 1)[0]
-    if module not in LONGEST_FIRST or os.geteuid() != 0:
-        yield None
+def _longest_chain_ahead(request: pytest.FixtureRequest) -> Iterator[None]:
+    """While the module of LONGEST_FIRST[0] runs, every thread of this worker, and so every process
+    they start (its boxes, builds and qemu guests), runs at LONGEST_CHAIN_NICE, then at its usual
+    value again. On Linux the nice value is per thread, and a new thread or process inherits its
+    creator's."""
+    if request.node.nodeid.split("::", 1)[0] != LONGEST_FIRST[0] or os.geteuid() != 0:
+        yield
         return
-    with cpu_weight(CHAIN_WEIGHTS[LONGEST_FIRST.index(module)]) as group:
-        yield group
-
-
-@contextmanager
-def cpu_weight(factor: int, cgroups: Path = CPU_CGROUPS) -> Iterator[Path | None]:
-    """This process, and every process it starts meanwhile (its boxes, their builds, qemu guests), in
-    a cpu cgroup of its own weighing FACTOR default ones; then back where it was, the cgroup removed.
-
-    Not a nice value: with autogroup (kernel.sched_autogroup_enabled, on by default) the scheduler
-    shares the cores between sessions first, and each box login, build phase (setsid) and guest is a
-    session of its own, so nice ranks threads only inside one; a cgroup holds them all, whatever their
-    session. Yields the cgroup, or None (and changes nothing) without a writable cpu controller."""
-    parent = cgroups / _own_cgroup("cpu").lstrip("/")
-    if not (parent / "cgroup.procs").is_file() or not os.access(parent, os.W_OK):
-        yield None
-        return
-    for stale in parent.glob("amibake-tests-*"):  # a killed worker's, once nothing runs in it
-        if not Path(f"/proc/{stale.name.rsplit('-', 1)[1]}").exists():
-            with suppress(OSError):
-                stale.rmdir()
-    group = parent / f"amibake-tests-{os.getpid()}"
-    group.mkdir()
+    usual = os.getpriority(os.PRIO_PROCESS, 0)
+    for tid in _threads():
+        os.setpriority(os.PRIO_PROCESS, tid, LONGEST_CHAIN_NICE)
     try:
-        (group / "cpu.shares").write_text(str(1024 * factor))
-        (group / "cgroup.procs").write_text(str(os.getpid()))
-        yield group
+        yield
     finally:
-        for pid in (group / "cgroup.procs").read_text().split():  # this process, and any straggler
-            with suppress(ProcessLookupError):
-                (parent / "cgroup.procs").write_text(pid)
-        group.rmdir()
+        for tid in _threads():
+            with suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.setpriority(os.PRIO_PROCESS, tid, usual)
 
 
-def _own_cgroup(controller: str) -> str:
-    """This process's cgroup in the v1 hierarchy of CONTROLLER ("/" when it has none)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return path
-    return "/"
+def _threads() -> list[int]:
+    """The ids of this process's threads."""
+    return [int(tid) for tid in os.listdir("/proc/self/task")]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -7,7 +7,6 @@ the slow tests and its repair of signals a session inherits ignored."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -123,44 +122,6 @@ def test_the_longest_chains_lead_the_slow_tests_longest_first(pytestconfig: pyte
                for n in "ab")]
     root_conftest.pytest_collection_modifyitems(items)
     assert [i.name for i in items] == [f"{i}{n}" for i in range(len(chains)) for n in "ab"] + ["slow", "fast"]
-
-
-def test_a_chain_and_every_process_it_starts_get_the_weight_of_its_cgroup_until_it_ends(
-    pytestconfig: pytest.Config,
-) -> None:
-    """Whatever the session of a process the chain starts; a process still running when the chain
-    ends goes back with the worker, and the cgroup is removed."""
-    root_conftest = _root_conftest(pytestconfig)
-    cgroups = root_conftest.CPU_CGROUPS
-    if not (cgroups / "cgroup.procs").is_file() or not os.access(cgroups, os.W_OK):
-        pytest.skip(f"needs a writable cgroup v1 cpu controller at {cgroups} (as root here)")
-    before = _cpu_cgroup(os.getpid())
-    straggler = None
-    try:
-        with root_conftest.cpu_weight(3) as group:
-            assert (group / "cpu.shares").read_text().strip() == "3072"
-            straggler = subprocess.Popen(["setsid", "sleep", "60"])
-            inside = f"{before.rstrip('/')}/{group.name}"
-            assert _cpu_cgroup(os.getpid()) == _cpu_cgroup(straggler.pid) == inside
-        assert not group.exists()
-        assert _cpu_cgroup(os.getpid()) == _cpu_cgroup(straggler.pid) == before
-    finally:
-        if straggler:
-            straggler.kill()
-            straggler.wait()
-
-
-def test_without_a_cpu_controller_a_chain_runs_as_it_is(pytestconfig: pytest.Config, tmp_path: Path) -> None:
-    with _root_conftest(pytestconfig).cpu_weight(3, cgroups=tmp_path) as group:
-        assert group is None
-    assert list(tmp_path.iterdir()) == []
-
-
-def _cpu_cgroup(pid: int) -> str:
-    """The cpu cgroup (v1) of process PID."""
-    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    (path,) = [line.split(":", 2)[2] for line in lines if "cpu" in line.split(":")[1].split(",")]
-    return path
 
 
 def test_a_session_started_with_int_and_hup_ignored_gives_its_children_both_back(
