@@ -29,8 +29,8 @@ PENDING_S = 6.0
 
 
 @pytest.fixture
-def copies_stay_pending(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ec2.rule("CopyImageRules"), "duration", PENDING_S)
+def copies_stay_pending(ec2: Any) -> None:
+    ec2.configure_rule("CopyImageRules", duration=PENDING_S)  # until the next test resets the API
 
 
 @pytest.mark.usefixtures("copies_stay_pending")

@@ -90,11 +90,9 @@ def _assert_writable(setup: dict[str, Any]) -> None:
     setup["on_box"].run(["touch", f"{setup['root']}/amibake-thawed"], check=True, timeout=30)
 
 
-def test_freeze_snapshot_thaw(
-    ec2: Any, mounted_canvas: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_freeze_snapshot_thaw(ec2: Any, mounted_canvas: dict[str, Any]) -> None:
     # pending long enough to be seen pending after the thaw, however busy the machine (0.5 s by default)
-    monkeypatch.setattr(ec2.rule("SnapshotProgress"), "duration", 6.0)
+    ec2.configure_rule("SnapshotProgress", duration=6.0)
     op = _snapshot_op(mounted_canvas)
     context = make_context(mounted_canvas["dag"], RUN_ID, max_tries=1)
     record = run_operator(op, context)
