@@ -25,7 +25,8 @@ an sshd box (:mod:`rehearsal.boxes`, which dispatches here) but a GUEST:
 
 Differences from EC2 that remain: inside the guest the NIC address is qemu's ``169.254.0.15`` (the
 metadata's ``local-ipv4``), not the address the API reports; the hostname is the ``PrivateDnsName``
-moto reports; 1 GiB and 2 vCPUs whatever the instance type; no reboot / stop / start.
+moto reports; 1 GiB and 2 vCPUs whatever the instance type, and qemu's x86-64 baseline CPU
+(``ec2-guest`` says why); no reboot / stop / start.
 """
 
 from __future__ import annotations
