@@ -348,9 +348,13 @@ def test_umount_stops_processes_inside_the_chroot(built) -> None:
 
 
 def assert_nothing_left(vol: LoopVolume) -> None:
-    """No qemu or metadata relay of this volume runs, nothing frozen, no overlay or key left."""
+    """No qemu or metadata relay of this volume runs, nothing frozen, no overlay or key left.
+
+    Processes are matched by the volume's run dir, where the overlay, the console, the metadata state
+    and the freeze guard's state live: a box another test launches meanwhile drops its copy of this
+    volume's root mount (``umount -l …/work/root``, rehearsal.boxes), which is not the boot check's."""
     ps = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
-    assert not [line for line in ps.splitlines() if str(vol.work) in line]
+    assert not [line for line in ps.splitlines() if str(vol.work / "run") in line]
     assert not (vol.work / "run" / "frozen").exists(), "the boot check left the canvas frozen"
     assert not (vol.work / "run" / "bootcheck").exists(), "the overlay and the throwaway key were left"
 
