@@ -147,3 +147,26 @@ def test_the_sessions_of_a_test_process_parse_each_service_model_once() -> None:
     assert first._loader is second._loader
     model = first._loader.load_service_model("ec2", "service-2")
     assert second._loader.load_service_model("ec2", "service-2") is model
+
+
+def test_only_dag_tests_idle_poll_is_shortened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root conftest's ``time.sleep`` waits DAG_TEST_POLL_S where ``DAG.test`` sleeps 1 s when no
+    task is runnable, and the asked time everywhere else; and Airflow's loop still has that sleep."""
+    import inspect
+    import os
+    import time
+
+    from airflow.sdk import DAG
+
+    conftest = sys.modules[time.sleep.__module__]
+    source = inspect.getsource(DAG.test)
+    assert "time.sleep(1)" in source and DAG.test.__code__.co_filename.endswith(conftest._DAG_TEST_FILE)
+    slept: list[float] = []
+    monkeypatch.setattr(conftest, "_real_sleep", slept.append)
+    in_dag_test: dict[str, Any] = {"time": time}
+    loop = compile("def test():\n    time.sleep(1)\n", os.path.join("site", conftest._DAG_TEST_FILE), "exec")
+    exec(loop, in_dag_test)  # a function named test in a file named as Airflow's dag.py
+    in_dag_test["test"]()
+    time.sleep(1)
+    time.sleep(0.5)
+    assert slept == [conftest.DAG_TEST_POLL_S, 1, 0.5]
