@@ -158,15 +158,15 @@ def test_only_dag_tests_idle_poll_is_shortened(monkeypatch: pytest.MonkeyPatch) 
 
     from airflow.sdk import DAG
 
-    conftest = sys.modules[time.sleep.__module__]
-    source = inspect.getsource(DAG.test)
-    assert "time.sleep(1)" in source and DAG.test.__code__.co_filename.endswith(conftest._DAG_TEST_FILE)
+    conftest = time.sleep.__globals__  # the root conftest's (every conftest module is named "conftest")
+    dag_py = conftest["_DAG_TEST_FILE"]
+    assert "time.sleep(1)" in inspect.getsource(DAG.test) and DAG.test.__code__.co_filename.endswith(dag_py)
     slept: list[float] = []
-    monkeypatch.setattr(conftest, "_real_sleep", slept.append)
+    monkeypatch.setitem(conftest, "_real_sleep", slept.append)
     in_dag_test: dict[str, Any] = {"time": time}
-    loop = compile("def test():\n    time.sleep(1)\n", os.path.join("site", conftest._DAG_TEST_FILE), "exec")
+    loop = compile("def test():\n    time.sleep(1)\n", os.path.join("site", dag_py), "exec")
     exec(loop, in_dag_test)  # a function named test in a file named as Airflow's dag.py
     in_dag_test["test"]()
     time.sleep(1)
     time.sleep(0.5)
-    assert slept == [conftest.DAG_TEST_POLL_S, 1, 0.5]
+    assert slept == [conftest["DAG_TEST_POLL_S"], 1, 0.5]
