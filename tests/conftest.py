@@ -110,8 +110,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 #: The nice value of the longest chain while it runs (LONGEST_FIRST[0]): about three times the CPU share
-#: of a process at 0 when the cores are busy, so the rest of the suite fills the cores around it
-#: instead of the chain ending the run alone. Negative values need root, which that chain needs anyway.
+#: of a process at 0 in the same session. With autogroup (kernel.sched_autogroup_enabled) the cores
+#: are shared between sessions first, and the chain's box logins, build phases and guests are sessions
+#: of their own, so it weighs little there (measured 2026-12-02; cpu cgroups that did weigh starved the
+#: short tests' Airflow and were reverted). Negative values need root, which that chain needs anyway.
 LONGEST_CHAIN_NICE = -5
 
 

@@ -7,9 +7,12 @@ the slow tests and its repair of signals a session inherits ignored."""
 
 from __future__ import annotations
 
+import inspect
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +155,6 @@ def test_the_sessions_of_a_test_process_parse_each_service_model_once() -> None:
 def test_only_dag_tests_idle_poll_is_shortened(monkeypatch: pytest.MonkeyPatch) -> None:
     """The root conftest's ``time.sleep`` waits DAG_TEST_POLL_S where ``DAG.test`` sleeps 1 s when no
     task is runnable, and the asked time everywhere else; and Airflow's loop still has that sleep."""
-    import inspect
-    import os
-    import time
-
     from airflow.sdk import DAG
 
     conftest = time.sleep.__globals__  # the root conftest's (every conftest module is named "conftest")
